@@ -1,0 +1,3 @@
+"""thumbalign: turn thumbs-up / thumbs-down feedback into a better language model."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,169 @@
+"""Training settings: one dataclass, one docstring per field. The CLI flags and the YAML keys are made from it,
+so the two always match (``--learning-rate`` on the command line is ``learning_rate:`` in the file)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from .errors import ConfigError
+
+METHODS = ("bco",)
+
+
+def _f(default, help: str, **kw):
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class TrainConfig:
+    # --- data
+    data: str | None = _f(None, "Feedback file: JSONL, JSON, CSV, Parquet or a datasets folder (required).")
+    eval_data: str | None = _f(None, "Held-out feedback file to measure the implicit-reward classifier on.")
+    eval_split: float = _f(0.0, "Share of --data held out (seeded) for evaluation when --eval-data is not given.")
+    output_dir: str = _f("runs/thumbalign", "Run folder: checkpoints, metrics.jsonl, summary.json, final model.")
+    overwrite: bool = _f(False, "Allow an --output-dir that already holds another run's files.")
+    # --- model
+    model: str = _f("default", "A local transformers folder, a .gguf file, or 'default' (the embedded "
+                               "SmolLM2-135M-Instruct).")
+    trust_remote_code: bool = _f(False, "Run model code shipped inside the model folder. Off: only trust what you wrote.")
+    use_lora: bool = _f(False, "Train a LoRA adapter instead of all weights.")
+    lora_r: int = _f(16, "LoRA rank.")
+    lora_alpha: int = _f(32, "LoRA scaling numerator (scale = alpha / r).")
+    lora_dropout: float = _f(0.0, "Dropout on the LoRA branch.")
+    lora_target_modules: str = _f("all-linear", "Modules that get an adapter: 'all-linear' or comma-separated names.")
+    save_adapter: bool = _f(False, "With --use-lora: save the adapter alone instead of the merged model.")
+    # --- method
+    method: str = _f("bco", "Training objective.", choices=METHODS)
+    beta: float = _f(0.1, "β: scale of the implicit reward r = β·(log π − log π_ref).")
+    delta: str = _f("running", "BCO reward shift δ: 'running' = running mean of all rewards (the reference "
+                               "implementation), 'balanced' = midpoint of the thumbs-up and thumbs-down means.",
+                    choices=("running", "balanced"))
+    max_length: int = _f(1024, "Longest prompt+completion in tokens; prompts are cut from the left to fit, "
+                               "records whose completion alone is longer are dropped (both counted).")
+    # --- optimisation
+    learning_rate: float = _f(5e-6, "Peak AdamW learning rate. 5e-7 is the paper's value for billion-scale full "
+                                    "fine-tunes; small models and LoRA want more (LoRA: try 1e-4).")
+    weight_decay: float = _f(0.0, "AdamW weight decay.")
+    per_device_train_batch_size: int = _f(8, "Examples per micro-batch on each process.")
+    gradient_accumulation_steps: int = _f(1, "Micro-batches per optimizer step.")
+    num_train_epochs: float = _f(1.0, "Passes over the training data (ignored when --max-steps is set).")
+    max_steps: int = _f(-1, "Optimizer steps to run; overrides --num-train-epochs when > 0.")
+    warmup_ratio: float = _f(0.1, "Share of the steps spent warming the learning rate up from 0.")
+    lr_scheduler_type: str = _f("linear", "Decay after warm-up: linear, cosine, constant_with_warmup, ... "
+                                          "(transformers.get_scheduler names).")
+    max_grad_norm: float = _f(1.0, "Clip the gradient norm to this (0 turns clipping off).")
+    bf16: str = _f("auto", "bfloat16 autocast: 'auto' (on where the hardware supports it), 'true' or 'false'.",
+                   choices=("auto", "true", "false"))
+    gradient_checkpointing: bool = _f(False, "Recompute activations in the backward pass: less memory, ~30%% slower.")
+    seed: int = _f(42, "Seed for shuffling, the eval split and initialisation of new weights.")
+    logps_chunk_size: int = _f(2048, "Completion tokens per chunk of the output projection (bounds logit memory).")
+    # --- logging and checkpoints
+    logging_steps: int = _f(10, "Print and log metrics every N optimizer steps.")
+    save_steps: int = _f(100, "Write a checkpoint every N optimizer steps (and at the end).")
+    save_total_limit: int = _f(2, "Checkpoints to keep (oldest are deleted).")
+    resume: str | None = _f(None, "Continue an interrupted run: bare --resume takes the latest checkpoint in "
+                                  "--output-dir, or give a checkpoint folder.")
+    cache_dir: str | None = _f(None, "Where converted models and reference log-probs are cached "
+                                     "(default: $THUMBALIGN_CACHE or ~/.cache/thumbalign).")
+    eval_batch_size: int = _f(16, "Examples per batch when computing reference log-probs and evaluating.")
+
+    def validate(self) -> None:
+        if not self.data:
+            raise ConfigError("no training data: pass --data FILE (or 'data:' in the config file)")
+        if not 0.0 <= self.eval_split < 1.0:
+            raise ConfigError(f"eval_split must be in [0, 1), got {self.eval_split}")
+        positive = ("per_device_train_batch_size", "gradient_accumulation_steps", "max_length", "logging_steps",
+                    "save_steps", "lora_r", "logps_chunk_size", "eval_batch_size")
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.beta <= 0 or self.learning_rate <= 0:
+            raise ConfigError("beta and learning_rate must be positive")
+        if self.save_adapter and not self.use_lora:
+            raise ConfigError("--save-adapter needs --use-lora")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _base_type(tp):
+    if isinstance(tp, (typing._UnionGenericAlias, types.UnionType)):  # Optional[X]
+        return next(a for a in typing.get_args(tp) if a is not type(None))
+    return tp
+
+
+def field_types() -> dict[str, type]:
+    hints = typing.get_type_hints(TrainConfig)
+    return {f.name: _base_type(hints[f.name]) for f in dataclasses.fields(TrainConfig)}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per field, named like transformers.TrainingArguments (dashes for underscores).
+    Every default is None here so that we can tell which flags the user actually gave."""
+    types_ = field_types()
+    parser.add_argument("--config", help="YAML file with the same keys as these flags; flags override it.")
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        help_ = f.metadata["help"] + f" (default: {f.default})"
+        if f.name == "resume":
+            parser.add_argument(flag, nargs="?", const="latest", default=None, help=help_)
+        elif types_[f.name] is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_)
+        else:
+            parser.add_argument(flag, type=types_[f.name], default=None, choices=f.metadata.get("choices"),
+                                help=help_, metavar=f.name.upper() if not f.metadata.get("choices") else None)
+
+
+def load_yaml(path: str) -> dict:
+    file = Path(path)
+    if not file.exists():
+        raise ConfigError(f"{path}: no such config file")
+    try:
+        data = yaml.safe_load(file.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: invalid YAML: {err}".replace("\n", " ")) from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of settings, got {type(data).__name__}")
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    types_ = field_types()
+    out = {}
+    for key, value in data.items():
+        name = str(key).replace("-", "_")
+        if name not in names:
+            raise ConfigError(f"{path}: unknown setting {key!r}")
+        if name == "resume" and value is True:
+            value = "latest"
+        elif value is not None and types_[name] is float and isinstance(value, (int, str)):
+            try:
+                value = float(value)  # YAML reads 5e-6 as a string
+            except ValueError:
+                raise ConfigError(f"{path}: setting {key!r}: expected a number, got {value!r}") from None
+        elif value is not None and types_[name] is str and isinstance(value, bool):
+            value = "true" if value else "false"  # `bf16: true`
+        elif value is not None and not isinstance(value, types_[name]):
+            raise ConfigError(f"{path}: setting {key!r}: expected {types_[name].__name__}, got {value!r}")
+        out[name] = value
+    return out
+
+
+def build_config(args: argparse.Namespace) -> TrainConfig:
+    """Defaults, then the YAML file, then the flags given on the command line."""
+    values = load_yaml(args.config) if getattr(args, "config", None) else {}
+    for f in dataclasses.fields(TrainConfig):
+        given = getattr(args, f.name, None)
+        if given is not None:
+            values[f.name] = given
+    config = TrainConfig(**values)
+    for f in dataclasses.fields(TrainConfig):
+        choices = f.metadata.get("choices")
+        if choices and getattr(config, f.name) not in choices:
+            raise ConfigError(f"{f.name}: {getattr(config, f.name)!r} is not one of {list(choices)}")
+    config.validate()
+    return config

@@ -1,0 +1,73 @@
+"""Where tokens become log-probs.
+
+``completion_logps`` returns log π(y|x) = Σ_t log π(y_t | x, y_<t) over completion tokens only. It never builds the
+[batch, length, vocab] logits tensor: the decoder's hidden states are gathered at the completion positions, and the
+output projection + log-softmax run on those rows in chunks. With gradients on, each chunk is checkpointed, so its
+logits are recomputed in the backward pass instead of being kept.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from .tokens import Example
+
+
+def collate(examples: list[Example], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad a list of examples into tensors; ``completion_mask`` marks the tokens the loss sees."""
+    length = max(len(e.input_ids) for e in examples)
+    input_ids = torch.full((len(examples), length), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(examples), length), dtype=torch.long)
+    completion_mask = torch.zeros((len(examples), length), dtype=torch.bool)
+    for row, e in enumerate(examples):
+        n = len(e.input_ids)
+        input_ids[row, :n] = torch.tensor(e.input_ids)
+        attention_mask[row, :n] = 1
+        completion_mask[row, e.prompt_len:n] = True
+    return {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "completion_mask": completion_mask,
+        "labels": torch.tensor([e.label for e in examples], dtype=torch.bool),
+        "index": torch.tensor([e.index for e in examples], dtype=torch.long),
+    }
+
+
+def _target_logps(hidden: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor, bias) -> torch.Tensor:
+    logits = F.linear(hidden, weight, bias).float()
+    return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+
+
+def completion_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                     completion_mask: torch.Tensor, chunk_size: int = 2048) -> torch.Tensor:
+    """Sum of completion-token log-probs per sequence, shape [batch], in float32.
+
+    Works for decoder-only transformers models (and peft wrappers of them) whose logits are
+    ``lm_head(decoder(x))`` with no extra scaling; models with logit soft-capping are not supported.
+    """
+    decoder = model.get_decoder()
+    hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+    # position t predicts token t+1
+    mask = completion_mask[:, 1:]
+    rows = mask.nonzero(as_tuple=True)[0]
+    states = hidden[:, :-1][mask]
+    targets = input_ids[:, 1:][mask]
+    head = model.get_output_embeddings()
+    token_logps = []
+    for start in range(0, states.shape[0], chunk_size):
+        args = (states[start:start + chunk_size], targets[start:start + chunk_size], head.weight, head.bias)
+        if torch.is_grad_enabled():
+            token_logps.append(checkpoint(_target_logps, *args, use_reentrant=False))
+        else:
+            token_logps.append(_target_logps(*args))
+    flat = torch.cat(token_logps) if token_logps else hidden.new_zeros(0, dtype=torch.float32)
+    return torch.zeros(input_ids.shape[0], dtype=torch.float32, device=flat.device).index_add(0, rows, flat)
+
+
+def naive_completion_logps(model, input_ids, attention_mask, completion_mask) -> torch.Tensor:
+    """The plain full-logits computation; kept as the yardstick the chunked version is tested against."""
+    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1].float()
+    logps = logits.log_softmax(-1).gather(-1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+    return (logps * completion_mask[:, 1:]).sum(-1)

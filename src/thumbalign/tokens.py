@@ -1,0 +1,99 @@
+"""Where a record becomes tokens.
+
+* Conversational records go through the model's own chat template: the prompt is rendered with the generation
+  prompt, the full conversation without it, and the completion is the text the second adds to the first.
+* Standard records are plain concatenation: prompt tokens (with the tokenizer's BOS, if it adds one), then the
+  completion tokens and EOS.
+* Only completion tokens count in the loss (``prompt_len`` marks where they start).
+* ``max_length``: the completion is kept whole and the prompt is cut from the left; a record whose completion alone
+  does not fit is dropped. Both are counted in :class:`TokenizeReport` and printed, never silent.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from .data import Record
+from .errors import DataError
+
+
+@dataclass
+class Example:
+    """A tokenised record: ``input_ids[prompt_len:]`` are the completion tokens the loss sees."""
+
+    input_ids: list[int]
+    prompt_len: int
+    label: bool
+    index: int  # position of the record in the loaded file, to point back at it
+
+    @property
+    def completion_len(self) -> int:
+        return len(self.input_ids) - self.prompt_len
+
+
+@dataclass
+class TokenizeReport:
+    records: int = 0
+    kept: int = 0
+    prompt_truncated: int = 0
+    dropped_completion_too_long: int = 0
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    def describe(self) -> str:
+        return (f"{self.kept} of {self.records} records kept; {self.prompt_truncated} prompts cut from the left; "
+                f"{self.dropped_completion_too_long} dropped because the completion alone exceeds max_length")
+
+
+def _render_chat(tokenizer, record: Record) -> tuple[str, str]:
+    if not getattr(tokenizer, "chat_template", None):
+        raise DataError(record.source, None, "prompt",
+                        "conversational record, but the tokenizer has no chat template")
+    prompt_text = tokenizer.apply_chat_template(record.prompt, tokenize=False, add_generation_prompt=True)
+    full_text = tokenizer.apply_chat_template(record.prompt + record.completion, tokenize=False)
+    if not full_text.startswith(prompt_text):
+        # Some templates render the last assistant turn differently; fall back to the conversation without the
+        # generation prompt, which every template must be a prefix-consistent rendering of.
+        prompt_text = tokenizer.apply_chat_template(record.prompt, tokenize=False)
+        if not full_text.startswith(prompt_text):
+            raise DataError(record.source, None, "completion",
+                            "the chat template does not render the prompt as a prefix of the conversation")
+    return prompt_text, full_text[len(prompt_text):]
+
+
+def encode_record(tokenizer, record: Record) -> tuple[list[int], list[int]]:
+    """Return (prompt token ids, completion token ids) for one record."""
+    if record.conversational:
+        prompt_text, completion_text = _render_chat(tokenizer, record)
+        # The template already holds every special token it wants.
+        prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
+        completion_ids = tokenizer(completion_text, add_special_tokens=False)["input_ids"]
+    else:
+        prompt_ids = tokenizer(record.prompt, add_special_tokens=True)["input_ids"]
+        # an EOS that a tokenizer appends on its own belongs after the completion, not between the two parts
+        if tokenizer.eos_token_id is not None and prompt_ids and prompt_ids[-1] == tokenizer.eos_token_id:
+            prompt_ids = prompt_ids[:-1]
+        completion_ids = tokenizer(record.completion, add_special_tokens=False)["input_ids"]
+        if tokenizer.eos_token_id is not None:
+            completion_ids = completion_ids + [tokenizer.eos_token_id]
+    return list(prompt_ids), list(completion_ids)
+
+
+def tokenize_records(tokenizer, records: list[Record], max_length: int) -> tuple[list[Example], TokenizeReport]:
+    report = TokenizeReport(records=len(records))
+    examples = []
+    for index, record in enumerate(records):
+        prompt_ids, completion_ids = encode_record(tokenizer, record)
+        if not completion_ids:
+            raise DataError(record.source, None, "completion", "tokenises to nothing")
+        if len(completion_ids) >= max_length:  # at least one prompt token must stay to condition on
+            report.dropped_completion_too_long += 1
+            continue
+        budget = max_length - len(completion_ids)
+        if len(prompt_ids) > budget:
+            prompt_ids = prompt_ids[len(prompt_ids) - budget:]
+            report.prompt_truncated += 1
+        examples.append(Example(prompt_ids + completion_ids, len(prompt_ids), record.label, index))
+    report.kept = len(examples)
+    return examples, report

@@ -1,0 +1,412 @@
+"""The training loop: one trainer for every binary-feedback method; a method only supplies its loss.
+
+Order of events in a run:
+  records (data.py) -> tokens (tokens.py) -> reference log-probs, cached (refcache.py)
+  -> for each optimizer step: policy log-probs (logprobs.py) -> loss (losses.py) -> AdamW step
+  -> checkpoints (checkpoint.py) -> final model folder + summary.json
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import shutil
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import yaml
+from tqdm.auto import tqdm
+
+from . import checkpoint as ckpt
+from .config import TrainConfig
+from .data import load_records, require_both_labels
+from .errors import ConfigError
+from .evaluate import classifier_metrics, tie_aware_accuracy
+from .logprobs import collate, completion_logps
+from .losses import RewardShift, bco_loss
+from .models import add_lora, bf16_available, cache_root, load_causal_lm, load_tokenizer, resolve_model
+from .refcache import cache_key, cached_reference_logps, compute_logps
+from .tokens import Example, tokenize_records
+
+# Settings that may change between an interrupted run and its resumption; all others must match.
+RESUMABLE_CHANGES = {"resume", "overwrite", "logging_steps", "save_steps", "save_total_limit", "cache_dir",
+                     "eval_batch_size", "output_dir"}
+RUN_FILES = ("checkpoints", "metrics.jsonl", "summary.json", "model", "run_config.yaml")
+
+
+# ------------------------------------------------------------------------------------------------- objective
+
+class BCOObjective:
+    """BCO: binary cross-entropy on the implicit reward shifted by a running δ (see losses.bco_loss)."""
+
+    name = "bco"
+
+    def __init__(self, config: TrainConfig):
+        self.beta = config.beta
+        self.shift = RewardShift(config.delta)
+
+    def loss(self, policy_logps, ref_logps, labels, weights, all_rewards, all_labels):
+        """`all_rewards`/`all_labels`: this micro-batch's rewards gathered from every process (for δ)."""
+        self.shift.update(all_rewards, all_labels)  # δ is updated before the loss, as in the reference
+        return bco_loss(policy_logps, ref_logps, labels, beta=self.beta, delta=self.shift.value, weights=weights)
+
+    @property
+    def threshold(self) -> float:
+        return self.shift.value
+
+    def state_dict(self):
+        return {"reward_shift": self.shift.state_dict()}
+
+    def load_state_dict(self, state):
+        self.shift.load_state_dict(state["reward_shift"])
+
+
+# ------------------------------------------------------------------------------------------------- data
+
+@dataclass
+class PreparedData:
+    train: list[Example]
+    eval: list[Example]
+    report: dict
+
+
+def _split(records, share: float, seed: int):
+    order = list(range(len(records)))
+    random.Random(seed).shuffle(order)
+    n_eval = int(round(len(records) * share))
+    held = set(order[:n_eval])
+    return [r for i, r in enumerate(records) if i not in held], [r for i, r in enumerate(records) if i in held]
+
+
+def prepare_data(config: TrainConfig, tokenizer, log=print) -> PreparedData:
+    records, load_report = load_records(config.data)
+    require_both_labels(load_report)
+    log(f"Loaded {config.data}: {load_report.rows} rows -> {load_report.records} records "
+        f"({load_report.by_label[True]} 👍, {load_report.by_label[False]} 👎"
+        + (f"; {load_report.pairs_split} pairs split into 👍/👎 rows" if load_report.pairs_split else "") + ")")
+    report = {"train_file": load_report.as_dict()}
+    if config.eval_data:
+        train_records = records
+        eval_records, eval_report = load_records(config.eval_data)
+        report["eval_file"] = eval_report.as_dict()
+    elif config.eval_split > 0:
+        train_records, eval_records = _split(records, config.eval_split, config.seed)
+        log(f"Held out {len(eval_records)} records ({config.eval_split:.0%}, seed {config.seed}) for evaluation")
+    else:
+        train_records, eval_records = records, []
+    train, train_tok = tokenize_records(tokenizer, train_records, config.max_length)
+    log(f"Tokenised training data: {train_tok.describe()}")
+    report["train_tokens"] = train_tok.as_dict()
+    eval_examples = []
+    if eval_records:
+        eval_examples, eval_tok = tokenize_records(tokenizer, eval_records, config.max_length)
+        log(f"Tokenised evaluation data: {eval_tok.describe()}")
+        report["eval_tokens"] = eval_tok.as_dict()
+    if not train:
+        raise ConfigError(f"no training examples left after tokenisation ({train_tok.describe()})")
+    labels = [e.label for e in train]
+    if all(labels) or not any(labels):
+        raise ConfigError(f"training split holds only {'👍' if labels[0] else '👎'} examples after the split; "
+                          "BCO needs both")
+    report["train_examples"] = {"total": len(train), "thumbs_up": sum(labels), "thumbs_down": len(labels) - sum(labels)}
+    report["eval_examples"] = len(eval_examples)
+    return PreparedData(train, eval_examples, report)
+
+
+def step_indices(n_examples: int, global_batch: int, seed: int, step: int) -> list[int]:
+    """Indices of the examples in optimizer step `step` (0-based). Each epoch is a fresh seeded permutation, so the
+    sampler position is a pure function of the step: resuming at step k replays exactly the same batches."""
+    steps_per_epoch = math.ceil(n_examples / global_batch)
+    epoch, position = divmod(step, steps_per_epoch)
+    perm = torch.randperm(n_examples, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+    return perm[position * global_batch:(position + 1) * global_batch]
+
+
+# ------------------------------------------------------------------------------------------------- evaluation
+
+@torch.no_grad()
+def evaluate(model, examples, ref_logps, objective, pad_id, config, device, autocast, disable_bar) -> dict:
+    """Implicit-reward classifier on held-out examples: r − δ > 0 predicts 👍. δ is frozen here."""
+    if not examples:
+        return {}
+    logps = compute_logps(model, examples, pad_id, config.eval_batch_size, device, autocast,
+                          config.logps_chunk_size, desc="evaluating", disable_bar=disable_bar)
+    rewards = config.beta * (logps - ref_logps)
+    labels = torch.tensor([e.label for e in examples])
+    return classifier_metrics(rewards - objective.threshold, labels)
+
+
+# ------------------------------------------------------------------------------------------------- run folder
+
+def _prepare_output_dir(config: TrainConfig) -> tuple[Path, Path | None]:
+    out = Path(config.output_dir)
+    checkpoints = out / "checkpoints"
+    ckpt.remove_stale_staging(checkpoints)
+    if config.resume:
+        if config.resume == "latest":
+            found = ckpt.list_checkpoints(checkpoints)
+            if not found:
+                raise ConfigError(f"--resume: no complete checkpoint in {checkpoints}")
+            resume_from = found[-1]
+        else:
+            resume_from = Path(config.resume)
+            if not (resume_from / ckpt.STATE_FILE).exists():
+                raise ConfigError(f"--resume {config.resume}: not a complete checkpoint folder")
+        saved = yaml.safe_load((out / "run_config.yaml").read_text()) if (out / "run_config.yaml").exists() else {}
+        changed = [k for k, v in config.to_dict().items() if k not in RESUMABLE_CHANGES and k in saved and saved[k] != v]
+        if changed:
+            raise ConfigError("--resume with settings that differ from the interrupted run: "
+                              + ", ".join(f"{k} {saved[k]!r} -> {getattr(config, k)!r}" for k in changed))
+        return out, resume_from
+    existing = [name for name in RUN_FILES if (out / name).exists()]
+    if existing and not config.overwrite:
+        raise ConfigError(f"{out} already holds a run ({', '.join(existing)}); continue it with --resume "
+                          "or replace it with --overwrite")
+    for name in existing:
+        path = out / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+    return out, None
+
+
+def _trim_metrics(path: Path, last_step: int) -> None:
+    """A resumed run re-logs the steps after its checkpoint; drop the lines the interrupted run wrote for them."""
+    if path.exists():
+        kept = [l for l in path.read_text().splitlines() if l.strip() and json.loads(l).get("step", 0) <= last_step]
+        path.write_text("".join(l + "\n" for l in kept))
+
+
+# ------------------------------------------------------------------------------------------------- the run
+
+def train(config: TrainConfig, log=print) -> dict:
+    from accelerate import Accelerator
+    from accelerate.utils import gather_object, set_seed
+
+    out, resume_from = _prepare_output_dir(config)
+    probe_device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    use_bf16 = config.bf16 == "true" or (config.bf16 == "auto" and bf16_available(probe_device))
+    accelerator = Accelerator(mixed_precision="bf16" if use_bf16 else "no")
+    device, world, rank = accelerator.device, accelerator.num_processes, accelerator.process_index
+    is_main = accelerator.is_main_process
+    quiet = not is_main
+    say = log if is_main else (lambda *a, **k: None)
+    set_seed(config.seed)
+
+    model_dir = resolve_model(config.model, config.cache_dir) if is_main else None
+    model_dir = Path(gather_object([str(model_dir)] if is_main else [""])[0]) if world > 1 else model_dir
+    tokenizer = load_tokenizer(model_dir, config.trust_remote_code)
+    data = prepare_data(config, tokenizer, log=say)
+    model = load_causal_lm(model_dir, config.trust_remote_code).to(device)
+
+    # Reference log-probs: the freshly loaded model is the reference. Cached on disk across runs.
+    precision = "bf16" if use_bf16 else "fp32"
+    root = cache_root(config.cache_dir)
+
+    def reference(examples, what):
+        key = cache_key(model_dir, examples, precision)
+
+        def compute():
+            say(f"Computing reference log-probs for {len(examples)} {what} examples (cached for later runs)")
+            mine = examples[rank::world]
+            logps = compute_logps(model, mine, tokenizer.pad_token_id, config.eval_batch_size, device,
+                                  accelerator.autocast, config.logps_chunk_size, disable_bar=quiet)
+            if world == 1:
+                return logps
+            parts = gather_object([(rank, logps.tolist())])
+            full = torch.zeros(len(examples))
+            for r, values in parts:
+                full[r::world] = torch.tensor(values)
+            return full
+
+        if is_main:
+            logps, hit = cached_reference_logps(root, key, compute)
+        accelerator.wait_for_everyone()
+        if not is_main:
+            logps, hit = cached_reference_logps(root, key, compute)
+        if hit:
+            say(f"Reference log-probs for {len(examples)} {what} examples loaded from cache ({key})")
+        return logps, hit
+
+    ref_train, hit_train = reference(data.train, "training")
+    ref_eval, _ = reference(data.eval, "evaluation") if data.eval else (torch.zeros(0), True)
+
+    if config.use_lora:
+        model = add_lora(model, config.lora_r, config.lora_alpha, config.lora_dropout, config.lora_target_modules)
+    if config.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    objective = BCOObjective(config)
+
+    micro = config.per_device_train_batch_size
+    global_batch = micro * config.gradient_accumulation_steps * world
+    steps_per_epoch = math.ceil(len(data.train) / global_batch)
+    total_steps = config.max_steps if config.max_steps > 0 else math.ceil(config.num_train_epochs * steps_per_epoch)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
+    from transformers import get_scheduler
+
+    scheduler = get_scheduler(config.lr_scheduler_type, optimizer,
+                              num_warmup_steps=int(round(config.warmup_ratio * total_steps)),
+                              num_training_steps=total_steps)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    core = accelerator.unwrap_model(model)
+
+    autocast = accelerator.autocast
+    eval_args = (tokenizer.pad_token_id, config, device, autocast, quiet)
+    start_step, history = 0, {}
+    if resume_from is not None:
+        state = ckpt.load_checkpoint(resume_from, core, optimizer, scheduler)
+        objective.load_state_dict(state["objective"])
+        start_step, history = state["step"], state.get("history", {})
+        _trim_metrics(out / "metrics.jsonl", start_step)
+        say(f"Resumed from {resume_from} at step {start_step} of {total_steps}")
+    else:
+        if is_main:
+            (out / "run_config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+        if data.eval:
+            history["eval_before"] = evaluate(model, data.eval, ref_eval, objective, *eval_args)
+            say(f"Held-out implicit-reward classifier before training: {_fmt_eval(history['eval_before'])}")
+
+    say(f"Training {objective.name} on {len(data.train)} examples: {total_steps} steps of {global_batch} "
+        f"({micro} × {config.gradient_accumulation_steps} accumulation × {world} processes), "
+        f"{'LoRA' if config.use_lora else 'full fine-tune'}, {'bf16' if use_bf16 else 'fp32'} on {device}")
+    metrics_file = out / "metrics.jsonl"
+    window = _Window()
+    bar = tqdm(total=total_steps, initial=start_step, desc="training", unit="step", disable=quiet, dynamic_ncols=True)
+    model.train()
+    last_metrics = {}
+    for step in range(start_step, total_steps):
+        indices = step_indices(len(data.train), global_batch, config.seed, step)
+        if world > 1 and len(indices) < global_batch:  # pad the last batch by wrapping, so no process idles
+            indices = (indices * math.ceil(global_batch / len(indices)))[:global_batch]
+        mine = indices[rank::world]
+        micro_batches = [mine[i:i + micro] for i in range(0, len(mine), micro)]
+        n_step = len(indices)
+        for m, idx in enumerate(micro_batches):
+            batch = collate([data.train[i] for i in idx], tokenizer.pad_token_id)
+            sync = nullcontext() if m == len(micro_batches) - 1 else accelerator.no_sync(model)
+            with sync, autocast():
+                policy = completion_logps(core, batch["input_ids"].to(device), batch["attention_mask"].to(device),
+                                          batch["completion_mask"].to(device), config.logps_chunk_size)
+                ref = ref_train[torch.tensor(idx)].to(device)
+                labels = batch["labels"].to(device)
+                rewards = (config.beta * (policy.detach() - ref))
+                all_rewards = accelerator.gather(rewards) if world > 1 else rewards
+                all_labels = accelerator.gather(labels) if world > 1 else labels
+                result = objective.loss(policy, ref, labels, None, all_rewards, all_labels)
+                # sum over the micro-batch / examples in the whole step, × world because DDP averages gradients
+                loss = result.losses.sum() * world / n_step
+                accelerator.backward(loss)
+            window.add(result, labels, batch["attention_mask"].sum().item(), len(idx))
+        grad_norm = (accelerator.clip_grad_norm_(params, config.max_grad_norm) if config.max_grad_norm > 0
+                     else torch.tensor(float("nan")))
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        bar.update(1)
+        done = step + 1
+        if done % config.logging_steps == 0 or done == total_steps:
+            last_metrics = window.flush(done, done / steps_per_epoch, scheduler.get_last_lr()[0],
+                                        float(grad_norm), objective.threshold)
+            if is_main:
+                with open(metrics_file, "a") as handle:
+                    handle.write(json.dumps(last_metrics) + "\n")
+                bar.write(_fmt_metrics(last_metrics))
+                bar.set_postfix(loss=f"{last_metrics['loss']:.4f}", acc=f"{last_metrics['accuracy']:.2f}")
+        if done % config.save_steps == 0 or done == total_steps:
+            if is_main:
+                ckpt.save_checkpoint(out / "checkpoints", done, core, optimizer, scheduler,
+                                     {"step": done, "objective": objective.state_dict(), "history": history,
+                                      "total_steps": total_steps}, config.save_total_limit)
+            accelerator.wait_for_everyone()
+    bar.close()
+
+    if data.eval:
+        history["eval_after"] = evaluate(model, data.eval, ref_eval, objective, *eval_args)
+        say(f"Held-out implicit-reward classifier after training:  {_fmt_eval(history['eval_after'])}")
+
+    summary = {
+        "method": objective.name, "model": config.model, "model_dir": str(model_dir),
+        "steps": total_steps, "data": data.report, "reference_logps_from_cache": hit_train,
+        "reward_shift": objective.state_dict(), "final_metrics": last_metrics, **history,
+        "settings": config.to_dict(),
+    }
+    if is_main:
+        _save_final_model(core, tokenizer, out / "model", config)
+        (out / "summary.json").write_text(json.dumps(summary, indent=1, ensure_ascii=False))
+        say(f"Saved the model to {out / 'model'} and the run summary to {out / 'summary.json'}")
+    accelerator.wait_for_everyone()
+    return summary
+
+
+def _save_final_model(model, tokenizer, target: Path, config: TrainConfig) -> None:
+    staging = target.with_name(target.name + ".staging")
+    shutil.rmtree(staging, ignore_errors=True)
+    if config.use_lora and config.save_adapter:
+        model.save_pretrained(staging)
+    else:
+        if config.use_lora:
+            import copy
+
+            model = copy.deepcopy(model).merge_and_unload()
+        model.config.use_cache = True
+        model.save_pretrained(staging, safe_serialization=True)
+        model.config.use_cache = False
+    tokenizer.save_pretrained(staging)
+    if target.exists():
+        shutil.rmtree(target)
+    staging.rename(target)
+
+
+# ------------------------------------------------------------------------------------------------- metrics
+
+class _Window:
+    """Accumulates per-example numbers between two log lines."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self):
+        self.losses, self.rewards, self.labels, self.correct = [], [], [], []
+        self.tokens, self.samples, self.start = 0, 0, time.perf_counter()
+
+    def add(self, result, labels, tokens, samples):
+        self.losses.append(result.losses.detach().float().cpu())
+        self.rewards.append(result.rewards.float().cpu())
+        self.labels.append(labels.cpu())
+        self.tokens += tokens
+        self.samples += samples
+
+    def flush(self, step, epoch, lr, grad_norm, threshold) -> dict:
+        losses, rewards, labels = torch.cat(self.losses), torch.cat(self.rewards), torch.cat(self.labels)
+        elapsed = max(time.perf_counter() - self.start, 1e-9)
+        up, down = rewards[labels], rewards[~labels]
+        accuracy = tie_aware_accuracy(rewards - threshold, labels)
+        out = {
+            "step": step, "epoch": round(epoch, 4), "loss": float(losses.mean()),
+            "rewards_up": float(up.mean()) if len(up) else None,
+            "rewards_down": float(down.mean()) if len(down) else None,
+            "margin": float(up.mean() - down.mean()) if len(up) and len(down) else None,
+            "delta": threshold, "accuracy": accuracy, "lr": lr, "grad_norm": grad_norm,
+            "samples_per_s": self.samples / elapsed, "tokens_per_s": self.tokens / elapsed,
+        }
+        self.reset()
+        return out
+
+
+def _fmt_metrics(m: dict) -> str:
+    def f(v, spec=".4f"):
+        return "n/a" if v is None else format(v, spec)
+
+    return (f"step {m['step']}: loss {f(m['loss'])}  reward 👍 {f(m['rewards_up'])}  👎 {f(m['rewards_down'])}  "
+            f"margin {f(m['margin'])}  δ {f(m['delta'])}  acc {f(m['accuracy'], '.3f')}  lr {m['lr']:.2e}  "
+            f"{m['samples_per_s']:.2f} samples/s  {m['tokens_per_s']:.0f} tokens/s")
+
+
+def _fmt_eval(m: dict) -> str:
+    auc = "n/a" if m.get("auc") is None else f"{m['auc']:.3f}"
+    return (f"accuracy {m['accuracy']:.3f}, ROC AUC {auc} (👍 {m['accuracy_up']:.3f}, 👎 {m['accuracy_down']:.3f}; "
+            f"{m['n']} examples)")
