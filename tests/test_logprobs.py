@@ -1,0 +1,45 @@
+import pytest
+import torch
+
+from conftest import make_model
+from thumbalign.data import Record
+from thumbalign.logprobs import collate, completion_logps, naive_completion_logps
+from thumbalign.tokens import tokenize_records
+
+
+def _batch(tokenizer, max_length=64):
+    records = [Record("short", "a", True), Record("a much longer prompt here", "and a longer completion", False),
+               Record([{"role": "user", "content": "chat?"}], [{"role": "assistant", "content": "yes"}], True),
+               Record("x" * 40, "kept whole", False)]
+    examples, report = tokenize_records(tokenizer, records, max_length=max_length)
+    return collate(examples, tokenizer.pad_token_id), report
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+@pytest.mark.parametrize("max_length", [64, 20])  # 20: the last prompt is truncated
+def test_chunked_completion_logps_equal_full_logits(tokenizer, kind, max_length):
+    model = make_model(kind, len(tokenizer))
+    batch, report = _batch(tokenizer, max_length)
+    assert (report.prompt_truncated > 0) == (max_length == 20)
+    args = (batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
+    naive = naive_completion_logps(model, *args)
+    for chunk in (3, 2048):
+        with torch.no_grad():
+            assert torch.allclose(completion_logps(model, *args, chunk_size=chunk), naive.detach(), atol=1e-5)
+    # gradients agree too (the chunked path is checkpointed)
+    chunked = completion_logps(model, *args, chunk_size=5)
+    g1 = torch.autograd.grad(chunked.sum(), model.model.embed_tokens.weight)[0]
+    g2 = torch.autograd.grad(naive_completion_logps(model, *args).sum(), model.model.embed_tokens.weight)[0]
+    assert torch.allclose(g1, g2, atol=1e-5)
+
+
+def test_padding_does_not_change_a_sequence_log_prob(tokenizer):
+    model = make_model("llama", len(tokenizer))
+    batch, _ = _batch(tokenizer)
+    with torch.no_grad():
+        together = completion_logps(model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
+        for row in range(batch["input_ids"].shape[0]):
+            n = int(batch["attention_mask"][row].sum())
+            alone = completion_logps(model, batch["input_ids"][row:row + 1, :n],
+                                     batch["attention_mask"][row:row + 1, :n], batch["completion_mask"][row:row + 1, :n])
+            assert alone.item() == pytest.approx(together[row].item(), abs=1e-4)
