@@ -13,8 +13,8 @@ from pathlib import Path
 import yaml
 
 from .errors import ConfigError
+from .objectives import METHODS
 
-METHODS = ("bco",)
 
 
 def _f(default, help: str, **kw):
@@ -40,7 +40,8 @@ class TrainConfig:
     lora_target_modules: str = _f("all-linear", "Modules that get an adapter: 'all-linear' or comma-separated names.")
     save_adapter: bool = _f(False, "With --use-lora: save the adapter alone instead of the merged model.")
     # --- method
-    method: str = _f("bco", "Training objective.", choices=METHODS)
+    method: str = _f("bco", "Training objective (`thumbalign methods` lists them): unpaired bco, kto, apo-zero, una, "
+                            "sft-positive; paired dpo, ipo, bco-pair.", choices=tuple(METHODS))
     beta: float = _f(0.1, "β: scale of the implicit reward r = β·(log π − log π_ref).")
     delta: str = _f("running", "BCO reward shift δ: 'running' = running mean of all rewards (the reference "
                                "implementation), 'balanced' = midpoint of the thumbs-up and thumbs-down means.",
@@ -55,6 +56,10 @@ class TrainConfig:
     udm_clip_min: float = _f(0.5, "Lower clip of the UDM weight.")
     udm_clip_max: float = _f(10.0, "Upper clip of the UDM weight.")
     udm_normalize: bool = _f(False, "Scale the UDM weights of the 👎 examples to mean 1.")
+    desirable_weight: float = _f(1.0, "KTO: weight of thumbs-up losses (w_D).")
+    undesirable_weight: float = _f(1.0, "KTO: weight of thumbs-down losses (w_U).")
+    auto_weights: bool = _f(False, "KTO: choose w_D, w_U from the class counts so that (w_D·n_D)/(w_U·n_U) = 1, "
+                                   "inside the paper's [1, 4/3].")
     max_length: int = _f(1024, "Longest prompt+completion in tokens; prompts are cut from the left to fit, "
                                "records whose completion alone is longer are dropped (both counted).")
     # --- optimisation

@@ -41,7 +41,7 @@ class Record:
     completion: str | Messages
     label: bool
     source: str = ""  # "file, line N", for messages that point back at the input
-    extra: dict[str, Any] = field(default_factory=dict)
+    pair: int | None = None  # rows split from one preference pair share this id (chosen first)
 
     @property
     def conversational(self) -> bool:
@@ -299,6 +299,8 @@ def load_records(path: str | Path) -> tuple[list[Record], LoadReport]:
         report.rows += 1
         made = row_to_records(row, path, where)
         if len(made) == 2:
+            for record in made:
+                record.pair = report.pairs_split
             report.pairs_split += 1
         for record in made:
             report.by_label[record.label] += 1

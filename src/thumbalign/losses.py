@@ -89,3 +89,86 @@ class RewardShift:
         if state["mode"] != self.mode:
             raise ValueError(f"checkpoint was trained with delta mode {state['mode']!r}, not {self.mode!r}")
         self.count, self.mean = dict(state["count"]), dict(state["mean"])
+
+
+# ---------------------------------------------------------------------------------------------- other unpaired methods
+
+def kto_loss(policy_logps, ref_logps, labels, *, beta: float, z_ref: float, desirable_weight: float = 1.0,
+             undesirable_weight: float = 1.0) -> LossOutput:
+    """Kahneman-Tversky Optimization (Ethayarajh et al., arXiv 2402.01306)::
+
+        ρ = log π_θ(y|x) − log π_ref(y|x)
+        loss(thumbs-up)   = w_D · (1 − σ(β(ρ − z_ref)))
+        loss(thumbs-down) = w_U · (1 − σ(β(z_ref − ρ)))
+
+    z_ref, the reference point, is a constant here (the caller estimates it from mismatched pairs, detached).
+    """
+    rho = policy_logps - ref_logps
+    up = desirable_weight * (1 - torch.sigmoid(beta * (rho - z_ref)))
+    down = undesirable_weight * (1 - torch.sigmoid(beta * (z_ref - rho)))
+    return LossOutput(losses=torch.where(labels, up, down), rewards=(beta * rho).detach())
+
+
+def apo_zero_loss(policy_logps, ref_logps, labels, *, beta: float) -> LossOutput:
+    """APO-zero, unpaired (D'Oosterlinck et al., arXiv 2408.06266): no reference point::
+
+        loss(thumbs-up) = 1 − σ(βρ),   loss(thumbs-down) = σ(βρ)
+    """
+    reward = beta * (policy_logps - ref_logps)
+    return LossOutput(losses=torch.where(labels, 1 - torch.sigmoid(reward), torch.sigmoid(reward)),
+                      rewards=reward.detach())
+
+
+def una_loss(policy_logps, ref_logps, labels, *, beta: float) -> LossOutput:
+    """UNA with binary feedback (Wang et al., arXiv 2408.15339): regress the implicit reward onto the label::
+
+        loss = (σ(βρ) − s)²,   s = 1 for thumbs-up, 0 for thumbs-down
+
+    The implicit reward is squashed by σ so that it lives on the label's [0, 1] scale; regressing the raw βρ onto
+    s = 0 would leave thumbs-down answers at ρ = 0 with no gradient pushing them down.
+    """
+    reward = beta * (policy_logps - ref_logps)
+    return LossOutput(losses=(torch.sigmoid(reward) - labels.float()) ** 2, rewards=reward.detach())
+
+
+def sft_positive_loss(policy_logps, ref_logps, labels, *, beta: float, n_tokens: torch.Tensor) -> LossOutput:
+    """Supervised fine-tuning on thumbs-up answers only (rejection-sampling fine-tuning)::
+
+        loss(thumbs-up) = −log π_θ(y|x) / |y|   (mean negative log-likelihood per completion token)
+        loss(thumbs-down) = 0                   (negatives are discarded)
+
+    The implicit reward βρ is still reported, to compare with the other methods.
+    """
+    nll = -policy_logps / n_tokens.clamp(min=1)
+    return LossOutput(losses=torch.where(labels, nll, torch.zeros_like(nll)),
+                      rewards=(beta * (policy_logps - ref_logps)).detach())
+
+
+# ---------------------------------------------------------------------------------------------- paired methods
+# Inputs are interleaved pairs: rows 0, 2, 4, ... are chosen (thumbs-up), rows 1, 3, 5, ... their rejected.
+
+def _pair_margin(policy_logps, ref_logps):
+    rho = policy_logps - ref_logps
+    return rho[0::2] - rho[1::2], rho
+
+
+def dpo_loss(policy_logps, ref_logps, *, beta: float) -> LossOutput:
+    """Direct Preference Optimization (Rafailov et al., arXiv 2305.18290), one loss per pair::
+
+        loss = −log σ(β(ρ_w − ρ_l))
+
+    Returned per row: both rows of a pair carry the pair's loss, so the mean over rows is the mean over pairs.
+    """
+    margin, rho = _pair_margin(policy_logps, ref_logps)
+    per_pair = -F.logsigmoid(beta * margin)
+    return LossOutput(losses=per_pair.repeat_interleave(2), rewards=(beta * rho).detach())
+
+
+def ipo_loss(policy_logps, ref_logps, *, beta: float) -> LossOutput:
+    """Identity Preference Optimisation (Azar et al., arXiv 2310.12036)::
+
+        loss = (ρ_w − ρ_l − 1/(2β))²       (log-ratios summed over completion tokens)
+    """
+    margin, rho = _pair_margin(policy_logps, ref_logps)
+    per_pair = (margin - 1 / (2 * beta)) ** 2
+    return LossOutput(losses=per_pair.repeat_interleave(2), rewards=(beta * rho).detach())

@@ -10,11 +10,9 @@ from __future__ import annotations
 
 import json
 import math
-import random
 import shutil
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -24,110 +22,19 @@ from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
 from .config import TrainConfig
-from .data import load_records, require_both_labels
+from .batching import PreparedData, micro_batches, mismatched_example, prepare_data
 from .errors import ConfigError
-from .evaluate import classifier_metrics, tie_aware_accuracy
+from .evaluate import classifier_metrics
 from .logprobs import collate, completion_logps
-from .losses import RewardShift, bco_loss
+from .objectives import METHODS, StepInputs, mismatched_pairs
 from .models import add_lora, bf16_available, cache_root, load_causal_lm, load_tokenizer, resolve_model
 from .refcache import cache_key, cached_reference_logps, compute_logps
-from .tokens import Example, tokenize_records
-from .udm import DensityRatio, embed_texts, fit_density_ratio, policy_prompt_embeddings, prompt_text, weight_stats
+from .udm import DensityRatio, embed_texts, fit_density_ratio, policy_prompt_embeddings, weight_stats
 
 # Settings that may change between an interrupted run and its resumption; all others must match.
 RESUMABLE_CHANGES = {"resume", "overwrite", "logging_steps", "save_steps", "save_total_limit", "cache_dir",
                      "eval_batch_size", "output_dir"}
 RUN_FILES = ("checkpoints", "metrics.jsonl", "summary.json", "model", "run_config.yaml", "udm_classifier.json")
-
-
-# ------------------------------------------------------------------------------------------------- objective
-
-class BCOObjective:
-    """BCO: binary cross-entropy on the implicit reward shifted by a running δ (see losses.bco_loss)."""
-
-    name = "bco"
-
-    def __init__(self, config: TrainConfig):
-        self.beta = config.beta
-        self.shift = RewardShift(config.delta)
-
-    def loss(self, policy_logps, ref_logps, labels, weights, all_rewards, all_labels):
-        """`all_rewards`/`all_labels`: this micro-batch's rewards gathered from every process (for δ)."""
-        self.shift.update(all_rewards, all_labels)  # δ is updated before the loss, as in the reference
-        return bco_loss(policy_logps, ref_logps, labels, beta=self.beta, delta=self.shift.value, weights=weights)
-
-    @property
-    def threshold(self) -> float:
-        return self.shift.value
-
-    def state_dict(self):
-        return {"reward_shift": self.shift.state_dict()}
-
-    def load_state_dict(self, state):
-        self.shift.load_state_dict(state["reward_shift"])
-
-
-# ------------------------------------------------------------------------------------------------- data
-
-@dataclass
-class PreparedData:
-    train: list[Example]
-    eval: list[Example]
-    report: dict
-    train_prompts: list[str]  # prompt text of each training example, for UDM's sentence encoder
-
-
-def _split(records, share: float, seed: int):
-    order = list(range(len(records)))
-    random.Random(seed).shuffle(order)
-    n_eval = int(round(len(records) * share))
-    held = set(order[:n_eval])
-    return [r for i, r in enumerate(records) if i not in held], [r for i, r in enumerate(records) if i in held]
-
-
-def prepare_data(config: TrainConfig, tokenizer, log=print) -> PreparedData:
-    records, load_report = load_records(config.data)
-    require_both_labels(load_report)
-    log(f"Loaded {config.data}: {load_report.rows} rows -> {load_report.records} records "
-        f"({load_report.by_label[True]} 👍, {load_report.by_label[False]} 👎"
-        + (f"; {load_report.pairs_split} pairs split into 👍/👎 rows" if load_report.pairs_split else "") + ")")
-    report = {"train_file": load_report.as_dict()}
-    if config.eval_data:
-        train_records = records
-        eval_records, eval_report = load_records(config.eval_data)
-        report["eval_file"] = eval_report.as_dict()
-    elif config.eval_split > 0:
-        train_records, eval_records = _split(records, config.eval_split, config.seed)
-        log(f"Held out {len(eval_records)} records ({config.eval_split:.0%}, seed {config.seed}) for evaluation")
-    else:
-        train_records, eval_records = records, []
-    train, train_tok = tokenize_records(tokenizer, train_records, config.max_length)
-    log(f"Tokenised training data: {train_tok.describe()}")
-    report["train_tokens"] = train_tok.as_dict()
-    eval_examples = []
-    if eval_records:
-        eval_examples, eval_tok = tokenize_records(tokenizer, eval_records, config.max_length)
-        log(f"Tokenised evaluation data: {eval_tok.describe()}")
-        report["eval_tokens"] = eval_tok.as_dict()
-    if not train:
-        raise ConfigError(f"no training examples left after tokenisation ({train_tok.describe()})")
-    labels = [e.label for e in train]
-    if all(labels) or not any(labels):
-        raise ConfigError(f"training split holds only {'👍' if labels[0] else '👎'} examples after the split; "
-                          "BCO needs both")
-    report["train_examples"] = {"total": len(train), "thumbs_up": sum(labels), "thumbs_down": len(labels) - sum(labels)}
-    report["eval_examples"] = len(eval_examples)
-    prompts = [prompt_text(train_records[e.index].prompt) for e in train]
-    return PreparedData(train, eval_examples, report, prompts)
-
-
-def step_indices(n_examples: int, global_batch: int, seed: int, step: int) -> list[int]:
-    """Indices of the examples in optimizer step `step` (0-based). Each epoch is a fresh seeded permutation, so the
-    sampler position is a pure function of the step: resuming at step k replays exactly the same batches."""
-    steps_per_epoch = math.ceil(n_examples / global_batch)
-    epoch, position = divmod(step, steps_per_epoch)
-    perm = torch.randperm(n_examples, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
-    return perm[position * global_batch:(position + 1) * global_batch]
 
 
 # ------------------------------------------------------------------------------------------------- evaluation
@@ -141,7 +48,10 @@ def evaluate(model, examples, ref_logps, objective, pad_id, config, device, auto
                           config.logps_chunk_size, desc="evaluating", disable_bar=disable_bar)
     rewards = config.beta * (logps - ref_logps)
     labels = torch.tensor([e.label for e in examples])
-    return classifier_metrics(rewards - objective.threshold, labels)
+    metrics = classifier_metrics(rewards - objective.threshold, labels)
+    if objective.data_kind == "paired":
+        metrics["pair_accuracy"] = objective.accuracy(rewards, labels)
+    return metrics
 
 
 # ------------------------------------------------------------------------------------------------- run folder
@@ -203,7 +113,8 @@ def train(config: TrainConfig, log=print) -> dict:
     model_dir = resolve_model(config.model, config.cache_dir) if is_main else None
     model_dir = Path(gather_object([str(model_dir)] if is_main else [""])[0]) if world > 1 else model_dir
     tokenizer = load_tokenizer(model_dir, config.trust_remote_code)
-    data = prepare_data(config, tokenizer, log=say)
+    objective_cls = METHODS[config.method]
+    data = prepare_data(config, tokenizer, objective_cls, log=say)
     model = load_causal_lm(model_dir, config.trust_remote_code).to(device)
 
     # Reference log-probs: the freshly loaded model is the reference. Cached on disk across runs.
@@ -247,12 +158,28 @@ def train(config: TrainConfig, log=print) -> dict:
         model = add_lora(model, config.lora_r, config.lora_alpha, config.lora_dropout, config.lora_target_modules)
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    objective = BCOObjective(config)
+    n_up = sum(e.label for e in data.train)
+    objective = objective_cls(config, n_up, len(data.train) - n_up, log=say)
 
-    micro = config.per_device_train_batch_size
-    global_batch = micro * config.gradient_accumulation_steps * world
-    steps_per_epoch = math.ceil(len(data.train) / global_batch)
+    micro, accumulation = config.per_device_train_batch_size, config.gradient_accumulation_steps
+    global_batch = micro * accumulation * world
+    steps_per_epoch = math.ceil(len(data.units) / global_batch)
     total_steps = config.max_steps if config.max_steps > 0 else math.ceil(config.num_train_epochs * steps_per_epoch)
+
+    def plan(step):
+        return micro_batches(data, step, micro, accumulation, world, rank, config.seed)
+
+    kl_ref = {}
+    if objective.uses_kl:
+        # The mismatched pairs of every micro-batch of the run are known in advance (the sampler is a function of
+        # the step), so their reference log-probs are computed once and cached like the others.
+        pairs = sorted({pair for step in range(total_steps) for r in range(world)
+                        for idx in micro_batches(data, step, micro, accumulation, world, r, config.seed)[0]
+                        for pair in mismatched_pairs(idx)})
+        if pairs:
+            kl_examples = [mismatched_example(data.train[i], data.train[j], config.max_length) for i, j in pairs]
+            kl_logps, _ = reference(kl_examples, "mismatched (KL)")
+            kl_ref = dict(zip(pairs, kl_logps.tolist()))
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
     from transformers import get_scheduler
@@ -282,7 +209,8 @@ def train(config: TrainConfig, log=print) -> dict:
             history["eval_before"] = classifier_metrics(torch.zeros(len(data.eval)), labels)
             say(f"Held-out implicit-reward classifier before training: {_fmt_eval(history['eval_before'])}")
 
-    say(f"Training {objective.name} on {len(data.train)} examples: {total_steps} steps of {global_batch} "
+    unit = "pairs" if objective.data_kind == "paired" else "examples"
+    say(f"Training {objective.name} on {len(data.units)} {unit}: {total_steps} steps of {global_batch} "
         f"({micro} × {config.gradient_accumulation_steps} accumulation × {world} processes), "
         f"{'LoRA' if config.use_lora else 'full fine-tune'}, {'bf16' if use_bf16 else 'fp32'} on {device}")
     metrics_file = out / "metrics.jsonl"
@@ -291,30 +219,33 @@ def train(config: TrainConfig, log=print) -> dict:
     model.train()
     last_metrics = {}
     for step in range(start_step, total_steps):
-        indices = step_indices(len(data.train), global_batch, config.seed, step)
-        if world > 1 and len(indices) < global_batch:  # pad the last batch by wrapping, so no process idles
-            indices = (indices * math.ceil(global_batch / len(indices)))[:global_batch]
-        mine = indices[rank::world]
-        micro_batches = [mine[i:i + micro] for i in range(0, len(mine), micro)]
-        n_step = len(indices)
-        for m, idx in enumerate(micro_batches):
+        batches, n_step = plan(step)
+        for m, idx in enumerate(batches):
             batch = collate([data.train[i] for i in idx], tokenizer.pad_token_id)
-            sync = nullcontext() if m == len(micro_batches) - 1 else accelerator.no_sync(model)
+            sync = nullcontext() if m == len(batches) - 1 else accelerator.no_sync(model)
             with sync, autocast():
                 policy = completion_logps(core, batch["input_ids"].to(device), batch["attention_mask"].to(device),
                                           batch["completion_mask"].to(device), config.logps_chunk_size)
-                ref = ref_train[torch.tensor(idx)].to(device)
-                labels = batch["labels"].to(device)
-                rewards = (config.beta * (policy.detach() - ref))
-                all_rewards = accelerator.gather(rewards) if world > 1 else rewards
-                all_labels = accelerator.gather(labels) if world > 1 else labels
-                weights = udm_weights[torch.tensor(idx)].to(device) if udm_weights is not None else None
-                result = objective.loss(policy, ref, labels, weights, all_rewards, all_labels)
+                rows = torch.tensor(idx)
+                inputs = StepInputs(
+                    policy_logps=policy, ref_logps=ref_train[rows].to(device), labels=batch["labels"].to(device),
+                    weights=udm_weights[rows].to(device) if udm_weights is not None else None,
+                    n_tokens=batch["completion_mask"].sum(-1).to(device),
+                    gather=accelerator.gather if world > 1 else (lambda t: t))
+                if objective.uses_kl and (pairs := mismatched_pairs(idx)):
+                    kl = collate([mismatched_example(data.train[i], data.train[j], config.max_length)
+                                  for i, j in pairs], tokenizer.pad_token_id)
+                    with torch.no_grad():
+                        inputs.kl_policy_logps = completion_logps(
+                            core, kl["input_ids"].to(device), kl["attention_mask"].to(device),
+                            kl["completion_mask"].to(device), config.logps_chunk_size)
+                    inputs.kl_ref_logps = torch.tensor([kl_ref[p] for p in pairs], device=device)
+                result = objective.loss(inputs)
                 # sum over the micro-batch / examples in the whole step, × world because DDP averages gradients
                 loss = result.losses.sum() * world / n_step
                 accelerator.backward(loss)
-            window.add(result, labels, batch["attention_mask"].sum().item(), len(idx),
-                       None if udm_weights is None else (weights.cpu(), udm_clipped[torch.tensor(idx)]))
+            window.add(result, inputs.labels, batch["attention_mask"].sum().item(), len(idx),
+                       None if udm_weights is None else (inputs.weights.cpu(), udm_clipped[rows]))
         grad_norm = (accelerator.clip_grad_norm_(params, config.max_grad_norm) if config.max_grad_norm > 0
                      else torch.tensor(float("nan")))
         optimizer.step()
@@ -324,7 +255,7 @@ def train(config: TrainConfig, log=print) -> dict:
         done = step + 1
         if done % config.logging_steps == 0 or done == total_steps:
             last_metrics = window.flush(done, done / steps_per_epoch, scheduler.get_last_lr()[0],
-                                        float(grad_norm), objective.threshold)
+                                        float(grad_norm), objective)
             if is_main:
                 with open(metrics_file, "a") as handle:
                     handle.write(json.dumps(last_metrics) + "\n")
@@ -431,17 +362,17 @@ class _Window:
         self.tokens += tokens
         self.samples += samples
 
-    def flush(self, step, epoch, lr, grad_norm, threshold) -> dict:
+    def flush(self, step, epoch, lr, grad_norm, objective) -> dict:
         losses, rewards, labels = torch.cat(self.losses), torch.cat(self.rewards), torch.cat(self.labels)
         elapsed = max(time.perf_counter() - self.start, 1e-9)
         up, down = rewards[labels], rewards[~labels]
-        accuracy = tie_aware_accuracy(rewards - threshold, labels)
+        accuracy = objective.accuracy(rewards, labels)
         out = {
             "step": step, "epoch": round(epoch, 4), "loss": float(losses.mean()),
             "rewards_up": float(up.mean()) if len(up) else None,
             "rewards_down": float(down.mean()) if len(down) else None,
             "margin": float(up.mean() - down.mean()) if len(up) and len(down) else None,
-            "delta": threshold, "accuracy": accuracy, "lr": lr, "grad_norm": grad_norm,
+            **objective.metrics(), "accuracy": accuracy, "lr": lr, "grad_norm": grad_norm,
             "samples_per_s": self.samples / elapsed, "tokens_per_s": self.tokens / elapsed,
         }
         if self.udm_weights and sum(len(w) for w in self.udm_weights):
@@ -457,7 +388,9 @@ def _fmt_metrics(m: dict) -> str:
         return "n/a" if v is None else format(v, spec)
 
     return (f"step {m['step']}: loss {f(m['loss'])}  reward 👍 {f(m['rewards_up'])}  👎 {f(m['rewards_down'])}  "
-            f"margin {f(m['margin'])}  δ {f(m['delta'])}  acc {f(m['accuracy'], '.3f')}  lr {m['lr']:.2e}  "
+            f"margin {f(m['margin'])}  " + (f"δ {f(m['delta'])}  " if "delta" in m else "")
+            + (f"z_ref {f(m['z_ref'])}  " if "z_ref" in m else "")
+            + f"acc {f(m['accuracy'], '.3f')}  lr {m['lr']:.2e}  "
             f"{m['samples_per_s']:.2f} samples/s  {m['tokens_per_s']:.0f} tokens/s")
 
 
