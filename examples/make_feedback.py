@@ -38,6 +38,22 @@ TOPICS = [
 ]
 
 
+def write_pairs(rows: list[dict], path: Path) -> None:
+    """Paired data for the paired methods: for each prompt with a 👍 and a 👎 answer, the one with the higher VADER
+    score is chosen, the one with the lowest is rejected."""
+    by_prompt: dict[str, list[dict]] = {}
+    for row in rows:
+        by_prompt.setdefault(row["prompt"][0]["content"], []).append(row)
+    pairs = []
+    for answers in by_prompt.values():
+        if any(a["label"] for a in answers) and not all(a["label"] for a in answers):
+            best = max(answers, key=lambda a: a["vader"])
+            worst = min(answers, key=lambda a: a["vader"])
+            pairs.append({"prompt": best["prompt"], "chosen": best["completion"], "rejected": worst["completion"]})
+    path.write_text("".join(json.dumps(p, ensure_ascii=False) + "\n" for p in pairs), encoding="utf-8")
+    print(f"wrote {len(pairs)} pairs to {path}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=str(Path(__file__).parent / "feedback.jsonl"))
@@ -83,6 +99,7 @@ def main() -> None:
                          "completion": [{"role": "assistant", "content": answer}],
                          "label": score >= args.threshold, "vader": round(score, 4)})
     random.shuffle(rows)
+    write_pairs(rows, Path(args.out).with_name("pairs.jsonl"))
     Path(args.out).write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
     up = sum(r["label"] for r in rows)
     print(f"wrote {len(rows)} rows to {args.out}: {up} thumbs-up, {len(rows) - up} thumbs-down "

@@ -32,12 +32,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"thumbalign {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     train = commands.add_parser(
-        "train", help="train a model on binary feedback (BCO)", epilog=TRAIN_EPILOG,
+        "train", help="train a model on binary feedback (BCO by default)", epilog=TRAIN_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Train a causal language model on thumbs-up / thumbs-down feedback with Binary Classifier "
                     "Optimization. Writes checkpoints, metrics.jsonl, summary.json and a final model folder "
                     "(loadable with transformers) into --output-dir.")
     add_arguments(train)
+
+    commands.add_parser("methods", help="list the training methods and the data each takes",
+                        description="List the training methods (--method) with one line each.")
 
     inspect = commands.add_parser(
         "inspect", help="report on a feedback file before training: labels, lengths, duplicates, prompt shift",
@@ -87,6 +90,12 @@ def main(argv: list[str] | None = None) -> int:
             from .train import train
 
             train(build_config(args))
+        elif args.command == "methods":
+            from .objectives import METHODS
+
+            for name, cls in METHODS.items():
+                kind = "paired (prompt, chosen, rejected)" if cls.data_kind == "paired" else "unpaired 👍/👎"
+                print(f"{name:<13} {kind:<36} {cls.summary}")
         elif args.command == "inspect":
             run_inspect(args)
     except ThumbalignError as err:
