@@ -37,6 +37,18 @@ TOPICS = [
     "a puppy", "a failed exam", "a sunrise", "a slow internet connection", "a family dinner",
 ]
 
+# Held-out topics for `make demo`'s generation eval: never seen in training.
+EVAL_TOPICS = ["a thunderstorm", "a new bicycle", "a missed bus", "a board game night", "a flat tyre",
+               "a museum visit", "a burnt cake", "a wedding", "a hospital waiting room", "a garden in spring",
+               "a lost umbrella", "a road trip"]
+
+
+def write_eval_prompts(path: Path) -> None:
+    rows = [{"prompt": [{"role": "user", "content": t.format(topic)}]} for topic in EVAL_TOPICS
+            for t in TEMPLATES[:2]]
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    print(f"wrote {len(rows)} held-out prompts to {path}")
+
 
 def write_pairs(rows: list[dict], path: Path) -> None:
     """Paired data for the paired methods: for each prompt with a 👍 and a 👎 answer, the one with the higher VADER
@@ -100,6 +112,7 @@ def main() -> None:
                          "label": score >= args.threshold, "vader": round(score, 4)})
     random.shuffle(rows)
     write_pairs(rows, Path(args.out).with_name("pairs.jsonl"))
+    write_eval_prompts(Path(args.out).with_name("eval_prompts.jsonl"))
     Path(args.out).write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
     up = sum(r["label"] for r in rows)
     print(f"wrote {len(rows)} rows to {args.out}: {up} thumbs-up, {len(rows) - up} thumbs-down "

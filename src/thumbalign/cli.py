@@ -42,6 +42,37 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser("methods", help="list the training methods and the data each takes",
                         description="List the training methods (--method) with one line each.")
 
+    ev = commands.add_parser(
+        "eval", help="did the model get better? held-out feedback and/or judged generations",
+        description="Two evaluations, either or both: (1) with --ref and --data, score held-out binary feedback with "
+                    "the implicit reward of --model against --ref and report accuracy, ROC AUC and calibration (ECE) "
+                    "of the implicit classifier, per label and overall; (2) with --baseline, --prompts and --judge, "
+                    "generate answers from --model and --baseline, judge each, and report each model's thumbs-up rate "
+                    "and the paired difference with 95%% bootstrap intervals.")
+    ev.add_argument("--model", required=True, help="the model to evaluate (folder, .gguf or 'default')")
+    ev.add_argument("--ref", help="reference model for the implicit reward (usually the model training started from)")
+    ev.add_argument("--data", help="held-out feedback file (same formats as train --data)")
+    ev.add_argument("--beta", type=float, default=None, help="β of the implicit reward (default: the run's, or 0.1)")
+    ev.add_argument("--threshold", type=float, default=None,
+                    help="reward above which the classifier says 👍 (default: the run's δ from summary.json, or 0)")
+    ev.add_argument("--max-length", type=int, default=1024)
+    ev.add_argument("--baseline", help="model to compare against by generation")
+    ev.add_argument("--prompts", help="prompts file for the generation comparison")
+    ev.add_argument("--judge", default="vader", help="vader, exact, numeric or module:function (default: vader)")
+    ev.add_argument("--reference-field", default="answer", help="reference field for exact/numeric judges")
+    ev.add_argument("--judge-threshold", type=float, default=0.5, help="a numeric judge score ≥ this is 👍")
+    ev.add_argument("--max-new-tokens", type=int, default=64)
+    ev.add_argument("--temperature", type=float, default=0.0, help="0: greedy; above: seeded sampling")
+    ev.add_argument("--batch-size", type=int, default=8)
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--output-dir", default="eval", help="where eval.json and generations.jsonl go (default: eval)")
+
+    rep = commands.add_parser("report", help="write report.html for a run folder",
+                              description="Write one self-contained HTML page for a run: training curves, UDM "
+                                          "weights, held-out tables and sampled answers.")
+    rep.add_argument("run_dir", help="a thumbalign train --output-dir")
+    rep.add_argument("--out", help="HTML file to write (default: RUN_DIR/report.html)")
+
     inspect = commands.add_parser(
         "inspect", help="report on a feedback file before training: labels, lengths, duplicates, prompt shift",
         description="Read a feedback file (streamed, bounded memory) and report rows per label, prompt and completion "
@@ -59,6 +90,52 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--seed", type=int, default=0)
     inspect.add_argument("--json", action="store_true", help="print the report as JSON")
     return parser
+
+
+def run_eval(args) -> None:
+    import json
+    from pathlib import Path
+
+    from .errors import ConfigError
+    from .models import resolve_model
+
+    if not (args.ref and args.data) and not (args.baseline and args.prompts):
+        raise ConfigError("eval needs --ref with --data (held-out feedback), --baseline with --prompts "
+                          "(judged generations), or both")
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model_dir = resolve_model(args.model)
+    run_summary = model_dir.parent / "summary.json"
+    run = json.loads(run_summary.read_text()) if run_summary.exists() else {}
+    result = {"model": args.model}
+    if args.ref and args.data:
+        from .evaluate import score_feedback
+
+        beta = args.beta if args.beta is not None else run.get("settings", {}).get("beta", 0.1)
+        threshold = args.threshold if args.threshold is not None else run.get("threshold", 0.0)
+        result["feedback"] = score_feedback(model_dir, resolve_model(args.ref), args.data, beta=beta,
+                                            threshold=threshold, max_length=args.max_length,
+                                            batch_size=args.batch_size)
+        m = result["feedback"]
+        print(f"held-out feedback ({m['n']} records, β {beta}, threshold {threshold:.4f}): accuracy "
+              f"{m['accuracy']:.3f} (👍 {m['accuracy_up']:.3f}, 👎 {m['accuracy_down']:.3f}), ROC AUC "
+              f"{_f(m['auc'])}, ECE {m['ece']:.3f} (👍 {_f(m['ece_up'])}, 👎 {_f(m['ece_down'])})")
+    if args.baseline and args.prompts:
+        from .generate import format_comparison, judged_generations
+        from .judges import load_judge
+
+        judge = load_judge(args.judge, args.reference_field, args.judge_threshold)
+        result["judged"] = judged_generations({"model": model_dir, "baseline": resolve_model(args.baseline)},
+                                              args.prompts, judge, out / "generations.jsonl",
+                                              max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                              seed=args.seed, batch_size=args.batch_size)
+        print(format_comparison(result["judged"]))
+    (out / "eval.json").write_text(json.dumps(result, indent=1, ensure_ascii=False))
+    print(f"wrote {out / 'eval.json'}")
+
+
+def _f(value) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
 
 
 def run_inspect(args) -> None:
@@ -90,6 +167,12 @@ def main(argv: list[str] | None = None) -> int:
             from .train import train
 
             train(build_config(args))
+        elif args.command == "eval":
+            run_eval(args)
+        elif args.command == "report":
+            from .report import write_report
+
+            print(f"wrote {write_report(args.run_dir, args.out)}")
         elif args.command == "methods":
             from .objectives import METHODS
 

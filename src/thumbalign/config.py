@@ -79,6 +79,16 @@ class TrainConfig:
     gradient_checkpointing: bool = _f(False, "Recompute activations in the backward pass: less memory, ~30%% slower.")
     seed: int = _f(42, "Seed for shuffling, the eval split and initialisation of new weights.")
     logps_chunk_size: int = _f(2048, "Completion tokens per chunk of the output projection (bounds logit memory).")
+    # --- evaluation by generation
+    eval_prompts: str | None = _f(None, "Prompts (JSONL/CSV/..., a 'prompt' per row) never trained on: after training, "
+                                        "the base and the trained model answer them and --judge gives each answer a "
+                                        "thumbs-up or down.")
+    judge: str = _f("vader", "Judge for --eval-prompts: vader (positive sentiment), exact or numeric (against "
+                             "--reference-field), or module:function.")
+    reference_field: str = _f("answer", "Field of a prompt row holding the reference answer (exact/numeric judges).")
+    eval_max_new_tokens: int = _f(64, "Tokens generated per answer for --eval-prompts.")
+    eval_temperature: float = _f(0.0, "Sampling temperature for --eval-prompts (0: greedy).")
+    report: bool = _f(True, "Write report.html (curves, eval tables, sampled answers) into the run folder at the end.")
     # --- logging and checkpoints
     logging_steps: int = _f(10, "Print and log metrics every N optimizer steps.")
     save_steps: int = _f(100, "Write a checkpoint every N optimizer steps (and at the end).")
@@ -129,7 +139,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         help_ = f.metadata["help"] + f" (default: {f.default})"
-        if f.name == "resume":
+        if f.name == "eval_split":  # `--split` as in the issue tracker's wording, same setting
+            parser.add_argument(flag, "--split", type=float, default=None, help=help_, dest="eval_split",
+                                metavar="SHARE")
+        elif f.name == "resume":
             parser.add_argument(flag, nargs="?", const="latest", default=None, help=help_)
         elif types_[f.name] is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_)

@@ -24,7 +24,7 @@ from . import checkpoint as ckpt
 from .config import TrainConfig
 from .batching import PreparedData, micro_batches, mismatched_example, prepare_data
 from .errors import ConfigError
-from .evaluate import classifier_metrics
+from .evaluate import classifier_metrics, implicit_classifier_report
 from .logprobs import collate, completion_logps
 from .objectives import METHODS, StepInputs, mismatched_pairs
 from .models import add_lora, bf16_available, cache_root, load_causal_lm, load_tokenizer, resolve_model
@@ -33,8 +33,10 @@ from .udm import DensityRatio, embed_texts, fit_density_ratio, policy_prompt_emb
 
 # Settings that may change between an interrupted run and its resumption; all others must match.
 RESUMABLE_CHANGES = {"resume", "overwrite", "logging_steps", "save_steps", "save_total_limit", "cache_dir",
-                     "eval_batch_size", "output_dir"}
-RUN_FILES = ("checkpoints", "metrics.jsonl", "summary.json", "model", "run_config.yaml", "udm_classifier.json")
+                     "eval_batch_size", "output_dir", "eval_prompts", "judge", "reference_field",
+                     "eval_max_new_tokens", "eval_temperature", "report"}
+RUN_FILES = ("checkpoints", "metrics.jsonl", "summary.json", "model", "run_config.yaml", "udm_classifier.json",
+             "generations.jsonl", "report.html")
 
 
 # ------------------------------------------------------------------------------------------------- evaluation
@@ -48,7 +50,7 @@ def evaluate(model, examples, ref_logps, objective, pad_id, config, device, auto
                           config.logps_chunk_size, desc="evaluating", disable_bar=disable_bar)
     rewards = config.beta * (logps - ref_logps)
     labels = torch.tensor([e.label for e in examples])
-    metrics = classifier_metrics(rewards - objective.threshold, labels)
+    metrics = implicit_classifier_report(rewards - objective.threshold, labels)
     if objective.data_kind == "paired":
         metrics["pair_accuracy"] = objective.accuracy(rewards, labels)
     return metrics
@@ -277,15 +279,40 @@ def train(config: TrainConfig, log=print) -> dict:
         "method": objective.name, "model": config.model, "model_dir": str(model_dir),
         "steps": total_steps, "data": data.report, "reference_logps_from_cache": hit_train,
         **({"udm": udm_stats} if config.udm else {}),
-        "reward_shift": objective.state_dict(), "final_metrics": last_metrics, **history,
+        "reward_shift": objective.state_dict(), "threshold": objective.threshold, "final_metrics": last_metrics,
+        **history,
         "settings": config.to_dict(),
     }
     if is_main:
         _save_final_model(core, tokenizer, out / "model", config)
+        say(f"Saved the model to {out / 'model'}")
+        if config.eval_prompts:
+            summary["judged"] = _judged_eval(config, out, model_dir, say)
         (out / "summary.json").write_text(json.dumps(summary, indent=1, ensure_ascii=False))
-        say(f"Saved the model to {out / 'model'} and the run summary to {out / 'summary.json'}")
+        say(f"Run summary: {out / 'summary.json'}")
+        if config.report:
+            from .report import write_report
+
+            say(f"Report: {write_report(out)}")
     accelerator.wait_for_everyone()
     return summary
+
+
+def _judged_eval(config: TrainConfig, out: Path, base_dir: Path, say) -> dict:
+    """The base and the trained model answer held-out prompts; the judge decides; bootstrap intervals."""
+    from .generate import format_comparison, judged_generations
+    from .judges import load_judge
+
+    if config.use_lora and config.save_adapter:
+        say("Generation eval skipped: the run saved an adapter only (drop --save-adapter to compare)")
+        return {}
+    judge = load_judge(config.judge, config.reference_field)
+    result = judged_generations({"trained": out / "model", "base": base_dir}, config.eval_prompts, judge,
+                                out / "generations.jsonl", max_new_tokens=config.eval_max_new_tokens,
+                                temperature=config.eval_temperature, seed=config.seed,
+                                batch_size=config.eval_batch_size)
+    say(f"Held-out prompts answered by both models, judged by {config.judge}:\n{format_comparison(result)}")
+    return result
 
 
 def _udm_weights(config, data, model, tokenizer, out: Path, resuming: bool, accelerator, cache: Path, say):
@@ -314,6 +341,8 @@ def _udm_weights(config, data, model, tokenizer, out: Path, resuming: bool, acce
     clipped = np.isclose(raw, ratio.clip_min) | np.isclose(raw, ratio.clip_max)
     weights = ratio.weights(embeddings)
     stats = weight_stats(weights[~labels], ratio)
+    counts, edges = np.histogram(weights[~labels], bins=30)
+    stats["histogram"] = {"counts": counts.tolist(), "edges": edges.tolist()}
     say(f"UDM weights of the 👎 examples: min {stats['min']:.3f}, mean {stats['mean']:.3f}, max {stats['max']:.3f}, "
         f"{stats['share_clipped']:.1%} clipped to [{ratio.clip_min}, {ratio.clip_max}]")
     return torch.tensor(weights, dtype=torch.float32), torch.tensor(clipped), stats
