@@ -60,7 +60,10 @@ def pair_up(examples: list[Example], records: list[Record], path: str, method: s
 
 def prepare_data(config, tokenizer, objective_cls, log=print) -> PreparedData:
     paired = objective_cls.data_kind == "paired"
-    records, load_report = load_records(config.data)
+    records, load_report = load_records(config.data, skip_invalid=config.skip_invalid)
+    if load_report.skipped:
+        log(f"Skipped {sum(load_report.skipped.values())} invalid rows of {config.data}: "
+            + "; ".join(f"{n} × {reason}" for reason, n in load_report.skipped.most_common()))
     log(f"Loaded {config.data}: {load_report.rows} rows -> {load_report.records} records "
         f"({load_report.by_label[True]} 👍, {load_report.by_label[False]} 👎"
         + (f"; {load_report.pairs_split} pairs split into 👍/👎 rows" if load_report.pairs_split and not paired
@@ -72,7 +75,7 @@ def prepare_data(config, tokenizer, objective_cls, log=print) -> PreparedData:
     report = {"train_file": load_report.as_dict()}
     if config.eval_data:
         train_records = records
-        eval_records, eval_report = load_records(config.eval_data)
+        eval_records, eval_report = load_records(config.eval_data, skip_invalid=config.skip_invalid)
         report["eval_file"] = eval_report.as_dict()
     elif config.eval_split > 0:
         train_records, eval_records = split_records(records, config.eval_split, config.seed)

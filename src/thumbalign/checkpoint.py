@@ -12,6 +12,7 @@ import os
 import random
 import re
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -103,7 +104,25 @@ def save_checkpoint(checkpoints_dir: Path, step: int, model, optimizer, schedule
     staging = checkpoints_dir / f".staging-step-{step:06d}-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
+    try:
+        _write_checkpoint(staging, model, optimizer, scheduler, trainer_state)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)  # a failed save (disk full) leaves nothing half-written behind
+        raise
+    if final.exists():  # the same step saved again (e.g. a resumed run re-saving): swap it out
+        shutil.rmtree(final)
+    os.replace(staging, final)
+    _fsync_dir(checkpoints_dir)
+    for old in list_checkpoints(checkpoints_dir)[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def _write_checkpoint(staging: Path, model, optimizer, scheduler, trainer_state: dict) -> None:
     _save_tensors(staging / "weights.safetensors", trainable_state(model))
+    if os.environ.get("THUMBALIGN_TEST_CHECKPOINT_PAUSE"):
+        # fault injection for the kill tests: widen the window in which a kill lands inside a save
+        time.sleep(float(os.environ["THUMBALIGN_TEST_CHECKPOINT_PAUSE"]))
     opt_tensors, opt_plain = _split_optimizer(optimizer.state_dict())
     _save_tensors(staging / "optimizer.safetensors", opt_tensors)
     _write_json(staging / "optimizer.json", opt_plain)
@@ -113,13 +132,6 @@ def save_checkpoint(checkpoints_dir: Path, step: int, model, optimizer, schedule
     _write_json(staging / "rng.json", rng_plain)
     _write_json(staging / STATE_FILE, trainer_state)  # last: its presence marks a complete checkpoint
     _fsync_dir(staging)
-    if final.exists():  # the same step saved again (e.g. a resumed run re-saving): swap it out
-        shutil.rmtree(final)
-    os.replace(staging, final)
-    _fsync_dir(checkpoints_dir)
-    for old in list_checkpoints(checkpoints_dir)[:-keep] if keep > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
 
 
 def list_checkpoints(checkpoints_dir: Path) -> list[Path]:

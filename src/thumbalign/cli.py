@@ -92,6 +92,50 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+SHIPPED_ACCELERATE_CONFIGS = ("ddp", "zero2", "zero3", "fsdp")
+
+
+def launch_processes(argv: list[str], config) -> int:
+    """Re-run this same command in `num_processes` linked processes.
+
+    GPUs: `accelerate launch` (with a shipped DDP / DeepSpeed ZeRO / FSDP2 config, or the user's). CPUs:
+    `torch.distributed.run`, which starts N processes that find each other and train on the gloo backend. (Plain
+    `accelerate launch --cpu --num_processes N` starts one process; without --cpu, N unlinked copies.)
+    """
+    import subprocess
+    import sys
+    from importlib import resources
+
+    import torch
+
+    rest, skip = [], False
+    for i, arg in enumerate(argv):  # drop the launcher's own flags; every process reads the same config
+        if skip:
+            skip = False
+            continue
+        if arg in ("--num-processes", "--accelerate-config"):
+            skip = True
+            continue
+        if arg.startswith(("--num-processes=", "--accelerate-config=")):
+            continue
+        rest.append(arg)
+    n = config.num_processes
+    if torch.cuda.is_available() or config.accelerate_config:
+        command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(n)]
+        if config.accelerate_config in SHIPPED_ACCELERATE_CONFIGS:
+            path = resources.files("thumbalign") / "accelerate_configs" / f"{config.accelerate_config}.yaml"
+            command += ["--config_file", str(path)]
+        elif config.accelerate_config:
+            command += ["--config_file", config.accelerate_config]
+        else:
+            command += ["--multi_gpu"]
+    else:
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n)]
+    command += ["-m", "thumbalign", *rest, "--num-processes", "1"]
+    print(f"Launching {n} processes: {' '.join(command)}", flush=True)
+    return subprocess.call(command)
+
+
 def run_eval(args) -> None:
     import json
     from pathlib import Path
@@ -166,7 +210,10 @@ def main(argv: list[str] | None = None) -> int:
             from .config import build_config
             from .train import train
 
-            train(build_config(args))
+            config = build_config(args)
+            if config.num_processes > 1 and "WORLD_SIZE" not in os.environ:
+                return launch_processes(sys.argv[1:] if argv is None else argv, config)
+            train(config)
         elif args.command == "eval":
             run_eval(args)
         elif args.command == "report":

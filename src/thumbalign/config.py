@@ -27,6 +27,8 @@ class TrainConfig:
     data: str | None = _f(None, "Feedback file: JSONL, JSON, CSV, Parquet or a datasets folder (required).")
     eval_data: str | None = _f(None, "Held-out feedback file to measure the implicit-reward classifier on.")
     eval_split: float = _f(0.0, "Share of --data held out (seeded) for evaluation when --eval-data is not given.")
+    skip_invalid: bool = _f(False, "Skip rows that cannot be used (counted by reason and reported) instead of "
+                                   "stopping at the first one.")
     output_dir: str = _f("runs/thumbalign", "Run folder: checkpoints, metrics.jsonl, summary.json, final model.")
     overwrite: bool = _f(False, "Allow an --output-dir that already holds another run's files.")
     # --- model
@@ -89,6 +91,13 @@ class TrainConfig:
     eval_max_new_tokens: int = _f(64, "Tokens generated per answer for --eval-prompts.")
     eval_temperature: float = _f(0.0, "Sampling temperature for --eval-prompts (0: greedy).")
     report: bool = _f(True, "Write report.html (curves, eval tables, sampled answers) into the run folder at the end.")
+    skip_nonfinite: int = _f(0, "Optimizer steps with a NaN/inf loss or gradient to skip before stopping "
+                                "(0: stop at the first, keeping the last good checkpoint).")
+    # --- scale-out (handled by the CLI before training starts)
+    num_processes: int = _f(1, "Processes to train with (one per GPU; on a CPU, gloo processes). Launched through "
+                               "accelerate (GPU) or torch.distributed.run (CPU).")
+    accelerate_config: str | None = _f(None, "With --num-processes on GPUs: ddp, zero2, zero3, fsdp (shipped configs) "
+                                            "or an accelerate config file.")
     # --- logging and checkpoints
     logging_steps: int = _f(10, "Print and log metrics every N optimizer steps.")
     save_steps: int = _f(100, "Write a checkpoint every N optimizer steps (and at the end).")

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,10 +58,12 @@ class LoadReport:
     records: int = 0
     pairs_split: int = 0
     by_label: Counter = field(default_factory=Counter)
+    skipped: Counter = field(default_factory=Counter)  # reason -> rows (only with skip_invalid)
 
     def as_dict(self) -> dict:
         return {"path": self.path, "rows": self.rows, "records": self.records, "pairs_split": self.pairs_split,
-                "thumbs_up": self.by_label[True], "thumbs_down": self.by_label[False]}
+                "thumbs_up": self.by_label[True], "thumbs_down": self.by_label[False],
+                "skipped": dict(self.skipped)}
 
 
 # ---------------------------------------------------------------------------------------------- labels
@@ -86,7 +89,17 @@ def parse_label(value: Any, path, where: str, key: str = "label") -> bool:
 # ---------------------------------------------------------------------------------------------- readers
 
 def iter_rows(path: str | Path) -> Iterator[tuple[str, Any]]:
-    """Yield (where, row) from a data file; `where` is "line N" or "row N" for error messages."""
+    """Yield (where, row) from a data file; `where` is "line N" or "row N" for error messages. Stops with a
+    :class:`DataError` at the first unreadable row."""
+    for where, row in iter_raw_rows(path):
+        if isinstance(row, DataError):
+            raise row
+        yield where, row
+
+
+def iter_raw_rows(path: str | Path) -> Iterator[tuple[str, Any]]:
+    """Like :func:`iter_rows`, but a row that cannot be read (broken JSON, bad UTF-8) comes back as its
+    :class:`DataError` instead of ending the file, so that callers may count and skip it."""
     path = Path(path)
     if not path.exists():
         raise DataError(path, None, None, "no such file or folder")
@@ -114,13 +127,17 @@ def _iter_jsonl(path: Path):
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as err:
-                raise DataError(path, where, None, f"not valid UTF-8 ({err.reason} at byte {err.start})") from None
+                yield where, DataError(path, where, None, f"not valid UTF-8 ({err.reason} at byte {err.start})")
+                continue
             if not line.strip():
                 continue
             try:
-                yield where, json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(path, where, None, f"invalid JSON: {err.msg} (column {err.colno})") from None
+                row = json.loads(line)
+            except (json.JSONDecodeError, RecursionError) as err:
+                detail = f"{err.msg} (column {err.colno})" if isinstance(err, json.JSONDecodeError) else "nested too deep"
+                yield where, DataError(path, where, None, f"invalid JSON: {detail}")
+                continue
+            yield where, row
 
 
 def _iter_json(path: Path):
@@ -130,6 +147,8 @@ def _iter_json(path: Path):
         raise DataError(path, None, None, f"not valid UTF-8 ({err.reason} at byte {err.start})") from None
     except json.JSONDecodeError as err:
         raise DataError(path, f"line {err.lineno}", None, f"invalid JSON: {err.msg} (column {err.colno})") from None
+    except RecursionError:
+        raise DataError(path, None, None, "invalid JSON: nested too deep") from None
     if isinstance(data, dict):  # {"data": [...]} or similar: one list-valued key
         lists = [v for v in data.values() if isinstance(v, list)]
         if len(lists) != 1:
@@ -149,7 +168,8 @@ def _iter_csv(path: Path, delimiter: str):
                 # reader.line_num is the physical line where this row ended (the header is line 1)
                 where = f"line {reader.line_num}"
                 if None in row:
-                    raise DataError(path, where, None, f"more cells than the header has columns")
+                    yield where, DataError(path, where, None, "more cells than the header has columns")
+                    continue
                 yield where, {k: _maybe_json_cell(v) for k, v in row.items()}
     except UnicodeDecodeError as err:
         raise DataError(path, None, None, f"not valid UTF-8 ({err.reason} at byte {err.start})") from None
@@ -291,13 +311,28 @@ def row_to_records(row, path, where) -> list[Record]:
     return [Record(prompt, completion, label, source)]
 
 
-def load_records(path: str | Path) -> tuple[list[Record], LoadReport]:
-    """Read every record of a feedback file; raises :class:`DataError` at the first bad row."""
+def skip_reason(err: DataError) -> str:
+    """A row error without its specifics, to count skipped rows by kind: "label: cannot read … as a label"."""
+    generic = re.sub(r"'[^']*'|\"[^\"]*\"|\d+", "…", err.message)
+    return f"{err.field or 'row'}: {generic.split(';')[0]}"
+
+
+def load_records(path: str | Path, skip_invalid: bool = False) -> tuple[list[Record], LoadReport]:
+    """Read every record of a feedback file. A bad row raises :class:`DataError`, or with `skip_invalid` is
+    skipped and counted by reason in ``report.skipped``."""
     report = LoadReport(str(path))
     records: list[Record] = []
-    for where, row in iter_rows(path):
+    for where, row in iter_raw_rows(path):
         report.rows += 1
-        made = row_to_records(row, path, where)
+        try:
+            if isinstance(row, DataError):
+                raise row
+            made = row_to_records(row, path, where)
+        except DataError as err:
+            if not skip_invalid or err.where is None:  # a file-level problem is never skippable
+                raise
+            report.skipped[skip_reason(err)] += 1
+            continue
         if len(made) == 2:
             for record in made:
                 record.pair = report.pairs_split

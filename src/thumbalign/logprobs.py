@@ -71,3 +71,19 @@ def naive_completion_logps(model, input_ids, attention_mask, completion_mask) ->
     logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1].float()
     logps = logits.log_softmax(-1).gather(-1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
     return (logps * completion_mask[:, 1:]).sum(-1)
+
+
+class CompletionLogps(torch.nn.Module):
+    """The policy as the engine sees it: forward(batch) = completion log-probs.
+
+    Distributed engines (DDP, DeepSpeed, FSDP) hook into the forward of the module they wrap; calling the decoder
+    and the output projection of an unwrapped model would silently skip their gradient synchronisation. Wrapping
+    this module instead keeps the memory-saving log-prob computation *inside* the engine's forward.
+    """
+
+    def __init__(self, model, chunk_size: int = 2048):
+        super().__init__()
+        self.model, self.chunk_size = model, chunk_size
+
+    def forward(self, input_ids, attention_mask, completion_mask):
+        return completion_logps(self.model, input_ids, attention_mask, completion_mask, self.chunk_size)

@@ -59,14 +59,17 @@ def compute_logps(model, examples: list[Example], pad_token_id: int, batch_size:
     return out
 
 
-def cached_reference_logps(cache_dir: Path, key: str, compute) -> tuple[torch.Tensor, bool]:
-    """Load the log-probs for `key`, or compute and store them. Returns (log-probs, whether they came from disk)."""
-    path = cache_dir / "reflogps" / f"{key}.safetensors"
-    if path.exists():
-        return load_file(str(path))["logps"], True
-    logps = compute()
+def cache_path(cache_dir: Path, key: str) -> Path:
+    return cache_dir / "reflogps" / f"{key}.safetensors"
+
+
+def load_cached(path: Path) -> torch.Tensor:
+    return load_file(str(path))["logps"]
+
+
+def store(path: Path, logps: torch.Tensor) -> None:
+    """Write aside, then rename: a reader never sees a half-written cache file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp-{os.getpid()}")
     save_file({"logps": logps.contiguous()}, str(tmp))
     os.replace(tmp, path)
-    return logps, False

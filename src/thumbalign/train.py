@@ -23,18 +23,20 @@ from tqdm.auto import tqdm
 from . import checkpoint as ckpt
 from .config import TrainConfig
 from .batching import PreparedData, micro_batches, mismatched_example, prepare_data
-from .errors import ConfigError
+from .errors import ConfigError, ThumbalignError
 from .evaluate import classifier_metrics, implicit_classifier_report
-from .logprobs import collate, completion_logps
+from .logprobs import CompletionLogps, collate, completion_logps
 from .objectives import METHODS, StepInputs, mismatched_pairs
 from .models import add_lora, bf16_available, cache_root, load_causal_lm, load_tokenizer, resolve_model
-from .refcache import cache_key, cached_reference_logps, compute_logps
+from . import refcache
+from .refcache import cache_key, compute_logps
 from .udm import DensityRatio, embed_texts, fit_density_ratio, policy_prompt_embeddings, weight_stats
 
 # Settings that may change between an interrupted run and its resumption; all others must match.
 RESUMABLE_CHANGES = {"resume", "overwrite", "logging_steps", "save_steps", "save_total_limit", "cache_dir",
                      "eval_batch_size", "output_dir", "eval_prompts", "judge", "reference_field",
-                     "eval_max_new_tokens", "eval_temperature", "report"}
+                     "eval_max_new_tokens", "eval_temperature", "report", "skip_nonfinite", "skip_invalid",
+                     "num_processes", "accelerate_config"}
 RUN_FILES = ("checkpoints", "metrics.jsonl", "summary.json", "model", "run_config.yaml", "udm_classifier.json",
              "generations.jsonl", "report.html")
 
@@ -105,7 +107,10 @@ def train(config: TrainConfig, log=print) -> dict:
     out, resume_from = _prepare_output_dir(config)
     probe_device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     use_bf16 = config.bf16 == "true" or (config.bf16 == "auto" and bf16_available(probe_device))
-    accelerator = Accelerator(mixed_precision="bf16" if use_bf16 else "no")
+    # On a machine without an accelerator, cpu=True is what makes accelerate join processes started by
+    # torch.distributed.run into one gloo group (MULTI_CPU) instead of running them as unlinked copies.
+    has_accelerator = torch.accelerator.is_available() if hasattr(torch, "accelerator") else torch.cuda.is_available()
+    accelerator = Accelerator(mixed_precision="bf16" if use_bf16 else "no", cpu=not has_accelerator)
     device, world, rank = accelerator.device, accelerator.num_processes, accelerator.process_index
     is_main = accelerator.is_main_process
     quiet = not is_main
@@ -124,29 +129,25 @@ def train(config: TrainConfig, log=print) -> dict:
     root = cache_root(config.cache_dir)
 
     def reference(examples, what):
-        key = cache_key(model_dir, examples, precision)
-
-        def compute():
-            say(f"Computing reference log-probs for {len(examples)} {what} examples (cached for later runs)")
-            mine = examples[rank::world]
-            logps = compute_logps(model, mine, tokenizer.pad_token_id, config.eval_batch_size, device,
-                                  accelerator.autocast, config.logps_chunk_size, disable_bar=quiet)
-            if world == 1:
-                return logps
-            parts = gather_object([(rank, logps.tolist())])
-            full = torch.zeros(len(examples))
-            for r, values in parts:
-                full[r::world] = torch.tensor(values)
-            return full
-
-        if is_main:
-            logps, hit = cached_reference_logps(root, key, compute)
-        accelerator.wait_for_everyone()
-        if not is_main:
-            logps, hit = cached_reference_logps(root, key, compute)
+        path = refcache.cache_path(root, cache_key(model_dir, examples, precision))
+        # every process must take the same branch: the main process's view of the cache decides
+        hit = gather_object([path.exists()])[0] if world > 1 else path.exists()
         if hit:
-            say(f"Reference log-probs for {len(examples)} {what} examples loaded from cache ({key})")
-        return logps, hit
+            say(f"Reference log-probs for {len(examples)} {what} examples loaded from cache ({path.stem})")
+            return refcache.load_cached(path), True
+        say(f"Computing reference log-probs for {len(examples)} {what} examples (cached for later runs)")
+        mine = examples[rank::world]  # each process computes a shard
+        logps = compute_logps(model, mine, tokenizer.pad_token_id, config.eval_batch_size, device,
+                              accelerator.autocast, config.logps_chunk_size, disable_bar=quiet)
+        if world > 1:
+            full = torch.zeros(len(examples))
+            for r, values in gather_object([(rank, logps.tolist())]):
+                full[r::world] = torch.tensor(values)
+            logps = full
+        if is_main:
+            refcache.store(path, logps)  # written once
+        accelerator.wait_for_everyone()
+        return logps, False
 
     ref_train, hit_train = reference(data.train, "training")
     ref_eval, _ = reference(data.eval, "evaluation") if data.eval else (torch.zeros(0), True)
@@ -167,6 +168,10 @@ def train(config: TrainConfig, log=print) -> dict:
     global_batch = micro * accumulation * world
     steps_per_epoch = math.ceil(len(data.units) / global_batch)
     total_steps = config.max_steps if config.max_steps > 0 else math.ceil(config.num_train_epochs * steps_per_epoch)
+
+    def gather(t: torch.Tensor) -> torch.Tensor:
+        """All-gather across processes; bool tensors travel as bytes (gloo has no bool collectives)."""
+        return accelerator.gather(t.to(torch.uint8)).bool() if t.dtype == torch.bool else accelerator.gather(t)
 
     def plan(step):
         return micro_batches(data, step, micro, accumulation, world, rank, config.seed)
@@ -189,8 +194,8 @@ def train(config: TrainConfig, log=print) -> dict:
     scheduler = get_scheduler(config.lr_scheduler_type, optimizer,
                               num_warmup_steps=int(round(config.warmup_ratio * total_steps)),
                               num_training_steps=total_steps)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    core = accelerator.unwrap_model(model)
+    engine, optimizer = accelerator.prepare(CompletionLogps(model, config.logps_chunk_size), optimizer)
+    core = accelerator.unwrap_model(engine).model  # the transformers model, for evaluation and saving
 
     autocast = accelerator.autocast
     eval_args = (tokenizer.pad_token_id, config, device, autocast, quiet)
@@ -199,6 +204,7 @@ def train(config: TrainConfig, log=print) -> dict:
         state = ckpt.load_checkpoint(resume_from, core, optimizer, scheduler)
         objective.load_state_dict(state["objective"])
         start_step, history = state["step"], state.get("history", {})
+        resumed_nonfinite = state.get("nonfinite", 0)
         _trim_metrics(out / "metrics.jsonl", start_step)
         say(f"Resumed from {resume_from} at step {start_step} of {total_steps}")
     else:
@@ -208,7 +214,7 @@ def train(config: TrainConfig, log=print) -> dict:
             # Before the first step the policy is the reference, so every implicit reward is 0 by definition:
             # the classifier is at chance, and no forward pass is needed to know it.
             labels = torch.tensor([e.label for e in data.eval])
-            history["eval_before"] = classifier_metrics(torch.zeros(len(data.eval)), labels)
+            history["eval_before"] = implicit_classifier_report(torch.zeros(len(data.eval)), labels)
             say(f"Held-out implicit-reward classifier before training: {_fmt_eval(history['eval_before'])}")
 
     unit = "pairs" if objective.data_kind == "paired" else "examples"
@@ -216,24 +222,28 @@ def train(config: TrainConfig, log=print) -> dict:
         f"({micro} × {config.gradient_accumulation_steps} accumulation × {world} processes), "
         f"{'LoRA' if config.use_lora else 'full fine-tune'}, {'bf16' if use_bf16 else 'fp32'} on {device}")
     metrics_file = out / "metrics.jsonl"
-    window = _Window()
+    window = _Window(gather if world > 1 else None)
+    nonfinite = resumed_nonfinite if resume_from is not None else 0
+    seen: set[tuple[int, int]] = set()  # (step, example) pairs this process trained on, to report the data split
     bar = tqdm(total=total_steps, initial=start_step, desc="training", unit="step", disable=quiet, dynamic_ncols=True)
-    model.train()
+    engine.train()
     last_metrics = {}
     for step in range(start_step, total_steps):
         batches, n_step = plan(step)
+        seen.update((step, i) for idx in batches for i in idx)
+        objective_state, window_mark = objective.state_dict(), window.mark()
         for m, idx in enumerate(batches):
             batch = collate([data.train[i] for i in idx], tokenizer.pad_token_id)
-            sync = nullcontext() if m == len(batches) - 1 else accelerator.no_sync(model)
+            sync = nullcontext() if m == len(batches) - 1 else accelerator.no_sync(engine)
             with sync, autocast():
-                policy = completion_logps(core, batch["input_ids"].to(device), batch["attention_mask"].to(device),
-                                          batch["completion_mask"].to(device), config.logps_chunk_size)
+                policy = engine(batch["input_ids"].to(device), batch["attention_mask"].to(device),
+                                batch["completion_mask"].to(device))
                 rows = torch.tensor(idx)
                 inputs = StepInputs(
                     policy_logps=policy, ref_logps=ref_train[rows].to(device), labels=batch["labels"].to(device),
                     weights=udm_weights[rows].to(device) if udm_weights is not None else None,
                     n_tokens=batch["completion_mask"].sum(-1).to(device),
-                    gather=accelerator.gather if world > 1 else (lambda t: t))
+                    gather=gather if world > 1 else (lambda t: t))
                 if objective.uses_kl and (pairs := mismatched_pairs(idx)):
                     kl = collate([mismatched_example(data.train[i], data.train[j], config.max_length)
                                   for i, j in pairs], tokenizer.pad_token_id)
@@ -248,34 +258,62 @@ def train(config: TrainConfig, log=print) -> dict:
                 accelerator.backward(loss)
             window.add(result, inputs.labels, batch["attention_mask"].sum().item(), len(idx),
                        None if udm_weights is None else (inputs.weights.cpu(), udm_clipped[rows]))
-        grad_norm = (accelerator.clip_grad_norm_(params, config.max_grad_norm) if config.max_grad_norm > 0
-                     else torch.tensor(float("nan")))
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        bar.update(1)
+        # the norm is taken over the synchronised gradients, so every process sees the same verdict
+        grad_norm = accelerator.clip_grad_norm_(params, config.max_grad_norm if config.max_grad_norm > 0 else math.inf)
         done = step + 1
+        if not torch.isfinite(torch.as_tensor(grad_norm)) or not window.finite_since(window_mark):
+            nonfinite += 1
+            optimizer.zero_grad(set_to_none=True)
+            objective.load_state_dict(objective_state)  # δ must not absorb the bad rewards
+            window.rollback(window_mark)
+            latest = ckpt.list_checkpoints(out / "checkpoints")
+            if nonfinite > config.skip_nonfinite:
+                bar.close()
+                raise ThumbalignError(
+                    f"step {done}: the loss or the gradient is not finite (NaN/inf); stopped without updating the "
+                    f"weights. Last good checkpoint: {latest[-1] if latest else 'none yet'}. Continue with --resume "
+                    "(perhaps with a lower --learning-rate), or tolerate such steps with --skip-nonfinite N")
+            say(f"step {done}: non-finite loss or gradient, step skipped ({nonfinite} of --skip-nonfinite "
+                f"{config.skip_nonfinite})")
+        else:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+        bar.update(1)
         if done % config.logging_steps == 0 or done == total_steps:
             last_metrics = window.flush(done, done / steps_per_epoch, scheduler.get_last_lr()[0],
                                         float(grad_norm), objective)
+            last_metrics["skipped_nonfinite_steps"] = nonfinite
             if is_main:
                 with open(metrics_file, "a") as handle:
                     handle.write(json.dumps(last_metrics) + "\n")
                 bar.write(_fmt_metrics(last_metrics))
-                bar.set_postfix(loss=f"{last_metrics['loss']:.4f}", acc=f"{last_metrics['accuracy']:.2f}")
+                if last_metrics["loss"] is not None:
+                    bar.set_postfix(loss=f"{last_metrics['loss']:.4f}", acc=f"{last_metrics['accuracy']:.2f}")
         if done % config.save_steps == 0 or done == total_steps:
             if is_main:
-                ckpt.save_checkpoint(out / "checkpoints", done, core, optimizer, scheduler,
-                                     {"step": done, "objective": objective.state_dict(), "history": history,
-                                      "total_steps": total_steps}, config.save_total_limit)
+                try:
+                    ckpt.save_checkpoint(out / "checkpoints", done, core, optimizer, scheduler,
+                                         {"step": done, "objective": objective.state_dict(), "history": history,
+                                          "total_steps": total_steps, "nonfinite": nonfinite},
+                                         config.save_total_limit)
+                except OSError as err:
+                    bar.close()
+                    raise ThumbalignError(f"could not write the checkpoint of step {done} ({err.strerror or err}); "
+                                          f"the earlier checkpoints in {out / 'checkpoints'} are intact") from None
             accelerator.wait_for_everyone()
     bar.close()
 
     if data.eval:
-        history["eval_after"] = evaluate(model, data.eval, ref_eval, objective, *eval_args)
+        history["eval_after"] = evaluate(core, data.eval, ref_eval, objective, *eval_args)
         say(f"Held-out implicit-reward classifier after training:  {_fmt_eval(history['eval_after'])}")
 
+    shards = gather_object([sorted(seen)]) if world > 1 else [sorted(seen)]
+    shard_sets = [set(map(tuple, shard)) for shard in shards]
     summary = {
+        "world_size": world,
+        "examples_per_process": [len(x) for x in shard_sets],
+        "examples_on_several_processes": len(set.intersection(*shard_sets)) if world > 1 else 0,
         "method": objective.name, "model": config.model, "model_dir": str(model_dir),
         "steps": total_steps, "data": data.report, "reference_logps_from_cache": hit_train,
         **({"udm": udm_stats} if config.udm else {}),
@@ -370,10 +408,22 @@ def _save_final_model(model, tokenizer, target: Path, config: TrainConfig) -> No
 # ------------------------------------------------------------------------------------------------- metrics
 
 class _Window:
-    """Accumulates per-example numbers between two log lines."""
+    """Accumulates per-example numbers between two log lines, from every process."""
 
-    def __init__(self):
+    def __init__(self, gather=None):
+        self.gather = gather or (lambda t: t)
         self.reset()
+
+    def mark(self) -> int:
+        return len(self.losses)
+
+    def finite_since(self, mark: int) -> bool:
+        return all(bool(torch.isfinite(t).all()) for t in self.losses[mark:])
+
+    def rollback(self, mark: int) -> None:
+        """Forget a skipped step's numbers."""
+        for items in (self.losses, self.rewards, self.labels):
+            del items[mark:]
 
     def reset(self):
         self.losses, self.rewards, self.labels = [], [], []
@@ -385,13 +435,21 @@ class _Window:
             down = ~labels.cpu()
             self.udm_weights.append(udm[0][down])
             self.udm_clipped.append(udm[1][down])
-        self.losses.append(result.losses.detach().float().cpu())
-        self.rewards.append(result.rewards.float().cpu())
-        self.labels.append(labels.cpu())
-        self.tokens += tokens
-        self.samples += samples
+        g = self.gather
+        self.losses.append(g(result.losses.detach().float()).cpu())
+        self.rewards.append(g(result.rewards.float()).cpu())
+        self.labels.append(g(labels).cpu())
+        counts = g(torch.tensor([tokens, samples], device=labels.device).unsqueeze(0)).sum(0)
+        self.tokens += int(counts[0])
+        self.samples += int(counts[1])
 
     def flush(self, step, epoch, lr, grad_norm, objective) -> dict:
+        grad_norm = grad_norm if math.isfinite(grad_norm) else None
+        if not self.losses:  # every step since the last line was skipped as non-finite
+            self.reset()
+            return {"step": step, "epoch": round(epoch, 4), "loss": None, "rewards_up": None, "rewards_down": None,
+                    "margin": None, **objective.metrics(), "accuracy": None, "lr": lr, "grad_norm": grad_norm,
+                    "samples_per_s": 0.0, "tokens_per_s": 0.0}
         losses, rewards, labels = torch.cat(self.losses), torch.cat(self.rewards), torch.cat(self.labels)
         elapsed = max(time.perf_counter() - self.start, 1e-9)
         up, down = rewards[labels], rewards[~labels]
