@@ -118,7 +118,7 @@ def _classifier_table(summary: dict) -> str:
                          m.get("ece"), m.get("pair_accuracy")])
     if not rows:
         return "<p>No held-out feedback in this run (use --eval-split or --eval-data).</p>"
-    return _table(rows, ["model", "examples", "accuracy", "ROC AUC", "accuracy 👍", "accuracy 👎", "ECE",
+    return _table(rows, ["model", "examples", "accuracy", "ROC AUC", "accuracy (up)", "accuracy (down)", "ECE",
                          "pair accuracy"])
 
 
@@ -129,7 +129,7 @@ def _judged_section(run: Path, summary: dict) -> str:
     rows = [[name, m["thumbs_up_rate"], f"[{m['ci95'][0]:.3f}, {m['ci95'][1]:.3f}]"]
             for name, m in judged["models"].items()]
     parts = [f"<p>Judge: {html.escape(str(summary.get('settings', {}).get('judge')))}; {judged['prompts']} prompts "
-             "never trained on; 95% bootstrap intervals.</p>", _table(rows, ["model", "👍 rate", "95% interval"])]
+             "never trained on; 95% bootstrap intervals.</p>", _table(rows, ["model", "thumbs-up rate", "95% interval"])]
     if "difference" in judged:
         d = judged["difference"]
         parts.append(_table([[d["of"], d["mean"], f"[{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}]", d["wins"],
@@ -149,7 +149,7 @@ def _judged_section(run: Path, summary: dict) -> str:
             for pair in samples:
                 prompt = pair[names[0]]["prompt"]
                 text = prompt if isinstance(prompt, str) else prompt[-1]["content"]
-                cells = "".join(f"<td class='answer'>{'👍' if pair[n]['verdict'] else '👎'} "
+                cells = "".join(f"<td class='answer'>[{'up' if pair[n]['verdict'] else 'down'}] "
                                 f"{html.escape(pair[n]['answer'])}</td>" for n in names)
                 body += f"<tr><td class='answer'>{html.escape(text)}</td>{cells}</tr>"
             parts.append(f"<h3>Sampled answers</h3><table><tr><th>prompt</th>{head}</tr>{body}</table>")
@@ -170,7 +170,7 @@ def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
     udm = summary.get("udm")
     if udm and udm.get("histogram"):
         body.append("<h2>UDM weights</h2>")
-        body.append(f"<p>Weights of the 👎 examples: min {udm['min']:.3f}, mean {udm['mean']:.3f}, max "
+        body.append(f"<p>Weights of the thumbs-down examples: min {udm['min']:.3f}, mean {udm['mean']:.3f}, max "
                     f"{udm['max']:.3f}, {udm['share_clipped']:.1%} clipped.</p>")
         body.append("<div class='plots'>" + _img(plot_histogram(udm["histogram"], "UDM weight of thumbs-down examples"),
                                                  "UDM weight histogram") + "</div>")
