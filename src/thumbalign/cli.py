@@ -73,6 +73,26 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("run_dir", help="a thumbalign train --output-dir")
     rep.add_argument("--out", help="HTML file to write (default: RUN_DIR/report.html)")
 
+    imp = commands.add_parser(
+        "import", help="turn a feedback export (Open WebUI, Langfuse, LangSmith, OpenAI, CSV/JSONL) into a training file",
+        description="Read feedback exports (streamed) and write the canonical unpaired file (prompt, completion, label) "
+                    "that train, inspect and eval take. Prints rows read, rows written per label, rows skipped by "
+                    "reason, duplicates and conflicting labels.")
+    imp.add_argument("sources", nargs="+", metavar="SOURCE_FILE",
+                     help="export files; for Langfuse/LangSmith give the scores/feedback and the traces/runs files")
+    imp.add_argument("--from", dest="source", required=True, choices=("openwebui", "langfuse", "langsmith", "openai",
+                                                                      "generic"))
+    imp.add_argument("-o", "--output", required=True, help="the JSONL file to write")
+    imp.add_argument("--score-name", help="Langfuse: the score to use (needed when the export holds several)")
+    imp.add_argument("--key", help="LangSmith: the feedback key to use (needed when the export holds several)")
+    imp.add_argument("--threshold", type=float, help="numeric scores: a score ≥ this is a thumbs-up")
+    imp.add_argument("--label-map", help="raw label values to thumbs, e.g. 'good=1,bad=0' or 'up=1,down=0'")
+    imp.add_argument("--prompt-field", default="prompt", help="generic: the prompt column (default: prompt)")
+    imp.add_argument("--completion-field", default="completion", help="generic: the completion column")
+    imp.add_argument("--label-field", default="label", help="generic: the label column")
+    imp.add_argument("--keep-comments", action="store_true", help="carry free-text feedback along as 'comment'")
+    imp.add_argument("--json", action="store_true", help="print the summary as JSON")
+
     inspect = commands.add_parser(
         "inspect", help="report on a feedback file before training: labels, lengths, duplicates, prompt shift",
         description="Read a feedback file (streamed, bounded memory) and report rows per label, prompt and completion "
@@ -182,6 +202,28 @@ def _f(value) -> str:
     return "n/a" if value is None else f"{value:.3f}"
 
 
+def run_import_command(args) -> None:
+    import json
+
+    from .data import parse_label
+    from .errors import ConfigError, DataError
+    from .importers import Options, run_import
+
+    label_map = {}
+    for item in filter(None, (args.label_map or "").split(",")):
+        raw, _, thumb = item.partition("=")
+        try:
+            label_map[raw.strip()] = parse_label(thumb.strip(), "--label-map", None)
+        except DataError:
+            raise ConfigError(f"--label-map: cannot read {item!r}; write raw=1 or raw=0 (or up/down)") from None
+    options = Options(score_name=args.score_name, key=args.key, threshold=args.threshold, label_map=label_map,
+                      prompt_field=args.prompt_field, completion_field=args.completion_field,
+                      label_field=args.label_field, keep_comments=args.keep_comments)
+    report = run_import(args.source, args.sources, args.output, options)
+    print(json.dumps(report.as_dict(), indent=1, ensure_ascii=False) if args.json
+          else f"{args.output}: {report.describe()}")
+
+
 def run_inspect(args) -> None:
     import json
 
@@ -220,6 +262,8 @@ def main(argv: list[str] | None = None) -> int:
             from .report import write_report
 
             print(f"wrote {write_report(args.run_dir, args.out)}")
+        elif args.command == "import":
+            run_import_command(args)
         elif args.command == "methods":
             from .objectives import METHODS
 
