@@ -73,6 +73,38 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("run_dir", help="a thumbalign train --output-dir")
     rep.add_argument("--out", help="HTML file to write (default: RUN_DIR/report.html)")
 
+    reward = commands.add_parser("reward", help="a binary reward model P(👍 | prompt, answer): train, score",
+                                 description="Train and use a binary reward model.")
+    reward_commands = reward.add_subparsers(dest="reward_command", metavar="COMMAND", required=True)
+    rtrain = reward_commands.add_parser(
+        "train", help="train a reward model on thumbs (BCE, one logit on a causal-LM backbone)",
+        description="Train a sequence-classification head on a causal-LM backbone with binary cross-entropy on the "
+                    "thumbs, hold out a split, calibrate by temperature scaling, and save a standard transformers "
+                    "sequence-classification folder into --output-dir/model.")
+    from .reward import RewardConfig
+
+    add_arguments(rtrain, RewardConfig)
+    rscore = reward_commands.add_parser("score", help="write P(👍) for every row of a file",
+                                        description="Score (prompt, completion) rows with a reward model; writes the "
+                                                    "rows with a p_up field.")
+    rscore.add_argument("--model", required=True, help="reward model folder (reward train's --output-dir/model)")
+    rscore.add_argument("--data", required=True, help="rows with prompt and completion (label optional)")
+    rscore.add_argument("-o", "--output", required=True, help="JSONL file to write")
+    rscore.add_argument("--max-length", type=int, default=512)
+    rscore.add_argument("--batch-size", type=int, default=16)
+
+    bon = commands.add_parser("best-of-n", help="sample N answers per prompt, keep the reward model's favourite",
+                              description="Generate --n answers per prompt with --model, score them with the reward "
+                                          "model --rm, and write the best of each as a thumbs-up training row.")
+    bon.add_argument("--model", default="default", help="the policy that answers (default: the embedded model)")
+    bon.add_argument("--rm", required=True, help="reward model folder")
+    bon.add_argument("--prompts", required=True, help="prompts file (a 'prompt' per row)")
+    bon.add_argument("-o", "--output", required=True, help="JSONL file to write")
+    bon.add_argument("--n", type=int, default=4, help="answers per prompt (default: 4)")
+    bon.add_argument("--max-new-tokens", type=int, default=64)
+    bon.add_argument("--temperature", type=float, default=1.0)
+    bon.add_argument("--seed", type=int, default=0)
+
     imp = commands.add_parser(
         "import", help="turn a feedback export (Open WebUI, Langfuse, LangSmith, OpenAI, CSV/JSONL) into a training file",
         description="Read feedback exports (streamed) and write the canonical unpaired file (prompt, completion, label) "
@@ -262,6 +294,22 @@ def main(argv: list[str] | None = None) -> int:
             from .report import write_report
 
             print(f"wrote {write_report(args.run_dir, args.out)}")
+        elif args.command == "reward" and args.reward_command == "train":
+            from .config import build_config
+            from .reward import RewardConfig, train_reward_model
+
+            train_reward_model(build_config(args, RewardConfig))
+        elif args.command == "reward":
+            from .reward import score_file
+
+            n = score_file(args.model, args.data, args.output, args.max_length, args.batch_size)
+            print(f"wrote P(👍) of {n} rows to {args.output}")
+        elif args.command == "best-of-n":
+            from .reward import best_of_n
+
+            n = best_of_n(args.model, args.rm, args.prompts, args.output, args.n, args.max_new_tokens,
+                          args.temperature, args.seed)
+            print(f"wrote the best of {args.n} answers for {n} prompts to {args.output}")
         elif args.command == "import":
             run_import_command(args)
         elif args.command == "methods":

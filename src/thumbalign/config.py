@@ -135,17 +135,19 @@ def _base_type(tp):
     return tp
 
 
-def field_types() -> dict[str, type]:
-    hints = typing.get_type_hints(TrainConfig)
-    return {f.name: _base_type(hints[f.name]) for f in dataclasses.fields(TrainConfig)}
+def field_types(cls=None) -> dict[str, type]:
+    cls = cls or TrainConfig
+    hints = typing.get_type_hints(cls)
+    return {f.name: _base_type(hints[f.name]) for f in dataclasses.fields(cls)}
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
+def add_arguments(parser: argparse.ArgumentParser, cls=None) -> None:
     """One flag per field, named like transformers.TrainingArguments (dashes for underscores).
     Every default is None here so that we can tell which flags the user actually gave."""
-    types_ = field_types()
+    cls = cls or TrainConfig
+    types_ = field_types(cls)
     parser.add_argument("--config", help="YAML file with the same keys as these flags; flags override it.")
-    for f in dataclasses.fields(TrainConfig):
+    for f in dataclasses.fields(cls):
         flag = "--" + f.name.replace("_", "-")
         help_ = f.metadata["help"] + f" (default: {f.default})"
         if f.name == "eval_split":  # `--split` as in the issue tracker's wording, same setting
@@ -160,7 +162,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                 help=help_, metavar=f.name.upper() if not f.metadata.get("choices") else None)
 
 
-def load_yaml(path: str) -> dict:
+def load_yaml(path: str, cls=None) -> dict:
     file = Path(path)
     if not file.exists():
         raise ConfigError(f"{path}: no such config file")
@@ -170,8 +172,9 @@ def load_yaml(path: str) -> dict:
         raise ConfigError(f"{path}: invalid YAML: {err}".replace("\n", " ")) from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of settings, got {type(data).__name__}")
-    names = {f.name for f in dataclasses.fields(TrainConfig)}
-    types_ = field_types()
+    cls = cls or TrainConfig
+    names = {f.name for f in dataclasses.fields(cls)}
+    types_ = field_types(cls)
     out = {}
     for key, value in data.items():
         name = str(key).replace("-", "_")
@@ -192,17 +195,32 @@ def load_yaml(path: str) -> dict:
     return out
 
 
-def build_config(args: argparse.Namespace) -> TrainConfig:
+def build_config(args: argparse.Namespace, cls=None):
     """Defaults, then the YAML file, then the flags given on the command line."""
-    values = load_yaml(args.config) if getattr(args, "config", None) else {}
-    for f in dataclasses.fields(TrainConfig):
+    cls = cls or TrainConfig
+    values = load_yaml(args.config, cls) if getattr(args, "config", None) else {}
+    for f in dataclasses.fields(cls):
         given = getattr(args, f.name, None)
         if given is not None:
             values[f.name] = given
-    config = TrainConfig(**values)
-    for f in dataclasses.fields(TrainConfig):
+    config = cls(**values)
+    for f in dataclasses.fields(cls):
         choices = f.metadata.get("choices")
         if choices and getattr(config, f.name) not in choices:
             raise ConfigError(f"{f.name}: {getattr(config, f.name)!r} is not one of {list(choices)}")
     config.validate()
     return config
+
+
+def derived_config(name: str, keep: tuple[str, ...], defaults: dict, extra: list, doc: str):
+    """A settings dataclass for another command, made of some of TrainConfig's fields (same flags, same help)
+    with other defaults, plus fields of its own: one definition of each shared setting."""
+    fields_ = []
+    for f in dataclasses.fields(TrainConfig):
+        if f.name in keep:
+            default = defaults.get(f.name, f.default)
+            fields_.append((f.name, f.type, field(default=default, metadata=f.metadata)))
+    cls = dataclasses.make_dataclass(name, fields_ + extra, namespace={
+        "__doc__": doc, "to_dict": lambda self: dataclasses.asdict(self)})
+    cls.__module__ = __name__
+    return cls

@@ -3,6 +3,7 @@
 * ``vader``: positive sentiment, VADER compound score ≥ 0.5 (the rule the bundled example feedback was labelled by).
 * ``exact``: the answer, stripped, equals the row's reference (``--reference-field``, default ``answer``).
 * ``numeric``: the last number in the answer equals the reference as an exact value (sympy: 0.5 == 1/2).
+* ``rm:PATH``: a reward model trained with ``thumbalign reward train``; thumbs-up when P(👍) ≥ the threshold.
 * ``module:function``: any Python callable taking the answer text (and, if it accepts a second argument, the prompt
   row) and returning a bool, or a number that is compared with ``--judge-threshold``.
 """
@@ -63,6 +64,10 @@ def load_judge(spec: str, reference_field: str = "answer", threshold: float = 0.
         return lambda text, row: text.strip() == str(_reference(row, reference_field)).strip()
     if spec == "numeric":
         return _numeric(reference_field)
+    if spec.startswith("rm:"):  # a thumbalign reward model folder
+        from .reward import rm_judge
+
+        return rm_judge(spec[3:], threshold)
     if ":" not in spec:
         raise ConfigError(f"unknown judge {spec!r}: use vader, exact, numeric or module:function")
     module_name, _, name = spec.partition(":")

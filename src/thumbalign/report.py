@@ -156,6 +156,31 @@ def _judged_section(run: Path, summary: dict) -> str:
     return "\n".join(parts)
 
 
+def _reward_section(m: dict | None) -> str:
+    if not m:
+        return "<p>No held-out split in this run.</p>"
+    table = _table([[m["n"], m["accuracy"], m.get("auc"), m["ece_before_calibration"], m["ece"], m["temperature"]]],
+                   ["examples", "accuracy", "ROC AUC", "ECE before calibration", "ECE after", "temperature"])
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rel = m["reliability"]
+    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    points = [(c, f) for c, f in zip(rel["confidence"], rel["frequency"]) if c is not None]
+    ax.plot([0, 1], [0, 1], "--", color="grey", label="perfect calibration")
+    if points:
+        ax.plot(*zip(*points), marker="o", label="reward model")
+    ax.set_xlabel("predicted P(thumbs-up)")
+    ax.set_ylabel("observed share of thumbs-up")
+    ax.set_title("Reliability diagram (held-out)")
+    ax.legend()
+    image = _png(fig)
+    plt.close(fig)
+    return table + "<div class='plots'>" + _img(image, "reliability diagram") + "</div>"
+
+
 def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
     run = Path(run_dir)
     if not (run / "summary.json").exists() and not (run / "metrics.jsonl").exists():
@@ -174,10 +199,14 @@ def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
                     f"{udm['max']:.3f}, {udm['share_clipped']:.1%} clipped.</p>")
         body.append("<div class='plots'>" + _img(plot_histogram(udm["histogram"], "UDM weight of thumbs-down examples"),
                                                  "UDM weight histogram") + "</div>")
-    body.append("<h2>Held-out implicit-reward classifier</h2>")
-    body.append(_classifier_table(summary))
-    body.append("<h2>Generations judged</h2>")
-    body.append(_judged_section(run, summary))
+    if summary.get("kind") == "reward_model":
+        body.append("<h2>Held-out reward model</h2>")
+        body.append(_reward_section(summary.get("eval")))
+    else:
+        body.append("<h2>Held-out implicit-reward classifier</h2>")
+        body.append(_classifier_table(summary))
+        body.append("<h2>Generations judged</h2>")
+        body.append(_judged_section(run, summary))
     settings = summary.get("settings", {})
     intro = (f"Run <code>{html.escape(str(run))}</code>: method <b>{html.escape(str(summary.get('method', '?')))}</b>"
              f", model {html.escape(str(settings.get('model', '?')))}, {summary.get('steps', len(metrics))} steps.")
