@@ -11,12 +11,11 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import resource
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
+
+from common import run_measured
 
 
 def main() -> None:
@@ -33,14 +32,10 @@ def main() -> None:
                                          "answer": " ".join(rng.choices(words, k=30)),
                                          "thumb": rng.choice(["up", "down"])}) + "\n")
         size_mb = source.stat().st_size / 2**20
-        start = time.perf_counter()
-        result = subprocess.run([sys.executable, "-m", "thumbalign", "import", str(source), "--from", "generic",
+        seconds, peak_mb, stdout = run_measured([sys.executable, "-m", "thumbalign", "import", str(source), "--from", "generic",
                                  "-o", str(out), "--prompt-field", "question", "--completion-field", "answer",
-                                 "--label-field", "thumb", "--label-map", "up=1,down=0", "--json"],
-                                capture_output=True, text=True, check=True)
-        seconds = time.perf_counter() - start
-        peak_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-        summary = json.loads(result.stdout)
+                                 "--label-field", "thumb", "--label-map", "up=1,down=0", "--json"])
+        summary = json.loads(stdout)
     print(f"rows {args.rows:,}  export {size_mb:.0f} MiB  written {summary['written_up'] + summary['written_down']:,}"
           f"  skipped {sum(summary['skipped'].values()):,}")
     print(f"import: {seconds:.0f} s, peak RSS {peak_mb:.0f} MiB")

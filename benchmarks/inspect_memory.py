@@ -11,12 +11,11 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import resource
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
+
+from common import run_measured
 
 
 def main() -> None:
@@ -34,12 +33,9 @@ def main() -> None:
                 completion = " ".join(rng.choices(words, k=24))
                 handle.write(json.dumps({"prompt": prompt, "completion": completion, "label": rng.random() < 0.4}) + "\n")
         size_mb = path.stat().st_size / 2**20
-        start = time.perf_counter()
-        result = subprocess.run([sys.executable, "-m", "thumbalign", "inspect", str(path), "--json",
-                                 "--model", args.model], capture_output=True, text=True, check=True)
-        seconds = time.perf_counter() - start
-        peak_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-        report = json.loads(result.stdout)
+        seconds, peak_mb, stdout = run_measured([sys.executable, "-m", "thumbalign", "inspect", str(path), "--json",
+                                 "--model", args.model])
+        report = json.loads(stdout)
     print(f"rows {args.rows:,}  file {size_mb:.0f} MiB  records {report['records']:,}  "
           f"prompt-shift AUC {report.get('prompt_shift_auc', float('nan')):.3f}")
     print(f"inspect: {seconds:.0f} s, peak RSS {peak_mb:.0f} MiB")

@@ -204,12 +204,6 @@ def _rating(value, options: Options, where: str, path: str) -> bool:
         raise Skip("unrated" if value in (None, 0, "0", "") else "unreadable rating") from None
 
 
-def openwebui(paths, options: Options):
-    for path in paths:
-        for where, item in iter_objects(path):
-            yield where, path, lambda item=item, where=where, path=path: _openwebui_row(item, options, where, path)
-
-
 def _openwebui_row(item, options, where, path):
     if not isinstance(item, dict):
         raise Skip("not a feedback object")
@@ -363,26 +357,14 @@ def langsmith(paths, options: Options):
     return _joined(paths, is_feedback, index_item, rate, options)
 
 
-def openai(paths, options: Options):
+def _via_loader(item, options, where, path):
     """OpenAI preference fine-tuning rows (one 👍 and one 👎 each) and chat rows with a label field."""
-    for path in paths:
-        for where, item in iter_objects(path):
-            yield where, path, lambda item=item, where=where, path=path: _via_loader(item, where, path)
-
-
-def _via_loader(item, where, path):
     try:
         records = row_to_records(item, path, where)
     except DataError as err:
         raise Skip(f"{err.field or 'row'}: invalid") from None
     return [make_row(r.prompt, r.completion[0] if isinstance(r.completion, list) else r.completion, r.label)
             for r in records]
-
-
-def generic(paths, options: Options):
-    for path in paths:
-        for where, item in iter_objects(path):
-            yield where, path, lambda item=item, where=where, path=path: _generic_row(item, options, where, path)
 
 
 def _generic_row(item, options, where, path):
@@ -399,8 +381,18 @@ def _generic_row(item, options, where, path):
     return [make_row(prompt, completion, label, comment)]
 
 
-READERS = {"openwebui": openwebui, "langfuse": langfuse, "langsmith": langsmith, "openai": openai,
-           "generic": generic}
+def _row_by_row(convert):
+    """A source whose rows convert one by one, with no join: stream the files, defer each conversion."""
+    def reader(paths, options: Options):
+        for path in paths:
+            for where, item in iter_objects(path):
+                yield where, path, lambda item=item, where=where, path=path: convert(item, options, where, path)
+
+    return reader
+
+
+READERS = {"openwebui": _row_by_row(_openwebui_row), "langfuse": langfuse, "langsmith": langsmith,
+           "openai": _row_by_row(_via_loader), "generic": _row_by_row(_generic_row)}
 
 
 # --------------------------------------------------------------------------------------------- the import
