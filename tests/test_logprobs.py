@@ -43,3 +43,22 @@ def test_padding_does_not_change_a_sequence_log_prob(tokenizer):
             alone = completion_logps(model, batch["input_ids"][row:row + 1, :n],
                                      batch["attention_mask"][row:row + 1, :n], batch["completion_mask"][row:row + 1, :n])
             assert alone.item() == pytest.approx(together[row].item(), abs=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+@pytest.mark.parametrize("max_length", [64, 20])
+def test_packed_batches_give_the_same_log_probs(tokenizer, kind, max_length):
+    from thumbalign.logprobs import collate_packed
+
+    model = make_model(kind, len(tokenizer))
+    records = [Record("short", "a", True), Record("a much longer prompt here", "and a longer completion", False),
+               Record([{"role": "user", "content": "chat?"}], [{"role": "assistant", "content": "yes"}], True),
+               Record("x" * 40, "kept whole", False)]
+    examples, _ = tokenize_records(tokenizer, records, max_length=max_length)
+    padded = collate(examples, tokenizer.pad_token_id)
+    packed = collate_packed(examples)
+    assert packed["input_ids"].shape == (1, sum(len(e.input_ids) for e in examples))  # not a pad token in it
+    naive = naive_completion_logps(model, padded["input_ids"], padded["attention_mask"], padded["completion_mask"])
+    got = completion_logps(model, packed["input_ids"], packed["attention_mask"], packed["completion_mask"],
+                           chunk_size=7, position_ids=packed["position_ids"], sequence_ids=packed["sequence_ids"])
+    assert got.shape == naive.shape and torch.allclose(got, naive.detach(), atol=1e-5)

@@ -172,3 +172,13 @@ def test_help_explains_every_flag():
     for flag in ("--data", "--output-dir", "--resume", "--config", "--beta", "--delta", "--use-lora",
                  "--learning-rate", "--gradient-accumulation-steps", "--max-length", "--save-adapter"):
         assert flag in result.stdout
+
+
+def test_packed_training_matches_padded_training(tmp_path, tiny_llama):
+    quiet = lambda *a: None  # noqa: E731
+    train(_config(tmp_path / "padded", tiny_llama, max_steps=6), log=quiet)
+    train(_config(tmp_path / "packed", tiny_llama, max_steps=6, packing=True), log=quiet)
+    a = load_file(str(tmp_path / "padded" / "run" / "model" / "model.safetensors"))
+    b = load_file(str(tmp_path / "packed" / "run" / "model" / "model.safetensors"))
+    for key in a:
+        assert torch.allclose(a[key], b[key], atol=1e-5), key

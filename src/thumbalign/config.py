@@ -79,6 +79,8 @@ class TrainConfig:
     bf16: str = _f("auto", "bfloat16 autocast: 'auto' (on where the hardware supports it), 'true' or 'false'.",
                    choices=("auto", "true", "false"))
     gradient_checkpointing: bool = _f(False, "Recompute activations in the backward pass: less memory, ~30%% slower.")
+    packing: bool = _f(False, "Padding-free batches: the examples of a micro-batch back to back in one row, with "
+                              "per-example positions and attention (no compute spent on padding).")
     seed: int = _f(42, "Seed for shuffling, the eval split and initialisation of new weights.")
     logps_chunk_size: int = _f(2048, "Completion tokens per chunk of the output projection (bounds logit memory).")
     # --- evaluation by generation

@@ -30,9 +30,32 @@ def collate(examples: list[Example], pad_token_id: int) -> dict[str, torch.Tenso
         "input_ids": input_ids,
         "attention_mask": attention_mask,
         "completion_mask": completion_mask,
+        **_per_example(examples),
+    }
+
+
+def _per_example(examples: list[Example]) -> dict[str, torch.Tensor]:
+    return {
         "labels": torch.tensor([e.label for e in examples], dtype=torch.bool),
         "index": torch.tensor([e.index for e in examples], dtype=torch.long),
+        "completion_lengths": torch.tensor([e.completion_len for e in examples], dtype=torch.long),
+        "n_tokens": torch.tensor(sum(len(e.input_ids) for e in examples)),
     }
+
+
+def collate_packed(examples: list[Example]) -> dict[str, torch.Tensor]:
+    """Padding-free: every example of the micro-batch in one row, back to back. Positions restart at each example
+    and a block-diagonal causal mask ([1, 1, T, T], True = may attend) keeps each example's attention to itself, so
+    every log-prob equals the unpacked one. `sequence_ids` says which example each token belongs to."""
+    input_ids = torch.tensor([t for e in examples for t in e.input_ids]).unsqueeze(0)
+    sequence = torch.cat([torch.full((len(e.input_ids),), k) for k, e in enumerate(examples)])
+    positions = torch.cat([torch.arange(len(e.input_ids)) for e in examples]).unsqueeze(0)
+    completion = torch.cat([torch.arange(len(e.input_ids)) >= e.prompt_len for e in examples]).unsqueeze(0)
+    length = input_ids.shape[1]
+    causal = torch.ones(length, length, dtype=torch.bool).tril()
+    mask = (causal & (sequence[:, None] == sequence[None, :]))[None, None]
+    return {"input_ids": input_ids, "attention_mask": mask, "position_ids": positions, "completion_mask": completion,
+            "sequence_ids": sequence.unsqueeze(0), **_per_example(examples)}
 
 
 def _target_logps(hidden: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor, bias) -> torch.Tensor:
@@ -41,17 +64,24 @@ def _target_logps(hidden: torch.Tensor, targets: torch.Tensor, weight: torch.Ten
 
 
 def completion_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                     completion_mask: torch.Tensor, chunk_size: int = 2048) -> torch.Tensor:
-    """Sum of completion-token log-probs per sequence, shape [batch], in float32.
+                     completion_mask: torch.Tensor, chunk_size: int = 2048, position_ids=None,
+                     sequence_ids=None) -> torch.Tensor:
+    """Sum of completion-token log-probs per sequence, shape [sequences], in float32.
 
+    Takes a right-padded batch (`collate`) or a packed one (`collate_packed`: `position_ids` and `sequence_ids`
+    given; a packed example's first token is a prompt token, so no log-prob crosses from one example to the next).
     Works for decoder-only transformers models (and peft wrappers of them) whose logits are
     ``lm_head(decoder(x))`` with no extra scaling; models with logit soft-capping are not supported.
     """
     decoder = model.get_decoder()
-    hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+    hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                     use_cache=False).last_hidden_state
     # position t predicts token t+1
     mask = completion_mask[:, 1:]
-    rows = mask.nonzero(as_tuple=True)[0]
+    if sequence_ids is None:
+        rows, n_rows = mask.nonzero(as_tuple=True)[0], input_ids.shape[0]
+    else:
+        rows, n_rows = sequence_ids[:, 1:][mask], int(sequence_ids.max()) + 1
     states = hidden[:, :-1][mask]
     targets = input_ids[:, 1:][mask]
     head = model.get_output_embeddings()
@@ -63,7 +93,7 @@ def completion_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tenso
         else:
             token_logps.append(_target_logps(*args))
     flat = torch.cat(token_logps) if token_logps else hidden.new_zeros(0, dtype=torch.float32)
-    return torch.zeros(input_ids.shape[0], dtype=torch.float32, device=flat.device).index_add(0, rows, flat)
+    return torch.zeros(n_rows, dtype=torch.float32, device=flat.device).index_add(0, rows, flat)
 
 
 def naive_completion_logps(model, input_ids, attention_mask, completion_mask) -> torch.Tensor:
@@ -85,5 +115,6 @@ class CompletionLogps(torch.nn.Module):
         super().__init__()
         self.model, self.chunk_size = model, chunk_size
 
-    def forward(self, input_ids, attention_mask, completion_mask):
-        return completion_logps(self.model, input_ids, attention_mask, completion_mask, self.chunk_size)
+    def forward(self, input_ids, attention_mask, completion_mask, position_ids=None, sequence_ids=None):
+        return completion_logps(self.model, input_ids, attention_mask, completion_mask, self.chunk_size,
+                                position_ids, sequence_ids)

@@ -25,7 +25,7 @@ from .config import TrainConfig
 from .batching import PreparedData, micro_batches, mismatched_example, prepare_data
 from .errors import ConfigError, ThumbalignError
 from .evaluate import classifier_metrics, implicit_classifier_report
-from .logprobs import CompletionLogps, collate, completion_logps
+from .logprobs import CompletionLogps, collate, collate_packed, completion_logps
 from .objectives import METHODS, StepInputs, mismatched_pairs
 from .models import add_lora, bf16_available, cache_root, load_causal_lm, load_tokenizer, resolve_model
 from . import refcache
@@ -233,16 +233,18 @@ def train(config: TrainConfig, log=print) -> dict:
         seen.update((step, i) for idx in batches for i in idx)
         objective_state, window_mark = objective.state_dict(), window.mark()
         for m, idx in enumerate(batches):
-            batch = collate([data.train[i] for i in idx], tokenizer.pad_token_id)
+            rows_ = [data.train[i] for i in idx]
+            batch = collate_packed(rows_) if config.packing else collate(rows_, tokenizer.pad_token_id)
             sync = nullcontext() if m == len(batches) - 1 else accelerator.no_sync(engine)
             with sync, autocast():
+                extra = {k: batch[k].to(device) for k in ("position_ids", "sequence_ids") if k in batch}
                 policy = engine(batch["input_ids"].to(device), batch["attention_mask"].to(device),
-                                batch["completion_mask"].to(device))
+                                batch["completion_mask"].to(device), **extra)
                 rows = torch.tensor(idx)
                 inputs = StepInputs(
                     policy_logps=policy, ref_logps=ref_train[rows].to(device), labels=batch["labels"].to(device),
                     weights=udm_weights[rows].to(device) if udm_weights is not None else None,
-                    n_tokens=batch["completion_mask"].sum(-1).to(device),
+                    n_tokens=batch["completion_lengths"].to(device),
                     gather=gather if world > 1 else (lambda t: t))
                 if objective.uses_kl and (pairs := mismatched_pairs(idx)):
                     kl = collate([mismatched_example(data.train[i], data.train[j], config.max_length)
@@ -256,7 +258,7 @@ def train(config: TrainConfig, log=print) -> dict:
                 # sum over the micro-batch / examples in the whole step, × world because DDP averages gradients
                 loss = result.losses.sum() * world / n_step
                 accelerator.backward(loss)
-            window.add(result, inputs.labels, batch["attention_mask"].sum().item(), len(idx),
+            window.add(result, inputs.labels, int(batch["n_tokens"]), len(idx),
                        None if udm_weights is None else (inputs.weights.cpu(), udm_clipped[rows]))
         # the norm is taken over the synchronised gradients, so every process sees the same verdict
         grad_norm = accelerator.clip_grad_norm_(params, config.max_grad_norm if config.max_grad_norm > 0 else math.inf)
