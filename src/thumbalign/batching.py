@@ -7,6 +7,7 @@ step number: resuming at step k replays exactly the batches an uninterrupted run
 
 from __future__ import annotations
 
+import functools
 import math
 import random
 from dataclasses import dataclass
@@ -121,12 +122,17 @@ def prepare_data(config, tokenizer, objective_cls, log=print) -> PreparedData:
     return PreparedData(train, units, eval_examples, report, prompts)
 
 
+@functools.lru_cache(maxsize=4)
+def _epoch_permutation(n_units: int, seed: int, epoch: int) -> tuple[int, ...]:
+    return tuple(torch.randperm(n_units, generator=torch.Generator().manual_seed(seed + epoch)).tolist())
+
+
 def step_units(n_units: int, units_per_step: int, seed: int, step: int) -> list[int]:
     """Units of optimizer step `step` (0-based): a slice of that epoch's seeded permutation."""
     steps_per_epoch = math.ceil(n_units / units_per_step)
     epoch, position = divmod(step, steps_per_epoch)
-    perm = torch.randperm(n_units, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
-    return perm[position * units_per_step:(position + 1) * units_per_step]
+    perm = _epoch_permutation(n_units, seed, epoch)
+    return list(perm[position * units_per_step:(position + 1) * units_per_step])
 
 
 def micro_batches(data: PreparedData, step: int, micro: int, accumulation: int, world: int, rank: int,

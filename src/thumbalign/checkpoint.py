@@ -109,8 +109,10 @@ def save_checkpoint(checkpoints_dir: Path, step: int, model, optimizer, schedule
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)  # a failed save (disk full) leaves nothing half-written behind
         raise
-    if final.exists():  # the same step saved again (e.g. a resumed run re-saving): swap it out
-        shutil.rmtree(final)
+    if final.exists():  # the same step saved again (a resumed run): move the old one out of the way first, so a
+        retired = checkpoints_dir / f".staging-retired-{step:06d}-{os.getpid()}"  # kill never leaves a half folder
+        os.replace(final, retired)
+        shutil.rmtree(retired)
     os.replace(staging, final)
     _fsync_dir(checkpoints_dir)
     for old in list_checkpoints(checkpoints_dir)[:-keep] if keep > 0 else []:

@@ -124,6 +124,8 @@ class TrainConfig:
             raise ConfigError("beta and learning_rate must be positive")
         if not 0 < self.udm_clip_min <= self.udm_clip_max:
             raise ConfigError(f"UDM clip range [{self.udm_clip_min}, {self.udm_clip_max}] is empty or not positive")
+        if self.udm and self.method not in ("bco", "bco-pair"):
+            raise ConfigError(f"--udm weights BCO's thumbs-down losses; --method {self.method} does not use them")
         if self.save_adapter and not self.use_lora:
             raise ConfigError("--save-adapter needs --use-lora")
 

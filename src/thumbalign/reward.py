@@ -151,7 +151,7 @@ def train_reward_model(config, log=print) -> dict:
     from accelerate.utils import set_seed
     from transformers import get_scheduler
 
-    from .train import _prepare_output_dir, _udm_weights
+    from .train import _prepare_output_dir, _trim_metrics, _udm_weights
 
     out, resume_from = _prepare_output_dir(config)
     has_accel = torch.accelerator.is_available() if hasattr(torch, "accelerator") else torch.cuda.is_available()
@@ -193,6 +193,7 @@ def train_reward_model(config, log=print) -> dict:
     start = 0
     if resume_from is not None:
         start = ckpt.load_checkpoint(resume_from, model, optimizer, scheduler)["step"]
+        _trim_metrics(out / "metrics.jsonl", start)
         log(f"Resumed from {resume_from} at step {start} of {total}")
     else:
         import yaml
@@ -252,7 +253,8 @@ def train_reward_model(config, log=print) -> dict:
         held["reliability"] = reliability_bins(torch.sigmoid(logits / temperature), labels)
         summary["eval"] = held
         final.config.thumbalign_temperature = temperature
-        log(f"Held-out: accuracy {held['accuracy']:.3f}, ROC AUC {held['auc']:.3f}, ECE {held['ece']:.3f} "
+        auc = "n/a (one class)" if held["auc"] is None else f"{held['auc']:.3f}"
+        log(f"Held-out: accuracy {held['accuracy']:.3f}, ROC AUC {auc}, ECE {held['ece']:.3f} "
             f"(before temperature scaling {held['ece_before_calibration']:.3f}, T = {temperature:.3f})")
     target, staging = out / "model", out / "model.staging"
     shutil.rmtree(staging, ignore_errors=True)
@@ -311,6 +313,10 @@ def _records_for_scoring(path: str):
                     raise DataError(path, where, key, "missing")
             prompt = _text_or_messages(row["prompt"], path, where, "prompt")
             completion = _text_or_messages(row["completion"], path, where, "completion")
+            if isinstance(prompt, list) and isinstance(completion, str):  # a text answer to a conversation
+                completion = [{"role": "assistant", "content": completion}]
+            elif isinstance(prompt, str) and isinstance(completion, list):
+                raise ConfigError(f"{path}, {where}: a text prompt with a message-list completion")
         rows.append(row)
         records.append(Record(prompt, completion, False, f"{path}, {where}"))
     return rows, records

@@ -93,16 +93,23 @@ def _prepare_output_dir(config: TrainConfig) -> tuple[Path, Path | None]:
 
 def _trim_metrics(path: Path, last_step: int) -> None:
     """A resumed run re-logs the steps after its checkpoint; drop the lines the interrupted run wrote for them."""
-    if path.exists():
-        kept = [l for l in path.read_text().splitlines() if l.strip() and json.loads(l).get("step", 0) <= last_step]
-        path.write_text("".join(l + "\n" for l in kept))
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line).get("step", 0) <= last_step:
+                kept.append(line)
+        except json.JSONDecodeError:  # the half-written last line of a killed run
+            continue
+    path.write_text("".join(l + "\n" for l in kept))
 
 
 # ------------------------------------------------------------------------------------------------- the run
 
 def train(config: TrainConfig, log=print) -> dict:
     from accelerate import Accelerator
-    from accelerate.utils import gather_object, set_seed
+    from accelerate.utils import DistributedType, gather_object, set_seed
 
     out, resume_from = _prepare_output_dir(config)
     probe_device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -194,6 +201,11 @@ def train(config: TrainConfig, log=print) -> dict:
     scheduler = get_scheduler(config.lr_scheduler_type, optimizer,
                               num_warmup_steps=int(round(config.warmup_ratio * total_steps)),
                               num_training_steps=total_steps)
+    kind = accelerator.distributed_type
+    if kind == DistributedType.FSDP or (kind == DistributedType.DEEPSPEED
+                                        and accelerator.state.deepspeed_plugin.zero_stage >= 3):
+        raise ConfigError("ZeRO-3 and FSDP shard the weights, and thumbalign's checkpoints and evaluation do not gather "
+                          "them yet: use --accelerate-config ddp or zero2")
     engine, optimizer = accelerator.prepare(CompletionLogps(model, config.logps_chunk_size), optimizer)
     core = accelerator.unwrap_model(engine).model  # the transformers model, for evaluation and saving
 
@@ -205,7 +217,13 @@ def train(config: TrainConfig, log=print) -> dict:
         objective.load_state_dict(state["objective"])
         start_step, history = state["step"], state.get("history", {})
         resumed_nonfinite = state.get("nonfinite", 0)
-        _trim_metrics(out / "metrics.jsonl", start_step)
+        saved_batch = state.get("global_batch", global_batch)
+        if saved_batch != global_batch:  # which examples a step holds depends on it
+            raise ConfigError(f"--resume: the interrupted run's steps held {saved_batch} units, this one's would hold "
+                              f"{global_batch} (batch × accumulation × processes); keep them equal to resume")
+        if is_main:
+            _trim_metrics(out / "metrics.jsonl", start_step)
+        accelerator.wait_for_everyone()
         say(f"Resumed from {resume_from} at step {start_step} of {total_steps}")
     else:
         if is_main:
@@ -235,7 +253,10 @@ def train(config: TrainConfig, log=print) -> dict:
         for m, idx in enumerate(batches):
             rows_ = [data.train[i] for i in idx]
             batch = collate_packed(rows_) if config.packing else collate(rows_, tokenizer.pad_token_id)
-            sync = nullcontext() if m == len(batches) - 1 else accelerator.no_sync(engine)
+            last = m == len(batches) - 1
+            # DeepSpeed steps inside backward() when gradients are synced: tell accelerate which micro-batch ends the step
+            accelerator.gradient_state._set_sync_gradients(last)
+            sync = nullcontext() if last else accelerator.no_sync(engine)
             with sync, autocast():
                 extra = {k: batch[k].to(device) for k in ("position_ids", "sequence_ids") if k in batch}
                 policy = engine(batch["input_ids"].to(device), batch["attention_mask"].to(device),
@@ -293,17 +314,22 @@ def train(config: TrainConfig, log=print) -> dict:
                 if last_metrics["loss"] is not None:
                     bar.set_postfix(loss=f"{last_metrics['loss']:.4f}", acc=f"{last_metrics['accuracy']:.2f}")
         if done % config.save_steps == 0 or done == total_steps:
+            failure = None
             if is_main:
                 try:
                     ckpt.save_checkpoint(out / "checkpoints", done, core, optimizer, scheduler,
                                          {"step": done, "objective": objective.state_dict(), "history": history,
-                                          "total_steps": total_steps, "nonfinite": nonfinite},
+                                          "total_steps": total_steps, "nonfinite": nonfinite,
+                                          "global_batch": global_batch, "world_size": world},
                                          config.save_total_limit)
                 except OSError as err:
-                    bar.close()
-                    raise ThumbalignError(f"could not write the checkpoint of step {done} ({err.strerror or err}); "
-                                          f"the earlier checkpoints in {out / 'checkpoints'} are intact") from None
-            accelerator.wait_for_everyone()
+                    failure = str(err.strerror or err)
+            if world > 1:  # every process learns of a failed save, instead of waiting for the main one forever
+                failure = gather_object([failure])[0]
+            if failure:
+                bar.close()
+                raise ThumbalignError(f"could not write the checkpoint of step {done} ({failure}); "
+                                      f"the earlier checkpoints in {out / 'checkpoints'} are intact")
     bar.close()
 
     if data.eval:
@@ -416,16 +442,19 @@ class _Window:
         self.gather = gather or (lambda t: t)
         self.reset()
 
-    def mark(self) -> int:
-        return len(self.losses)
+    def mark(self) -> tuple[int, int, int, int]:
+        return len(self.losses), len(self.udm_weights), self.tokens, self.samples
 
-    def finite_since(self, mark: int) -> bool:
-        return all(bool(torch.isfinite(t).all()) for t in self.losses[mark:])
+    def finite_since(self, mark) -> bool:
+        return all(bool(torch.isfinite(t).all()) for t in self.losses[mark[0]:])
 
-    def rollback(self, mark: int) -> None:
+    def rollback(self, mark) -> None:
         """Forget a skipped step's numbers."""
         for items in (self.losses, self.rewards, self.labels):
-            del items[mark:]
+            del items[mark[0]:]
+        for items in (self.udm_weights, self.udm_clipped):
+            del items[mark[1]:]
+        self.tokens, self.samples = mark[2], mark[3]
 
     def reset(self):
         self.losses, self.rewards, self.labels = [], [], []
