@@ -259,10 +259,17 @@ class _Index:
         os.unlink(self.path)
 
 
-def _one_name(seen: set, name, flag: str, what: str):
+def _pick(name, wanted, seen: set, flag: str, what: str) -> None:
+    """Ratings under another name than the one asked for are skipped; with none asked for, the export must hold
+    ratings of one name only (mixing "helpful" with "latency" would make nonsense labels)."""
+    if wanted is not None:
+        if name != wanted:
+            raise Skip(f"other {what}")
+        return
     seen.add(name)
     if len(seen) > 1:
-        raise ConfigError(f"the export holds several {what} ({', '.join(sorted(map(str, seen)))}): pick one with {flag}")
+        raise ConfigError(f"the export holds several {what}s ({', '.join(sorted(map(str, seen)))}): pick one with "
+                          f"{flag}")
 
 
 def _joined(paths, is_rating, index_item, rate, options):
@@ -301,10 +308,7 @@ def langfuse(paths, options: Options):
         return False
 
     def rate(score, index, seen, where, path):
-        if options.score_name and score.get("name") != options.score_name:
-            raise Skip("other score name")
-        if not options.score_name:
-            _one_name(seen, score.get("name"), "--score-name", "score names")
+        _pick(score.get("name"), options.score_name, seen, "--score-name", "score name")
         kind = score.get("dataType", "NUMERIC")
         if kind == "BOOLEAN":
             value = score.get("value") if score.get("value") is not None else score.get("stringValue")
@@ -338,10 +342,7 @@ def langsmith(paths, options: Options):
         return False
 
     def rate(feedback, index, seen, where, path):
-        if options.key and feedback.get("key") != options.key:
-            raise Skip("other feedback key")
-        if not options.key:
-            _one_name(seen, feedback.get("key"), "--key", "feedback keys")
+        _pick(feedback.get("key"), options.key, seen, "--key", "feedback key")
         value = feedback.get("score") if feedback.get("score") is not None else feedback.get("value")
         threshold = options.threshold if options.threshold is not None else 0.5
         if isinstance(value, (int, float)) and not isinstance(value, bool) and not options.label_map:
