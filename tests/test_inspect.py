@@ -5,7 +5,7 @@ import random
 
 import pytest
 
-from conftest import toy_feedback, write_jsonl
+from conftest import write_jsonl
 from thumbalign.cli import main
 from thumbalign.inspect_data import inspect_file
 from thumbalign.train import train

@@ -22,9 +22,9 @@ from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
 from .config import TrainConfig
-from .batching import PreparedData, micro_batches, mismatched_example, prepare_data
+from .batching import micro_batches, mismatched_example, prepare_data
 from .errors import ConfigError, ThumbalignError
-from .evaluate import classifier_metrics, implicit_classifier_report
+from .evaluate import implicit_classifier_report
 from .logprobs import CompletionLogps, collate, collate_packed, completion_logps
 from .objectives import METHODS, StepInputs, mismatched_pairs
 from .models import add_lora, bf16_available, cache_root, load_causal_lm, load_tokenizer, resolve_model
