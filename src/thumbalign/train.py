@@ -421,9 +421,8 @@ def _save_final_model(model, tokenizer, target: Path, config: TrainConfig) -> No
         model.save_pretrained(staging)
     else:
         if config.use_lora:
-            import copy
-
-            model = copy.deepcopy(model).merge_and_unload()
+            # in place: training is over, and a merged copy would add a whole model to the run's peak memory
+            model = model.merge_and_unload()
         model.config.use_cache = True
         model.save_pretrained(staging, safe_serialization=True)
         model.config.use_cache = False
