@@ -35,7 +35,7 @@ def feedback(path: Path, rows: int, completion_tokens: int, seed: int = 0) -> No
 def point(tmp: Path, length: int, batch: int, steps: int, lora: bool) -> tuple[float, float]:
     data = tmp / f"f-{length}.jsonl"
     if not data.exists():
-        feedback(data, max(64, batch * steps), length)
+        feedback(data, max(2, batch * steps), length)
     run = tmp / f"run-{length}-{batch}"
     _, rss, _ = run_measured([sys.executable, "-m", "thumbalign", "train", "--data", str(data), "--output-dir", str(run),
                               "--overwrite", "--max-steps", str(steps), "--per-device-train-batch-size", str(batch),
