@@ -61,9 +61,9 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=5e-6)
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from thumbalign.models import load_tokenizer, resolve_model
-    from thumbalign.data import load_records
-    from thumbalign.tokens import tokenize_records
+    from thumbalign.engine.models import load_tokenizer, resolve_model
+    from thumbalign.data.records import load_records
+    from thumbalign.data.tokens import tokenize_records
 
     trl_python = ensure_trl_env()
     model_dir = resolve_model("default")

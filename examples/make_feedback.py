@@ -81,7 +81,7 @@ def main() -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
 
-    from thumbalign.models import resolve_model
+    from thumbalign.engine.models import resolve_model
 
     torch.manual_seed(args.seed)
     random.seed(args.seed)

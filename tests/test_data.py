@@ -3,7 +3,7 @@ import json
 import pytest
 
 from conftest import write_jsonl
-from thumbalign.data import load_records, parse_label, require_both_labels
+from thumbalign.data.records import load_records, parse_label, require_both_labels
 from thumbalign.errors import DataError
 
 USER = [{"role": "user", "content": "hi"}]

@@ -9,12 +9,12 @@ import torch
 
 from conftest import toy_feedback, write_jsonl
 from thumbalign.cli import main
-from thumbalign.config import TrainConfig
+from thumbalign.trainers.config import TrainConfig
 from thumbalign.errors import ThumbalignError
-from thumbalign.evaluate import bootstrap_interval, classifier_metrics, expected_calibration_error
-from thumbalign.generate import judged_generations
-from thumbalign.judges import load_judge
-from thumbalign.train import train
+from thumbalign.analysis.metrics import bootstrap_interval, classifier_metrics, expected_calibration_error
+from thumbalign.analysis.judged import judged_generations
+from thumbalign.analysis.judges import load_judge
+from thumbalign.trainers.policy import train
 
 
 def test_accuracy_and_auc_by_hand():

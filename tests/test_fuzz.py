@@ -9,7 +9,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from thumbalign.data import load_records
+from thumbalign.data.records import load_records
 from thumbalign.errors import DataError
 
 FUZZ = settings(max_examples=500, deadline=None, suppress_health_check=list(HealthCheck))

@@ -7,7 +7,7 @@ import pytest
 
 from thumbalign.cli import main
 from thumbalign.errors import ConfigError
-from thumbalign.importers import Options, iter_objects, run_import
+from thumbalign.data.importers import Options, iter_objects, run_import
 
 FIX = Path(__file__).parent / "fixtures"
 SYS = {"role": "system", "content": "Be brief."}
@@ -100,9 +100,9 @@ def test_streaming_json_reader_matches_json_load(tmp_path):
 
 
 def test_imported_file_inspects_and_trains(tmp_path, tiny_llama, tokenizer):
-    from thumbalign.config import TrainConfig
-    from thumbalign.inspect_data import inspect_file
-    from thumbalign.train import train
+    from thumbalign.trainers.config import TrainConfig
+    from thumbalign.analysis.inspect_data import inspect_file
+    from thumbalign.trainers.policy import train
 
     out = tmp_path / "out.jsonl"
     run_import("openwebui", [str(FIX / "openwebui_feedback.json")], str(out), Options())

@@ -7,8 +7,8 @@ import pytest
 
 from conftest import write_jsonl
 from thumbalign.cli import main
-from thumbalign.inspect_data import inspect_file
-from thumbalign.train import train
+from thumbalign.analysis.inspect_data import inspect_file
+from thumbalign.trainers.policy import train
 from test_train import _config
 
 FOODS = ["pasta", "rice", "soup", "bread", "salad", "curry", "pancakes", "tofu", "eggs", "fish", "beans", "pie"]

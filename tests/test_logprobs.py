@@ -2,9 +2,10 @@ import pytest
 import torch
 
 from conftest import make_model
-from thumbalign.data import Record
-from thumbalign.logprobs import collate, completion_logps, naive_completion_logps
-from thumbalign.tokens import tokenize_records
+from thumbalign.data.records import Record
+from thumbalign.data.batching import collate
+from thumbalign.engine.logprobs import completion_logps, naive_completion_logps
+from thumbalign.data.tokens import tokenize_records
 
 
 def _batch(tokenizer, max_length=64):
@@ -48,7 +49,7 @@ def test_padding_does_not_change_a_sequence_log_prob(tokenizer):
 @pytest.mark.parametrize("kind", ["llama", "qwen2"])
 @pytest.mark.parametrize("max_length", [64, 20])
 def test_packed_batches_give_the_same_log_probs(tokenizer, kind, max_length):
-    from thumbalign.logprobs import collate_packed
+    from thumbalign.data.batching import collate_packed
 
     model = make_model(kind, len(tokenizer))
     records = [Record("short", "a", True), Record("a much longer prompt here", "and a longer completion", False),

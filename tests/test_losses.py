@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from thumbalign.losses import RewardShift, bco_loss
+from thumbalign.methods.bco import RewardShift, bco_loss
 
 
 def log_sigmoid(x):

@@ -8,13 +8,21 @@ import pytest
 import torch
 
 from conftest import toy_feedback, write_jsonl
-from thumbalign import losses as L
 from thumbalign.cli import main
-from thumbalign.config import TrainConfig
-from thumbalign.objectives import METHODS, BCOPair, StepInputs, kto_auto_weights, mismatched_pairs
-from thumbalign.train import train
+from thumbalign.trainers.config import TrainConfig
+from thumbalign.methods.apo_zero import apo_zero_loss
+from thumbalign.methods.base import StepInputs
+from thumbalign.methods.bco import BCOPair
+from thumbalign.methods.dpo import dpo_loss
+from thumbalign.methods.ipo import ipo_loss
+from thumbalign.methods.kto import kto_auto_weights, kto_loss, mismatched_pairs
+from thumbalign.methods.registry import methods
+from thumbalign.methods.sft_positive import sft_positive_loss
+from thumbalign.methods.una import una_loss
+from thumbalign.trainers.policy import train
 
 ROOT = Path(__file__).resolve().parents[1]
+METHODS = methods()
 
 
 def sig(x):
@@ -29,35 +37,35 @@ RHO = [1.0, -2.0, 0.5, -1.0]
 
 def test_kto_by_hand():
     beta, z, wd, wu = 0.5, 0.3, 1.5, 0.8
-    out = L.kto_loss(POLICY, REF, LABELS, beta=beta, z_ref=z, desirable_weight=wd, undesirable_weight=wu)
+    out = kto_loss(POLICY, REF, LABELS, beta=beta, z_ref=z, desirable_weight=wd, undesirable_weight=wu)
     expected = [wd * (1 - sig(beta * (1.0 - z))), wu * (1 - sig(beta * (z - -2.0))),
                 wd * (1 - sig(beta * (0.5 - z))), wu * (1 - sig(beta * (z - -1.0)))]
     assert out.losses.tolist() == pytest.approx(expected, abs=1e-6)
 
 
 def test_apo_zero_by_hand():
-    out = L.apo_zero_loss(POLICY, REF, LABELS, beta=0.5)
+    out = apo_zero_loss(POLICY, REF, LABELS, beta=0.5)
     expected = [1 - sig(0.5), sig(-1.0), 1 - sig(0.25), sig(-0.5)]
     assert out.losses.tolist() == pytest.approx(expected, abs=1e-6)
 
 
 def test_una_by_hand():
-    out = L.una_loss(POLICY, REF, LABELS, beta=0.5)
+    out = una_loss(POLICY, REF, LABELS, beta=0.5)
     expected = [(sig(0.5) - 1) ** 2, (sig(-1.0) - 0) ** 2, (sig(0.25) - 1) ** 2, (sig(-0.5) - 0) ** 2]
     assert out.losses.tolist() == pytest.approx(expected, abs=1e-6)
 
 
 def test_sft_positive_by_hand():
-    out = L.sft_positive_loss(POLICY, REF, LABELS, beta=0.5, n_tokens=torch.tensor([5, 3, 4, 2]))
+    out = sft_positive_loss(POLICY, REF, LABELS, beta=0.5, n_tokens=torch.tensor([5, 3, 4, 2]))
     assert out.losses.tolist() == pytest.approx([10 / 5, 0.0, 8 / 4, 0.0], abs=1e-6)
 
 
 def test_dpo_and_ipo_by_hand():
     # pairs: (row 0 chosen, row 1 rejected): margin 1 − (−2) = 3; (row 2, row 3): 0.5 − (−1) = 1.5
-    dpo = L.dpo_loss(POLICY, REF, beta=0.5)
+    dpo = dpo_loss(POLICY, REF, beta=0.5)
     expected = [-math.log(sig(0.5 * 3))] * 2 + [-math.log(sig(0.5 * 1.5))] * 2
     assert dpo.losses.tolist() == pytest.approx(expected, abs=1e-6)
-    ipo = L.ipo_loss(POLICY, REF, beta=0.5)
+    ipo = ipo_loss(POLICY, REF, beta=0.5)
     expected = [(3 - 1 / (2 * 0.5)) ** 2] * 2 + [(1.5 - 1.0) ** 2] * 2
     assert ipo.losses.tolist() == pytest.approx(expected, abs=1e-6)
 
@@ -77,8 +85,8 @@ def _grad(method):
     objective = METHODS[method](config, 2, 2, log=lambda *a: None)
     policy = torch.tensor([-5.0, -6.0, -5.5, -6.5], requires_grad=True)
     inputs = StepInputs(policy, torch.tensor([-5.2, -5.9, -5.5, -6.4]), LABELS, None, torch.full((4,), 3),
-                        gather=lambda t: t, kl_policy_logps=torch.tensor([-7.0, -7.0]),
-                        kl_ref_logps=torch.tensor([-7.5, -7.5]))
+                        gather=lambda t: t, extra_policy_logps=torch.tensor([-7.0, -7.0]),
+                        extra_ref_logps=torch.tensor([-7.5, -7.5]))
     objective.loss(inputs).losses.sum().backward()
     return policy.grad
 
@@ -117,7 +125,7 @@ def _pairs_file(path, n=8):
 
 @pytest.mark.parametrize("method", list(METHODS))
 def test_tiny_model_overfits_with_every_method(tmp_path, tiny_llama, method):
-    paired = METHODS[method].data_kind == "paired"
+    paired = METHODS[method].needs.paired
     data = _pairs_file(tmp_path / "pairs.jsonl") if paired else write_jsonl(tmp_path / "f.jsonl", toy_feedback(16))
     lr = 3e-3 if method == "sft-positive" else 1e-3
     config = TrainConfig(data=str(data), eval_data=str(data), model=str(tiny_llama), method=method,
@@ -154,7 +162,7 @@ def test_paired_method_refuses_unpaired_data(tmp_path, tiny_llama, capsys):
 
 @pytest.mark.parametrize("method", list(METHODS))
 def test_every_method_runs_on_the_bundled_examples(tmp_path, tiny_llama, method):
-    paired = METHODS[method].data_kind == "paired"
+    paired = METHODS[method].needs.paired
     data = ROOT / "examples" / ("pairs.jsonl" if paired else "feedback.jsonl")
     code = main(["train", "--data", str(data), "--model", str(tiny_llama), "--method", method, "--max-steps", "2",
                  "--per-device-train-batch-size", "2", "--output-dir", str(tmp_path / "run"), "--bf16", "false",

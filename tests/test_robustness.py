@@ -13,10 +13,10 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import toy_feedback, write_jsonl
-from thumbalign import checkpoint as ckpt
-from thumbalign.config import TrainConfig
+from thumbalign.engine import checkpoint as ckpt
+from thumbalign.trainers.config import TrainConfig
 from thumbalign.errors import ThumbalignError
-from thumbalign.train import train
+from thumbalign.trainers.policy import train
 
 
 def _args(data, model, out, *extra):
@@ -122,7 +122,7 @@ def _config(tmp_path, model, **kw):
 
 
 def _nan_on_call(monkeypatch, which: int):
-    import thumbalign.logprobs as train_module  # the policy forward inside the training engine
+    import thumbalign.engine.logprobs as train_module  # the policy forward inside the training engine
 
     real, calls = train_module.completion_logps, {"n": 0}
 

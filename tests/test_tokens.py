@@ -1,5 +1,5 @@
-from thumbalign.data import Record
-from thumbalign.tokens import tokenize_records
+from thumbalign.data.records import Record
+from thumbalign.data.tokens import tokenize_records
 
 
 def _completion_text(tokenizer, example):
@@ -29,6 +29,6 @@ def test_truncation_keeps_the_completion_and_cuts_the_prompt_from_the_left(token
     assert len(first.input_ids) == 8
     assert tokenizer.decode(first.input_ids[:first.prompt_len]) == "ghij"  # 8 - len("XYZ" + EOS) = 4: the end of the prompt survives
     assert _completion_text(tokenizer, first) == "XYZ<|im_end|>"
-    assert [e.index for e in examples] == [0, 2]  # record 1 dropped, and said so
+    assert [e.record_index for e in examples] == [0, 2]  # record 1 dropped, and said so
     assert report.prompt_truncated == 1 and report.dropped_completion_too_long == 1 and report.kept == 2
     assert "1 dropped" in report.describe()

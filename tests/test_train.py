@@ -12,8 +12,8 @@ from safetensors.torch import load_file
 
 from conftest import toy_feedback, write_jsonl
 from thumbalign.cli import main
-from thumbalign.config import TrainConfig
-from thumbalign.train import train
+from thumbalign.trainers.config import TrainConfig
+from thumbalign.trainers.policy import train
 
 
 def _config(tmp_path, model, **overrides):

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from scipy.stats import spearmanr
 
-from thumbalign.udm import DensityRatio, fit_density_ratio, prompt_shift_auc, weight_stats
+from thumbalign.methods.udm import DensityRatio, fit_density_ratio, prompt_shift_auc, weight_stats
 
 
 def _gaussians(n_up, n_down, shift, dim=4, seed=0):

@@ -1,0 +1,42 @@
+"""`thumbalign best-of-n`: sample N answers per prompt, keep the one the reward model prefers, as a 👍 row."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from ..data.prompts import load_prompts
+from ..data.records import Record
+from ..engine.inference import generate
+from ..engine.models import load_causal_lm, load_tokenizer, resolve_model
+from ..engine.reward_model import RewardModel
+
+
+def best_of_n(policy: str, rm_path: str, prompts_file: str, out: str, n: int = 4, max_new_tokens: int = 64,
+              temperature: float = 1.0, seed: int = 0, batch_size: int = 8) -> int:
+    """Returns the number of rows written (prompts whose every answer came out empty are skipped)."""
+    model_dir = resolve_model(policy)
+    tokenizer, model = load_tokenizer(model_dir), load_causal_lm(model_dir).eval()
+    model.config.use_cache = True
+    rm = RewardModel(rm_path)
+    written = 0
+    with open(out, "w", encoding="utf-8") as handle:
+        for row in tqdm(load_prompts(prompts_file), desc="best-of-n", unit="prompt"):
+            answers = []
+            for start in range(0, n, batch_size):
+                k = min(batch_size, n - start)
+                answers += generate(model, tokenizer, [row.prompt] * k, max_new_tokens, temperature,
+                                    seed + written * n + start)
+            candidates = [a for a in answers if a.strip()]
+            if not candidates:
+                continue
+            records = [Record(row.prompt, [{"role": "assistant", "content": a}] if isinstance(row.prompt, list)
+                              else a, True) for a in candidates]
+            probs = rm.probabilities(records)
+            best = int(np.argmax(probs))
+            handle.write(json.dumps({"prompt": row.prompt, "completion": records[best].completion, "label": True,
+                                     "p_up": float(probs[best]), "n": len(candidates)}, ensure_ascii=False) + "\n")
+            written += 1
+    return written

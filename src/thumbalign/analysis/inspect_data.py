@@ -1,0 +1,141 @@
+"""`thumbalign inspect FILE`: what a user should know about a feedback file before training on it.
+
+The file is streamed row by row: memory holds counters, one 8-byte digest per distinct (prompt, completion) and a
+bounded reservoir of prompts per label for the prompt-shift classifier, never the records themselves.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from ..data.readers import iter_rows
+from ..data.records import prompt_as_text, row_to_records
+from ..data.tokens import encode_record
+from ..methods.udm import embed_texts, prompt_shift_auc
+
+LABEL_NAME = {True: "up", False: "down"}
+
+
+class _Lengths:
+    """Count, mean, min, max and approximate quantiles (from a reservoir) of a stream of lengths."""
+
+    def __init__(self, rng: random.Random, keep: int = 10000):
+        self.n, self.total, self.min, self.max, self.sample, self.rng, self.keep = 0, 0, None, None, [], rng, keep
+
+    def add(self, value: int) -> None:
+        self.n += 1
+        self.total += value
+        self.min = value if self.min is None else min(self.min, value)
+        self.max = value if self.max is None else max(self.max, value)
+        if len(self.sample) < self.keep:
+            self.sample.append(value)
+        elif (j := self.rng.randrange(self.n)) < self.keep:
+            self.sample[j] = value
+
+    def summary(self) -> dict:
+        if not self.n:
+            return {}
+        q = np.percentile(self.sample, [50, 95]).tolist()
+        return {"mean": self.total / self.n, "min": self.min, "median": q[0], "p95": q[1], "max": self.max}
+
+
+def _digest(record) -> int:
+    text = json.dumps([record.prompt, record.completion], ensure_ascii=False, sort_keys=True)
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little")
+
+
+def inspect_file(path: str, tokenizer=None, max_length: int = 1024, encoder: str | None = "minilm",
+                 sample_per_class: int = 1024, seed: int = 0, cache_dir: Path | None = None,
+                 progress: bool = True) -> dict:
+    rng = random.Random(seed)
+    rows = 0
+    by_label: Counter = Counter()
+    prompt_len = {True: _Lengths(rng), False: _Lengths(rng)}
+    completion_len = {True: _Lengths(rng), False: _Lengths(rng)}
+    truncated = Counter()
+    seen: dict[int, int] = {}  # digest -> bit 1 (seen as 👍) | bit 2 (seen as 👎)
+    duplicates = 0
+    reservoir = {True: [], False: []}
+    for where, row in tqdm(iter_rows(path), desc=f"inspecting {Path(path).name}", unit=" rows", disable=not progress):
+        rows += 1
+        for record in row_to_records(row, path, where):
+            label = record.label
+            by_label[label] += 1
+            key, bit = _digest(record), 1 if label else 2
+            if key in seen:
+                duplicates += 1
+            seen[key] = seen.get(key, 0) | bit
+            if tokenizer is not None:
+                p, c = encode_record(tokenizer, record)
+                prompt_len[label].add(len(p))
+                completion_len[label].add(len(c))
+                if len(c) >= max_length:
+                    truncated["dropped_completion_too_long"] += 1
+                elif len(p) + len(c) > max_length:
+                    truncated["prompt_cut"] += 1
+            pool, n = reservoir[label], by_label[label]
+            if len(pool) < sample_per_class:
+                pool.append(prompt_as_text(record.prompt))
+            elif (j := rng.randrange(n)) < sample_per_class:
+                pool[j] = prompt_as_text(record.prompt)
+    conflicts = sum(1 for v in seen.values() if v == 3)
+    total = by_label[True] + by_label[False]
+    report = {
+        "file": str(path), "rows": rows, "records": total,
+        "thumbs_up": by_label[True], "thumbs_down": by_label[False],
+        "share_up": by_label[True] / total if total else None,
+        "duplicates": duplicates, "conflicting_pairs": conflicts,
+    }
+    if tokenizer is not None:
+        report["tokens"] = {LABEL_NAME[l]: {"prompt": prompt_len[l].summary(), "completion": completion_len[l].summary()}
+                            for l in (True, False)}
+        report["max_length"] = max_length
+        report["truncation"] = {"prompt_cut": truncated["prompt_cut"],
+                                "dropped_completion_too_long": truncated["dropped_completion_too_long"]}
+    if encoder and min(len(reservoir[True]), len(reservoir[False])) >= 2:
+        texts = reservoir[True] + reservoir[False]
+        labels = np.array([True] * len(reservoir[True]) + [False] * len(reservoir[False]))
+        embeddings = embed_texts(texts, encoder, cache_dir=cache_dir, disable_bar=not progress)
+        auc = prompt_shift_auc(embeddings, labels, seed=seed)
+        report["prompt_shift_auc"] = auc
+        report["prompt_shift_sample"] = {"up": len(reservoir[True]), "down": len(reservoir[False])}
+        report["recommendation"] = recommend(auc)
+    return report
+
+
+def recommend(auc: float) -> str:
+    if auc >= 0.7:
+        return f"prompts of 👍 and 👎 differ strongly (AUC {auc:.2f}): train with --udm"
+    if auc >= 0.6:
+        return f"prompts of 👍 and 👎 differ somewhat (AUC {auc:.2f}): consider --udm"
+    return f"prompts of 👍 and 👎 look alike (AUC {auc:.2f}): --udm is not needed"
+
+
+def format_report(r: dict) -> str:
+    lines = [f"{r['file']}: {r['rows']} rows, {r['records']} records",
+             f"  labels: {r['thumbs_up']} 👍, {r['thumbs_down']} 👎 ({r['share_up']:.1%} 👍)" if r["records"] else "",
+             f"  duplicates: {r['duplicates']} records repeat an earlier (prompt, completion); "
+             f"{r['conflicting_pairs']} (prompt, completion) pairs carry both labels"]
+    if "tokens" in r:
+        for name, icon in (("up", "👍"), ("down", "👎")):
+            t = r["tokens"][name]
+            if t["prompt"]:
+                lines.append(f"  tokens {icon}: prompt mean {t['prompt']['mean']:.0f} (p95 {t['prompt']['p95']:.0f}, "
+                             f"max {t['prompt']['max']}), completion mean {t['completion']['mean']:.0f} "
+                             f"(p95 {t['completion']['p95']:.0f}, max {t['completion']['max']})")
+        tr = r["truncation"]
+        lines.append(f"  at --max-length {r['max_length']}: {tr['prompt_cut']} prompts would be cut from the left, "
+                     f"{tr['dropped_completion_too_long']} records dropped (completion alone too long)")
+    if "prompt_shift_auc" in r:
+        s = r["prompt_shift_sample"]
+        lines.append(f"  prompt shift: cross-validated AUC {r['prompt_shift_auc']:.3f} on {s['up']} 👍 and "
+                     f"{s['down']} 👎 prompts (0.5 = no shift)")
+        lines.append(f"  => {r['recommendation']}")
+    return "\n".join(l for l in lines if l)

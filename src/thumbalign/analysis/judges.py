@@ -1,0 +1,117 @@
+"""Judges give a generated answer a thumbs-up or a thumbs-down.
+
+* ``vader``: positive sentiment, VADER compound score ≥ 0.5 (the rule the bundled example feedback was labelled by).
+* ``exact``: the answer, stripped, equals the row's reference (``--reference-field``, default ``answer``).
+* ``numeric``: the last number in the answer equals the reference as an exact value (sympy: 0.5 == 1/2).
+* ``rm:PATH``: a reward model trained with ``thumbalign reward train``; thumbs-up when P(👍) ≥ the threshold.
+* ``module:function``: any Python callable taking the answer text (and, if it accepts a second argument, the prompt
+  row) and returning a bool, or a number that is compared with ``--judge-threshold``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import re
+from typing import Callable
+
+from ..data.records import Record
+from ..errors import ConfigError
+
+Judge = Callable[[str, dict], bool]
+
+
+class JudgeFailure(Exception):
+    """A judge raised or returned something that is not a verdict."""
+
+
+def _vader():
+    try:
+        from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+    except ImportError:
+        raise ConfigError("the vader judge needs the package vaderSentiment (pip install vaderSentiment)") from None
+    analyzer = SentimentIntensityAnalyzer()
+    return lambda text, row: analyzer.polarity_scores(text)["compound"] >= 0.5
+
+
+def _reference(row: dict, field: str):
+    if field not in row:
+        raise JudgeFailure(f"the prompt row has no reference field {field!r}")
+    return row[field]
+
+
+_NUMBER = re.compile(r"-?\d+(?:[.,]\d+)?(?:/\d+)?")
+
+
+def _numeric(field: str):
+    import sympy
+
+    def judge(text, row):
+        found = _NUMBER.findall(text.replace(",", ""))
+        if not found:
+            return False
+        try:
+            return bool(sympy.nsimplify(found[-1]) == sympy.nsimplify(str(_reference(row, field))))
+        except (sympy.SympifyError, ValueError, TypeError):
+            raise JudgeFailure(f"cannot read the reference {_reference(row, field)!r} as a number") from None
+
+    return judge
+
+
+def load_judge(spec: str, reference_field: str = "answer", threshold: float = 0.5) -> Judge:
+    if spec == "vader":
+        return _vader()
+    if spec == "exact":
+        return lambda text, row: text.strip() == str(_reference(row, reference_field)).strip()
+    if spec == "numeric":
+        return _numeric(reference_field)
+    if spec.startswith("rm:"):  # a thumbalign reward model folder
+        return reward_model_judge(spec[3:], threshold)
+    if ":" not in spec:
+        raise ConfigError(f"unknown judge {spec!r}: use vader, exact, numeric or module:function")
+    module_name, _, name = spec.partition(":")
+    try:
+        function = getattr(importlib.import_module(module_name), name)
+    except (ImportError, AttributeError) as err:
+        raise ConfigError(f"cannot load judge {spec!r}: {err}") from None
+    try:
+        takes_row = len(inspect.signature(function).parameters) >= 2
+    except (TypeError, ValueError):
+        takes_row = False
+
+    def judge(text, row):
+        verdict = function(text, row) if takes_row else function(text)
+        if isinstance(verdict, bool):
+            return verdict
+        if isinstance(verdict, (int, float)):
+            return verdict >= threshold
+        raise JudgeFailure(f"judge {spec} returned {type(verdict).__name__} ({verdict!r}); expected bool or number")
+
+    return judge
+
+
+def reward_model_judge(path: str, threshold: float = 0.5) -> Judge:
+    """`--judge rm:PATH`: thumbs-up when the reward model's calibrated P(👍) ≥ threshold."""
+    from ..engine.reward_model import RewardModel
+
+    rm = RewardModel(path)
+
+    def judge(text, row):
+        prompt = row.get("prompt", row.get("messages"))
+        completion = [{"role": "assistant", "content": text}] if isinstance(prompt, list) else text
+        return bool(rm.probabilities([Record(prompt, completion, False)])[0] >= threshold)
+
+    return judge
+
+
+def apply_judge(judge: Judge, text: str, row: dict, where: str) -> bool:
+    """Run a judge; any failure names the prompt it happened on."""
+    try:
+        verdict = judge(text, row)
+    except JudgeFailure as err:
+        raise JudgeFailure(f"{where}: {err}") from None
+    except Exception as err:  # a user's judge can raise anything; report it with where it happened
+        raise JudgeFailure(f"{where}: the judge raised {type(err).__name__}: {err}") from None
+    if not isinstance(verdict, bool):
+        raise JudgeFailure(f"{where}: the judge returned {type(verdict).__name__}; expected bool or number")
+    return verdict

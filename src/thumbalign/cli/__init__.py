@@ -1,0 +1,52 @@
+"""`thumbalign` command line: one module per command. Problems with the user's input end in one line on stderr and
+exit code 2.
+
+Each command module builds its parser from light imports only and loads torch inside its `run`, so that
+`thumbalign --help` and `thumbalign train --help` answer at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from .. import __version__
+from ..errors import ThumbalignError
+from . import best_of_n, evaluate, importer, inspect_file, methods, report, reward, train
+
+COMMANDS = (train, methods, evaluate, report, reward, best_of_n, importer, inspect_file)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="thumbalign", description="Train language models on thumbs-up / "
+                                     "thumbs-down feedback.")
+    parser.add_argument("--version", action="version", version=f"thumbalign {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for command in COMMANDS:
+        command.add_parser(commands)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    # Nothing is ever fetched from a model hub: fail fast instead of hanging on the network.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    try:
+        return args.run(args, argv)
+    except ThumbalignError as err:
+        print(f"thumbalign: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("thumbalign: interrupted; continue with --resume (from the last checkpoint)", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,49 @@
+"""`--num-processes N`: the same command again in N linked processes, through the launchers that exist."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from importlib import resources
+
+SHIPPED_ACCELERATE_CONFIGS = ("ddp", "zero2", "zero3", "fsdp")
+LAUNCHER_FLAGS = ("--num-processes", "--accelerate-config")
+
+
+def without_launcher_flags(argv: list[str]) -> list[str]:
+    """The command line minus the launcher's own flags (every process reads the same config)."""
+    rest, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg in LAUNCHER_FLAGS:
+            skip = True
+        elif not arg.startswith(tuple(f + "=" for f in LAUNCHER_FLAGS)):
+            rest.append(arg)
+    return rest
+
+
+def launch_processes(argv: list[str], config) -> int:
+    """Re-run this same command in `num_processes` linked processes.
+
+    GPUs: `accelerate launch` (with a shipped DDP / DeepSpeed ZeRO / FSDP2 config, or the user's). CPUs:
+    `torch.distributed.run`, which starts N processes that find each other and train on the gloo backend. (Plain
+    `accelerate launch --cpu --num_processes N` starts one process; without --cpu, N unlinked copies.)
+    """
+    import torch
+
+    n = config.num_processes
+    if torch.cuda.is_available() or config.accelerate_config:
+        command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(n)]
+        if config.accelerate_config in SHIPPED_ACCELERATE_CONFIGS:
+            path = resources.files("thumbalign") / "accelerate_configs" / f"{config.accelerate_config}.yaml"
+            command += ["--config_file", str(path)]
+        elif config.accelerate_config:
+            command += ["--config_file", config.accelerate_config]
+        else:
+            command += ["--multi_gpu"]
+    else:
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n)]
+    command += ["-m", "thumbalign", *without_launcher_flags(argv), "--num-processes", "1"]
+    print(f"Launching {n} processes: {' '.join(command)}", flush=True)
+    return subprocess.call(command)

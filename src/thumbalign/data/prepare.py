@@ -1,0 +1,126 @@
+"""Where records become the training and evaluation sets.
+
+A trainer says what data it needs with :class:`DataNeeds` (paired or not, which labels it trains on); the
+records are loaded, split, filtered, tokenised and, for paired methods, ordered as (chosen, rejected) pairs. Every
+row that is set aside is counted in the report.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+from ..errors import ConfigError
+from .records import Record, load_records, prompt_as_text, require_both_labels
+from .tokens import Example, tokenize_records
+
+
+@dataclass(frozen=True)
+class DataNeeds:
+    """What a method or trainer needs from the feedback file."""
+
+    name: str                                  # named in messages ("--method kto trains on ...")
+    paired: bool = False                       # batches hold interleaved (chosen, rejected) rows
+    train_labels: tuple[bool, ...] = (True, False)  # labels trained on; (True,) sets the 👎 rows aside
+
+    @property
+    def needs_both_labels(self) -> bool:
+        return self.train_labels == (True, False)
+
+
+@dataclass
+class PreparedData:
+    train: list[Example]
+    units: list[list[int]]   # sampling units: indices into `train` (one example, or a chosen/rejected pair)
+    eval: list[Example]      # paired methods: interleaved chosen, rejected
+    report: dict
+    train_prompts: list[str]  # prompt text of each training example, for UDM's sentence encoder
+
+
+def split_records(records: list[Record], share: float, seed: int) -> tuple[list[Record], list[Record]]:
+    """Seeded hold-out; both rows of a split pair land on the same side, so nothing leaks across."""
+    groups: dict = {}
+    for i, r in enumerate(records):
+        groups.setdefault(("pair", r.pair) if r.pair is not None else ("row", i), []).append(i)
+    keys = list(groups)
+    random.Random(seed).shuffle(keys)
+    n_eval = int(round(len(keys) * share))
+    held = {i for k in keys[:n_eval] for i in groups[k]}
+    return [r for i, r in enumerate(records) if i not in held], [r for i, r in enumerate(records) if i in held]
+
+
+def pair_up(examples: list[Example], records: list[Record], method: str):
+    """Order examples as chosen, rejected, chosen, rejected, ...; a pair that lost a side to max_length is dropped."""
+    sides: dict[int, dict[bool, Example]] = {}
+    for e in examples:
+        record = records[e.record_index]
+        if record.pair is None:
+            raise ConfigError(f"{record.source}: --method {method} needs paired rows (prompt, chosen, rejected), "
+                              "and this row is unpaired")
+        sides.setdefault(record.pair, {})[record.label] = e
+    ordered, broken = [], 0
+    for pid in sorted(sides):
+        if True in sides[pid] and False in sides[pid]:
+            ordered += [sides[pid][True], sides[pid][False]]
+        else:
+            broken += 1
+    return ordered, broken
+
+
+def prepare_data(config, tokenizer, needs: DataNeeds, log=print) -> PreparedData:
+    """`config` supplies data, eval_data, eval_split, seed, max_length and skip_invalid."""
+    records, load_report = load_records(config.data, skip_invalid=config.skip_invalid)
+    if load_report.skipped:
+        log(f"Skipped {sum(load_report.skipped.values())} invalid rows of {config.data}: "
+            + "; ".join(f"{n} × {reason}" for reason, n in load_report.skipped.most_common()))
+    log(f"Loaded {config.data}: {load_report.rows} rows -> {load_report.records} records "
+        f"({load_report.by_label[True]} 👍, {load_report.by_label[False]} 👎"
+        + (f"; {load_report.pairs_split} pairs split into 👍/👎 rows" if load_report.pairs_split and not needs.paired
+           else "") + ")")
+    if needs.needs_both_labels:
+        require_both_labels(load_report)
+    report = {"train_file": load_report.as_dict()}
+    if config.eval_data:
+        train_records = records
+        eval_records, eval_report = load_records(config.eval_data, skip_invalid=config.skip_invalid)
+        report["eval_file"] = eval_report.as_dict()
+    elif config.eval_split > 0:
+        train_records, eval_records = split_records(records, config.eval_split, config.seed)
+        log(f"Held out {len(eval_records)} records ({config.eval_split:.0%}, seed {config.seed}) for evaluation")
+    else:
+        train_records, eval_records = records, []
+    if not needs.needs_both_labels:
+        kept = [r for r in train_records if r.label in needs.train_labels]
+        log(f"--method {needs.name} trains on {'👍' if True in needs.train_labels else '👎'} "
+            f"records only: {len(train_records) - len(kept)} others set aside")
+        report["set_aside_by_method"] = len(train_records) - len(kept)
+        train_records = kept  # `record_index` of the examples points into this list
+
+    train, train_tok = tokenize_records(tokenizer, train_records, config.max_length)
+    log(f"Tokenised training data: {train_tok.describe()}")
+    report["train_tokens"] = train_tok.as_dict()
+    eval_examples = []
+    if eval_records:
+        eval_examples, eval_tok = tokenize_records(tokenizer, eval_records, config.max_length)
+        log(f"Tokenised evaluation data: {eval_tok.describe()}")
+        report["eval_tokens"] = eval_tok.as_dict()
+    if needs.paired:
+        train, broken = pair_up(train, train_records, needs.name)
+        report["pairs_dropped_by_truncation"] = broken
+        if broken:
+            log(f"{broken} pairs dropped: one side did not fit max_length")
+        if eval_examples:
+            eval_examples, _ = pair_up(eval_examples, eval_records, needs.name)
+        units = [[i, i + 1] for i in range(0, len(train), 2)]
+    else:
+        units = [[i] for i in range(len(train))]
+    if not train:
+        raise ConfigError(f"no training examples left after tokenisation ({train_tok.describe()})")
+    labels = [e.label for e in train]
+    if needs.needs_both_labels and (all(labels) or not any(labels)):
+        raise ConfigError(f"the training split holds only {'👍' if labels[0] else '👎'} examples; "
+                          f"{needs.name} needs both")
+    report["train_examples"] = {"total": len(train), "thumbs_up": sum(labels), "thumbs_down": len(labels) - sum(labels)}
+    report["eval_examples"] = len(eval_examples)
+    prompts = [prompt_as_text(train_records[e.record_index].prompt) for e in train]
+    return PreparedData(train, units, eval_examples, report, prompts)

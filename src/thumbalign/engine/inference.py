@@ -1,0 +1,84 @@
+"""Running a model without training it: batched log-probs, prompt embeddings, and generation.
+
+The reference pass, evaluation, UDM's policy embeddings, judged generations, best-of-n and online sampling all
+come through here.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ..data.batching import collate
+from ..data.tokens import Example
+from .logprobs import completion_logps
+
+
+@torch.no_grad()
+def batched_logps(model, examples: list[Example], pad_token_id: int, batch_size: int, device, autocast=nullcontext,
+                  chunk_size: int = 2048, desc: str = "log-probs", disable_bar: bool = False) -> torch.Tensor:
+    """log π(y|x) for each example, in input order. Examples are sorted by length so batches carry little padding."""
+    was_training = model.training
+    model.eval()
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))
+    out = torch.zeros(len(examples), dtype=torch.float32)
+    for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch", disable=disable_bar):
+        idx = order[start:start + batch_size]
+        batch = collate([examples[i] for i in idx], pad_token_id)
+        with autocast():
+            logps = completion_logps(model, batch["input_ids"].to(device), batch["attention_mask"].to(device),
+                                     batch["completion_mask"].to(device), chunk_size)
+        out[idx] = logps.float().cpu()
+    model.train(was_training)
+    return out
+
+
+@torch.no_grad()
+def prompt_embeddings(model, examples: list[Example], pad_token_id: int, batch_size: int, device,
+                      disable_bar: bool = False) -> np.ndarray:
+    """The model's last hidden states, mean-pooled over each prompt's tokens, L2-normalised (UDM's 'policy'
+    encoder: no extra model)."""
+    was_training = model.training
+    model.eval()
+    decoder = model.get_decoder()
+    out = []
+    for start in tqdm(range(0, len(examples), batch_size), desc="embedding prompts", unit="batch",
+                      disable=disable_bar):
+        prompts = [Example(e.input_ids[:e.prompt_len], e.prompt_len, e.label, e.record_index)
+                   for e in examples[start:start + batch_size]]
+        batch = collate(prompts, pad_token_id)
+        mask = batch["attention_mask"].to(device)
+        hidden = decoder(input_ids=batch["input_ids"].to(device), attention_mask=mask).last_hidden_state.float()
+        pooled = (hidden * mask.unsqueeze(-1)).sum(1) / mask.sum(1, keepdim=True).clamp(min=1)
+        out.append(torch.nn.functional.normalize(pooled, dim=-1).cpu())
+    model.train(was_training)
+    return torch.cat(out).numpy()
+
+
+def render_prompt(tokenizer, prompt) -> str:
+    """A conversation through the chat template, ready for the assistant's turn; plain text as it is."""
+    if isinstance(prompt, list):
+        return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+    return prompt
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompts: list, max_new_tokens: int, temperature: float, seed: int,
+             num_return_sequences: int = 1, top_k: int | None = None) -> list[str]:
+    """One batch, left-padded, with the KV cache; greedy when temperature is 0, else seeded sampling (`top_k`:
+    None keeps the model's generation config, 0 samples from the whole distribution). Returns
+    `num_return_sequences` answers per prompt, prompt by prompt."""
+    tokenizer.padding_side = "left"
+    texts = [render_prompt(tokenizer, p) for p in prompts]
+    enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=not isinstance(prompts[0], list))
+    enc = {k: v.to(model.device) for k, v in enc.items()}
+    torch.manual_seed(seed)
+    sampling = dict(do_sample=True, temperature=temperature, top_p=1.0) if temperature > 0 else dict(do_sample=False)
+    if temperature > 0 and top_k is not None:
+        sampling["top_k"] = top_k
+    out = model.generate(**enc, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, use_cache=True,
+                         num_return_sequences=num_return_sequences, **sampling)
+    return [tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in out[:, enc["input_ids"].shape[1]:]]

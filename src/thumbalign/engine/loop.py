@@ -1,0 +1,266 @@
+"""The training engine shared by every trainer: accelerator and precision, optimizer and scheduler, the optimizer
+step over micro-batches, clipping, non-finite steps, metrics, checkpoints and exact resume.
+
+A trainer supplies a :class:`Task` — how a step's micro-batches are chosen and how one becomes a loss, what to log,
+what state to save — and the engine does the rest, the same way for the policy, the reward model and online
+training::
+
+    engine = Engine(config, log)
+    engine.prepare(module, model, total_steps)   # module: what DDP wraps; model: whose weights are saved
+    start = engine.resume(run, task) if run.resume_from else 0
+    engine.run(task, run, start, total_steps)
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+from tqdm.auto import tqdm
+
+from ..errors import ConfigError, ThumbalignError
+from . import checkpoint as ckpt
+from .models import bf16_available
+from .rundir import RunDir
+from .window import MetricsWindow
+
+
+@dataclass
+class MicroStep:
+    """What a task computes for one micro-batch."""
+
+    loss: torch.Tensor                  # scalar: this micro-batch's share of the whole step's loss (all processes)
+    stats: dict[str, torch.Tensor] = field(default_factory=dict)  # per-example numbers to log, gathered
+    tokens: int = 0                     # tokens processed (for tokens/s)
+    samples: int = 0                    # examples processed (for samples/s)
+
+
+class Task(Protocol):
+    """What differs between trainers."""
+
+    def step_batches(self, step: int) -> list[Any]:
+        """This process's micro-batches of optimizer step `step` (0-based); a pure function of the step, so a
+        resumed run replays exactly what an uninterrupted one would have done."""
+
+    def micro_step(self, module: torch.nn.Module, batch: Any) -> MicroStep:
+        """Forward through `module` (the wrapped model) and the loss, for one micro-batch."""
+
+    def log_line(self, stats: dict[str, torch.Tensor]) -> dict:
+        """The task's part of a log line, from the window's gathered statistics (empty when every step since the
+        last line was skipped)."""
+
+    def format_line(self, line: dict) -> str:
+        """The console line for a log line."""
+
+    def state_dict(self) -> dict:
+        """State beyond weights, optimizer, scheduler and RNG (δ, history); saved in every checkpoint and restored
+        when a non-finite step is skipped."""
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+def _forget_single_process_state() -> None:
+    """accelerate keeps its state per process and refuses another precision later in the same process. A run that
+    was not launched as one of several processes owns that state, so a second run in the same Python session (a
+    notebook, a test suite) may set it afresh."""
+    import os
+
+    from accelerate.state import AcceleratorState
+
+    if "WORLD_SIZE" not in os.environ:
+        AcceleratorState._reset_state(reset_partial_state=True)
+
+
+class Engine:
+    """One per run. `config` supplies: bf16, seed, learning_rate, weight_decay, lr_scheduler_type, warmup_ratio,
+    max_grad_norm, skip_nonfinite, logging_steps, save_steps, save_total_limit."""
+
+    def __init__(self, config, log=print):
+        from accelerate import Accelerator
+        from accelerate.utils import set_seed
+
+        self.config = config
+        probe = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.bf16 = config.bf16 == "true" or (config.bf16 == "auto" and bf16_available(probe))
+        # On a machine without an accelerator, cpu=True is what makes accelerate join processes started by
+        # torch.distributed.run into one gloo group (MULTI_CPU) instead of running them as unlinked copies.
+        has_accelerator = (torch.accelerator.is_available() if hasattr(torch, "accelerator")
+                           else torch.cuda.is_available())
+        _forget_single_process_state()
+        self.accelerator = Accelerator(mixed_precision="bf16" if self.bf16 else "no", cpu=not has_accelerator)
+        self.device = self.accelerator.device
+        self.world, self.rank = self.accelerator.num_processes, self.accelerator.process_index
+        self.is_main = self.accelerator.is_main_process
+        self.say = log if self.is_main else (lambda *a, **k: None)
+        self.quiet = not self.is_main
+        self.autocast = self.accelerator.autocast
+        self.nonfinite = 0
+        set_seed(config.seed)
+
+    @property
+    def precision(self) -> str:
+        return "bf16" if self.bf16 else "fp32"
+
+    # ------------------------------------------------------------------------------------------ processes
+
+    def gather(self, t: torch.Tensor) -> torch.Tensor:
+        """All-gather along the first dimension (identity with one process); bool tensors travel as bytes."""
+        if self.world == 1:
+            return t
+        if t.dtype == torch.bool:
+            return self.accelerator.gather(t.to(torch.uint8)).bool()
+        return self.accelerator.gather(t)
+
+    def gather_objects(self, obj) -> list:
+        """Every process's `obj`, in rank order."""
+        if self.world == 1:
+            return [obj]
+        from accelerate.utils import gather_object
+
+        return gather_object([obj])
+
+    def main_value(self, obj):
+        """The main process's `obj`, on every process (so that every process takes the same branch)."""
+        return self.gather_objects(obj)[0]
+
+    def wait(self) -> None:
+        self.accelerator.wait_for_everyone()
+
+    # ------------------------------------------------------------------------------------------ set-up
+
+    def prepare(self, module: torch.nn.Module, model, total_steps: int) -> None:
+        """AdamW over `model`'s trainable weights, the scheduler, and `module` wrapped for the distributed engine.
+        `module` computes with `model`'s parameters; `model` is what checkpoints hold."""
+        from accelerate.utils import DistributedType
+        from transformers import get_scheduler
+
+        config = self.config
+        self.model, self.total_steps = model, total_steps
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(self.params, lr=config.learning_rate, weight_decay=config.weight_decay)
+        self.scheduler = get_scheduler(config.lr_scheduler_type, optimizer,
+                                       num_warmup_steps=int(round(config.warmup_ratio * total_steps)),
+                                       num_training_steps=total_steps)
+        kind = self.accelerator.distributed_type
+        if kind == DistributedType.FSDP or (kind == DistributedType.DEEPSPEED
+                                            and self.accelerator.state.deepspeed_plugin.zero_stage >= 3):
+            raise ConfigError("ZeRO-3 and FSDP shard the weights, and thumbalign's checkpoints and evaluation do not "
+                              "gather them yet: use --accelerate-config ddp or zero2")
+        self.module, self.optimizer = self.accelerator.prepare(module, optimizer)
+
+    def resume(self, run: RunDir, task: Task, units_per_step: int) -> int:
+        """Load the checkpoint `run` resumes from into the model, optimizer, scheduler, RNG and task; return its
+        step. `units_per_step` (batch × accumulation × processes) must equal the interrupted run's."""
+        state = ckpt.load_checkpoint(run.resume_from, self.model, self.optimizer, self.scheduler)
+        saved = state.get("global_batch", units_per_step)
+        if saved != units_per_step:  # which examples a step holds depends on it
+            raise ConfigError(f"--resume: the interrupted run's steps held {saved} units, this one's would hold "
+                              f"{units_per_step} (batch × accumulation × processes); keep them equal to resume")
+        task.load_state_dict(state["task"])
+        self.nonfinite = state.get("nonfinite", 0)
+        if self.is_main:
+            run.trim_metrics(state["step"])
+        self.wait()
+        self.say(f"Resumed from {run.resume_from} at step {state['step']} of {self.total_steps}")
+        return state["step"]
+
+    # ------------------------------------------------------------------------------------------ the loop
+
+    def run(self, task: Task, run: RunDir, start_step: int, units_per_step: int,
+            steps_per_epoch: float | None = None) -> dict:
+        """Optimizer steps `start_step` .. total_steps − 1; returns the last log line."""
+        config = self.config
+        window = MetricsWindow(self.gather)
+        bar = tqdm(total=self.total_steps, initial=start_step, desc="training", unit="step", disable=self.quiet,
+                   dynamic_ncols=True)
+        self.module.train()
+        last_line = {}
+        try:
+            for step in range(start_step, self.total_steps):
+                grad_norm = self._optimizer_step(task, run, step, window)
+                self.scheduler.step()
+                bar.update(1)
+                done = step + 1
+                if done % config.logging_steps == 0 or done == self.total_steps:
+                    last_line = self._log(task, run, window, done, grad_norm, steps_per_epoch, bar)
+                if done % config.save_steps == 0 or done == self.total_steps:
+                    self._save(task, run, done, units_per_step)
+        finally:
+            bar.close()
+        return last_line
+
+    def _optimizer_step(self, task: Task, run: RunDir, step: int, window: MetricsWindow) -> float:
+        """Every micro-batch of the step, then the update — unless the loss or the gradient is not finite, in which
+        case the update, the task's state change and the step's statistics are all dropped."""
+        accelerator = self.accelerator
+        batches = task.step_batches(step)
+        task_state, mark = task.state_dict(), window.mark()
+        finite = True
+        for m, batch in enumerate(batches):
+            last = m == len(batches) - 1
+            # DeepSpeed steps inside backward() when gradients are synced: tell accelerate which micro-batch ends it
+            accelerator.gradient_state._set_sync_gradients(last)
+            with (nullcontext() if last else accelerator.no_sync(self.module)), self.autocast():
+                out = task.micro_step(self.module, batch)
+                # × world because DDP averages the gradients of the processes, and the loss is a share of the sum
+                accelerator.backward(out.loss * self.world)
+            finite &= bool(self.gather(torch.isfinite(out.loss.detach()).reshape(1)).all())
+            window.add(out.stats, out.tokens, out.samples, self.device)
+        # the norm is taken over the synchronised gradients, so every process sees the same verdict
+        max_norm = self.config.max_grad_norm if self.config.max_grad_norm > 0 else math.inf
+        grad_norm = float(accelerator.clip_grad_norm_(self.params, max_norm))
+        if finite and math.isfinite(grad_norm):
+            self.optimizer.step()
+        else:
+            self._skip(task, run, task_state, window, mark, step + 1)
+        self.optimizer.zero_grad(set_to_none=True)
+        return grad_norm
+
+    def _skip(self, task: Task, run: RunDir, task_state: dict, window: MetricsWindow, mark, done: int) -> None:
+        self.nonfinite += 1
+        task.load_state_dict(task_state)  # e.g. δ must not absorb the bad rewards
+        window.rollback(mark)
+        if self.nonfinite > self.config.skip_nonfinite:
+            latest = ckpt.list_checkpoints(run.checkpoints)
+            raise ThumbalignError(
+                f"step {done}: the loss or the gradient is not finite (NaN/inf); stopped without updating the "
+                f"weights. Last good checkpoint: {latest[-1] if latest else 'none yet'}. Continue with --resume "
+                "(perhaps with a lower --learning-rate), or tolerate such steps with --skip-nonfinite N")
+        self.say(f"step {done}: non-finite loss or gradient, step skipped ({self.nonfinite} of --skip-nonfinite "
+                 f"{self.config.skip_nonfinite})")
+
+    def _log(self, task: Task, run: RunDir, window: MetricsWindow, done: int, grad_norm: float,
+             steps_per_epoch: float | None, bar) -> dict:
+        stats, samples_per_s, tokens_per_s = window.take()
+        line = {"step": done}
+        if steps_per_epoch:
+            line["epoch"] = round(done / steps_per_epoch, 4)
+        line.update(task.log_line(stats))
+        line.update(lr=self.scheduler.get_last_lr()[0], grad_norm=grad_norm if math.isfinite(grad_norm) else None,
+                    samples_per_s=samples_per_s if stats else 0.0, tokens_per_s=tokens_per_s if stats else 0.0,
+                    skipped_nonfinite_steps=self.nonfinite)
+        if self.is_main:
+            run.append_metrics(line)
+            bar.write(task.format_line(line))
+            if line.get("loss") is not None:
+                bar.set_postfix(loss=f"{line['loss']:.4f}")
+        return line
+
+    def _save(self, task: Task, run: RunDir, done: int, units_per_step: int) -> None:
+        failure = None
+        if self.is_main:
+            try:
+                ckpt.save_checkpoint(run.checkpoints, done, self.model, self.optimizer, self.scheduler,
+                                     {"step": done, "task": task.state_dict(), "total_steps": self.total_steps,
+                                      "nonfinite": self.nonfinite, "global_batch": units_per_step,
+                                      "world_size": self.world},
+                                     self.config.save_total_limit)
+            except OSError as err:
+                failure = str(err.strerror or err)
+        failure = self.main_value(failure)  # every process learns of a failed save, instead of waiting forever
+        if failure:
+            raise ThumbalignError(f"could not write the checkpoint of step {done} ({failure}); "
+                                  f"the earlier checkpoints in {run.checkpoints} are intact")

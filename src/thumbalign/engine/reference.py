@@ -1,0 +1,88 @@
+"""Reference log-probs, computed once per (model weights, tokenised data, precision) and cached on disk.
+
+The reference model is frozen, so log π_ref(y|x) of each example never changes during training. Computing it
+once before training removes the reference forward from every step and means no second copy of the model is ever
+held in memory: at step 0 the policy *is* the reference, so the policy itself computes them. With several
+processes, each computes a shard; the main process writes the cache once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from ..data.tokens import Example
+from .inference import batched_logps
+
+CACHE_VERSION = "1"  # bump when the log-prob computation changes
+
+
+def model_fingerprint(model_dir: Path) -> str:
+    """Identify a model folder by the names, sizes and modification times of its files (cheap, no hashing of
+    hundreds of megabytes); a changed weight file gets a new fingerprint."""
+    parts = []
+    for path in sorted(Path(model_dir).iterdir()):
+        if path.is_file():
+            st = path.stat()
+            parts.append(f"{path.name}:{st.st_size}:{st.st_mtime_ns}")
+    return hashlib.sha256(("|".join(parts) + str(Path(model_dir).resolve())).encode()).hexdigest()
+
+
+def cache_key(model_dir: Path, examples: list[Example], precision: str) -> str:
+    digest = hashlib.sha256()
+    digest.update(f"v{CACHE_VERSION}|{model_fingerprint(model_dir)}|{precision}|".encode())
+    for e in examples:
+        digest.update(f"{e.prompt_len}:{','.join(map(str, e.input_ids))};".encode())
+    return digest.hexdigest()[:32]
+
+
+def cache_path(cache_dir: Path, key: str) -> Path:
+    return cache_dir / "reflogps" / f"{key}.safetensors"
+
+
+def load_cached(path: Path) -> torch.Tensor:
+    return load_file(str(path))["logps"]
+
+
+def store(path: Path, logps: torch.Tensor) -> None:
+    """Write aside, then rename: a reader never sees a half-written cache file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp-{os.getpid()}")
+    save_file({"logps": logps.contiguous()}, str(tmp))
+    os.replace(tmp, path)
+
+
+class ReferenceLogps:
+    """log π_ref for lists of examples, from the cache or computed by `model` (which must still be the freshly loaded
+    reference) on every process of `engine`, each a shard."""
+
+    def __init__(self, engine, model, model_dir: Path, pad_token_id: int, batch_size: int, chunk_size: int,
+                 cache_dir: Path):
+        self.engine, self.model, self.model_dir = engine, model, model_dir
+        self.pad_token_id, self.batch_size, self.chunk_size = pad_token_id, batch_size, chunk_size
+        self.cache_dir = cache_dir
+
+    def __call__(self, examples: list[Example], what: str) -> tuple[torch.Tensor, bool]:
+        """(log-probs in input order, whether they came from the cache)."""
+        engine = self.engine
+        path = cache_path(self.cache_dir, cache_key(self.model_dir, examples, engine.precision))
+        if engine.main_value(path.exists()):  # every process must take the same branch
+            engine.say(f"Reference log-probs for {len(examples)} {what} examples loaded from cache ({path.stem})")
+            return load_cached(path), True
+        engine.say(f"Computing reference log-probs for {len(examples)} {what} examples (cached for later runs)")
+        mine = examples[engine.rank::engine.world]
+        logps = batched_logps(self.model, mine, self.pad_token_id, self.batch_size, engine.device, engine.autocast,
+                              self.chunk_size, desc="reference log-probs", disable_bar=engine.quiet)
+        if engine.world > 1:
+            full = torch.zeros(len(examples))
+            for rank, values in enumerate(engine.gather_objects(logps.tolist())):
+                full[rank::engine.world] = torch.tensor(values)
+            logps = full
+        if engine.is_main:
+            store(path, logps)
+        engine.wait()
+        return logps, False

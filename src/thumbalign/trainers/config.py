@@ -1,0 +1,185 @@
+"""Settings of every trainer: dataclasses with a help string per field. The CLI flags and the YAML keys are made
+from them (thumbalign.cli.options), so the two always match (``--learning-rate`` on the command line is
+``learning_rate:`` in the file). A field marked ``resumable`` may change when an interrupted run is resumed; every
+other setting must equal the interrupted run's.
+
+This module imports nothing heavy: ``thumbalign --help`` reads it without loading torch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from ..errors import ConfigError
+
+
+def _f(default, help: str, **kw):
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class TrainConfig:
+    # --- data
+    data: str | None = _f(None, "Feedback file: JSONL, JSON, CSV, Parquet or a datasets folder (required).")
+    eval_data: str | None = _f(None, "Held-out feedback file to measure the implicit-reward classifier on.")
+    eval_split: float = _f(0.0, "Share of --data held out (seeded) for evaluation when --eval-data is not given.")
+    skip_invalid: bool = _f(False, "Skip rows that cannot be used (counted by reason and reported) instead of "
+                                   "stopping at the first one.", resumable=True)
+    output_dir: str = _f("runs/thumbalign", "Run folder: checkpoints, metrics.jsonl, summary.json, final model.",
+                         resumable=True)
+    overwrite: bool = _f(False, "Allow an --output-dir that already holds another run's files.", resumable=True)
+    # --- model
+    model: str = _f("default", "A local transformers folder, a .gguf file, or 'default' (the embedded "
+                               "SmolLM2-135M-Instruct).")
+    trust_remote_code: bool = _f(False, "Run model code shipped inside the model folder. Off: only trust what you "
+                                        "wrote.")
+    use_lora: bool = _f(False, "Train a LoRA adapter instead of all weights.")
+    lora_r: int = _f(16, "LoRA rank.")
+    lora_alpha: int = _f(32, "LoRA scaling numerator (scale = alpha / r).")
+    lora_dropout: float = _f(0.0, "Dropout on the LoRA branch.")
+    lora_target_modules: str = _f("all-linear", "Modules that get an adapter: 'all-linear' or comma-separated names.")
+    save_adapter: bool = _f(False, "With --use-lora: save the adapter alone instead of the merged model.")
+    # --- method
+    method: str = _f("bco", "Training objective; `thumbalign methods` lists them with the data each takes.")
+    beta: float = _f(0.1, "β: scale of the implicit reward r = β·(log π − log π_ref).")
+    delta: str = _f("running", "BCO reward shift δ: 'running' = running mean of all rewards (the reference "
+                               "implementation), 'balanced' = midpoint of the thumbs-up and thumbs-down means.",
+                    choices=("running", "balanced"))
+    udm: bool = _f(False, "Underlying distribution matching: reweight 👎 examples by the prompt density ratio "
+                          "p_up(x)/p_down(x), when 👍 and 👎 prompts come from different distributions "
+                          "(see `thumbalign inspect`).")
+    udm_encoder: str = _f("minilm", "Prompt embeddings for --udm: 'minilm' (all-MiniLM-L6-v2, offline package), "
+                                    "'policy' (the model's own mean-pooled hidden states) or a local "
+                                    "sentence-transformers folder.")
+    udm_samples_per_class: int = _f(1024, "Prompts per class the density-ratio classifier is fitted on.")
+    udm_clip_min: float = _f(0.5, "Lower clip of the UDM weight.")
+    udm_clip_max: float = _f(10.0, "Upper clip of the UDM weight.")
+    udm_normalize: bool = _f(False, "Scale the UDM weights of the 👎 examples to mean 1.")
+    desirable_weight: float = _f(1.0, "KTO: weight of thumbs-up losses (w_D).")
+    undesirable_weight: float = _f(1.0, "KTO: weight of thumbs-down losses (w_U).")
+    auto_weights: bool = _f(False, "KTO: choose w_D, w_U from the class counts so that (w_D·n_D)/(w_U·n_U) = 1, "
+                                   "inside the paper's [1, 4/3].")
+    max_length: int = _f(1024, "Longest prompt+completion in tokens; prompts are cut from the left to fit, "
+                               "records whose completion alone is longer are dropped (both counted).")
+    # --- optimisation
+    learning_rate: float = _f(5e-6, "Peak AdamW learning rate. 5e-7 is the paper's value for billion-scale full "
+                                    "fine-tunes; small models and LoRA want more (LoRA: try 1e-4).")
+    weight_decay: float = _f(0.0, "AdamW weight decay.")
+    per_device_train_batch_size: int = _f(8, "Examples per micro-batch on each process.")
+    gradient_accumulation_steps: int = _f(1, "Micro-batches per optimizer step.")
+    num_train_epochs: float = _f(1.0, "Passes over the training data (ignored when --max-steps is set).")
+    max_steps: int = _f(-1, "Optimizer steps to run; overrides --num-train-epochs when > 0.")
+    warmup_ratio: float = _f(0.1, "Share of the steps spent warming the learning rate up from 0.")
+    lr_scheduler_type: str = _f("linear", "Decay after warm-up: linear, cosine, constant_with_warmup, ... "
+                                          "(transformers.get_scheduler names).")
+    max_grad_norm: float = _f(1.0, "Clip the gradient norm to this (0 turns clipping off).")
+    bf16: str = _f("auto", "bfloat16 autocast: 'auto' (on where the hardware supports it), 'true' or 'false'.",
+                   choices=("auto", "true", "false"))
+    gradient_checkpointing: bool = _f(False, "Recompute activations in the backward pass: less memory, ~30%% slower.")
+    packing: bool = _f(False, "Padding-free batches: the examples of a micro-batch back to back in one row, with "
+                              "per-example positions and attention (no compute spent on padding).")
+    seed: int = _f(42, "Seed for shuffling, the eval split and initialisation of new weights.")
+    logps_chunk_size: int = _f(2048, "Completion tokens per chunk of the output projection (bounds logit memory).")
+    # --- evaluation by generation
+    eval_prompts: str | None = _f(None, "Prompts (JSONL/CSV/..., a 'prompt' per row) never trained on: after training, "
+                                        "the base and the trained model answer them and --judge gives each answer a "
+                                        "thumbs-up or down.", resumable=True)
+    judge: str = _f("vader", "Judge for --eval-prompts: vader (positive sentiment), exact or numeric (against "
+                             "--reference-field), or module:function.", resumable=True)
+    reference_field: str = _f("answer", "Field of a prompt row holding the reference answer (exact/numeric judges).",
+                              resumable=True)
+    eval_max_new_tokens: int = _f(64, "Tokens generated per answer for --eval-prompts.", resumable=True)
+    eval_temperature: float = _f(0.0, "Sampling temperature for --eval-prompts (0: greedy).", resumable=True)
+    report: bool = _f(True, "Write report.html (curves, eval tables, sampled answers) into the run folder at the end.",
+                      resumable=True)
+    skip_nonfinite: int = _f(0, "Optimizer steps with a NaN/inf loss or gradient to skip before stopping "
+                                "(0: stop at the first, keeping the last good checkpoint).", resumable=True)
+    # --- scale-out (handled by the CLI before training starts)
+    num_processes: int = _f(1, "Processes to train with (one per GPU; on a CPU, gloo processes). Launched through "
+                               "accelerate (GPU) or torch.distributed.run (CPU).", resumable=True)
+    accelerate_config: str | None = _f(None, "With --num-processes on GPUs: ddp, zero2, zero3, fsdp (shipped configs) "
+                                            "or an accelerate config file.", resumable=True)
+    # --- logging and checkpoints
+    logging_steps: int = _f(10, "Print and log metrics every N optimizer steps.", resumable=True)
+    save_steps: int = _f(100, "Write a checkpoint every N optimizer steps (and at the end).", resumable=True)
+    save_total_limit: int = _f(2, "Checkpoints to keep (oldest are deleted).", resumable=True)
+    resume: str | None = _f(None, "Continue an interrupted run: bare --resume takes the latest checkpoint in "
+                                  "--output-dir, or give a checkpoint folder.", resumable=True)
+    cache_dir: str | None = _f(None, "Where converted models and reference log-probs are cached "
+                                     "(default: $THUMBALIGN_CACHE or ~/.cache/thumbalign).", resumable=True)
+    eval_batch_size: int = _f(16, "Examples per batch when computing reference log-probs and evaluating.",
+                              resumable=True)
+
+    def validate(self) -> None:
+        if not self.data:
+            raise ConfigError("no training data: pass --data FILE (or 'data:' in the config file)")
+        if not 0.0 <= self.eval_split < 1.0:
+            raise ConfigError(f"eval_split must be in [0, 1), got {self.eval_split}")
+        positive = ("per_device_train_batch_size", "gradient_accumulation_steps", "max_length", "logging_steps",
+                    "save_steps", "lora_r", "logps_chunk_size", "eval_batch_size", "udm_samples_per_class")
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.beta <= 0 or self.learning_rate <= 0:
+            raise ConfigError("beta and learning_rate must be positive")
+        if not 0 < self.udm_clip_min <= self.udm_clip_max:
+            raise ConfigError(f"UDM clip range [{self.udm_clip_min}, {self.udm_clip_max}] is empty or not positive")
+        from ..methods.registry import get_method  # here, not at import: the registry loads torch
+
+        method = get_method(self.method)
+        if self.udm and not method.uses_udm_weights:
+            raise ConfigError(f"--udm weights BCO's thumbs-down losses; --method {self.method} does not use them")
+        if self.save_adapter and not self.use_lora:
+            raise ConfigError("--save-adapter needs --use-lora")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def derived_config(name: str, keep: tuple[str, ...], defaults: dict, extra: list, doc: str):
+    """A settings dataclass for another command, made of some of TrainConfig's fields (same flags, same help)
+    with other defaults, plus fields of its own: one definition of each shared setting."""
+    fields_ = []
+    for f in dataclasses.fields(TrainConfig):
+        if f.name in keep:
+            default = defaults.get(f.name, f.default)
+            fields_.append((f.name, f.type, field(default=default, metadata=f.metadata)))
+    cls = dataclasses.make_dataclass(name, fields_ + extra, namespace={
+        "__doc__": doc, "to_dict": lambda self: dataclasses.asdict(self)})
+    cls.__module__ = __name__
+    return cls
+
+
+REWARD_SHARED = ("data", "eval_data", "eval_split", "skip_invalid", "output_dir", "overwrite", "model",
+                 "trust_remote_code", "use_lora", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "udm",
+                 "udm_encoder", "udm_samples_per_class", "udm_clip_min", "udm_clip_max", "udm_normalize",
+                 "max_length", "learning_rate", "weight_decay", "per_device_train_batch_size",
+                 "gradient_accumulation_steps", "num_train_epochs", "max_steps", "warmup_ratio", "lr_scheduler_type",
+                 "max_grad_norm", "bf16", "gradient_checkpointing", "seed", "logging_steps", "save_steps",
+                 "save_total_limit", "resume", "cache_dir", "eval_batch_size", "skip_nonfinite", "num_processes",
+                 "accelerate_config")
+
+RewardConfig = derived_config(
+    "RewardConfig", REWARD_SHARED,
+    defaults={"output_dir": "runs/reward", "learning_rate": 2e-5, "eval_split": 0.1, "max_length": 512},
+    extra=[("balance_classes", bool, _f(True, "Weight the classes so that 👍 and 👎 count equally in the loss.")),
+           ("calibrate", bool, _f(True, "Fit a temperature on the held-out split so that scores are calibrated "
+                                        "probabilities."))],
+    doc="Settings of `thumbalign reward train` (shared settings mean what they mean for `thumbalign train`).")
+
+
+def _validate_reward(self) -> None:
+    if not self.data:
+        raise ConfigError("no training data: pass --data FILE")
+    if self.udm and self.udm_encoder == "policy":
+        raise ConfigError("reward models take --udm-encoder minilm or a sentence-transformers folder, not 'policy'")
+    for name in ("per_device_train_batch_size", "gradient_accumulation_steps", "logging_steps", "save_steps",
+                 "eval_batch_size"):
+        if getattr(self, name) <= 0:
+            raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+    if self.max_length <= 1:
+        raise ConfigError(f"max_length must be at least 2, got {self.max_length}")
+
+
+RewardConfig.validate = _validate_reward

@@ -1,0 +1,255 @@
+"""`thumbalign train`: the policy trainer, for every offline method. The method supplies its loss; the engine
+supplies the loop; this file says what a step of binary feedback is.
+
+Order of events in a run:
+  records -> tokens (data/) -> reference log-probs, cached (engine/reference.py) -> UDM weights (methods/udm.py)
+  -> for each optimizer step: policy log-probs (engine/logprobs.py) -> loss (methods/<method>.py) -> AdamW step
+  (engine/loop.py) -> checkpoints -> held-out evaluation -> final model folder, summary.json, judged answers, report
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..analysis.judged import format_comparison, judged_generations
+from ..analysis.judges import load_judge
+from ..analysis.metrics import implicit_classifier_report
+from ..analysis.report import write_report
+from ..data.batching import collate, collate_packed, micro_batches
+from ..data.prepare import PreparedData, prepare_data
+from ..engine.inference import batched_logps
+from ..engine.logprobs import CompletionLogps, completion_logps
+from ..engine.loop import Engine, MicroStep
+from ..engine.models import cache_root, load_causal_lm, load_tokenizer
+from ..engine.reference import ReferenceLogps
+from ..engine.rundir import RunDir
+from ..methods.base import Objective, StepInputs
+from ..methods.registry import get_method
+from .common import UDMWeights, count_steps, fit_udm, make_trainable, model_folder, udm_window_stats
+from .config import TrainConfig
+
+
+def train(config: TrainConfig, log=print) -> dict:
+    run = RunDir.open(config)
+    engine = Engine(config, log)
+    model_dir = model_folder(engine, config)
+    tokenizer = load_tokenizer(model_dir, config.trust_remote_code)
+    method = get_method(config.method)
+    data = prepare_data(config, tokenizer, method.needs, log=engine.say)
+    model = load_causal_lm(model_dir, config.trust_remote_code).to(engine.device)
+    # The freshly loaded model is the reference: its log-probs are computed now, once, and cached on disk.
+    reference = ReferenceLogps(engine, model, model_dir, tokenizer.pad_token_id, config.eval_batch_size,
+                               config.logps_chunk_size, cache_root(config.cache_dir))
+    ref_train, ref_from_cache = reference(data.train, "training")
+    ref_eval = reference(data.eval, "evaluation")[0] if data.eval else torch.zeros(0)
+    udm = fit_udm(config, engine, run, data, model, tokenizer) if config.udm else None
+    model = make_trainable(model, config)
+    n_up = sum(e.label for e in data.train)
+    objective = method(config, n_up, len(data.train) - n_up, log=engine.say)
+    task = PolicyTask(config, engine, data, objective, model, ref_train, udm, tokenizer.pad_token_id)
+    task.precompute_extra_references(reference)
+    engine.prepare(CompletionLogps(model, config.logps_chunk_size), model, task.total_steps)
+    start = engine.resume(run, task, task.units_per_step) if run.resume_from else _begin(config, engine, run, task)
+    task.announce()
+    last_line = engine.run(task, run, start, task.units_per_step, task.steps_per_epoch)
+    if data.eval:
+        task.history["eval_after"] = held_out_classifier(model, data.eval, ref_eval, objective, tokenizer.pad_token_id,
+                                                            config, engine)
+        engine.say(f"Held-out implicit-reward classifier after training:  {format_eval(task.history['eval_after'])}")
+    summary = _summary(config, engine, task, model_dir, ref_from_cache, udm, last_line)
+    if engine.is_main:
+        _finish(config, engine, run, model, tokenizer, model_dir, summary)
+    engine.wait()
+    return summary
+
+
+class PolicyTask:
+    """A step of offline training: micro-batches of feedback examples, their log-probs, the method's loss."""
+
+    def __init__(self, config: TrainConfig, engine: Engine, data: PreparedData, objective: Objective, model,
+                 ref_logps: torch.Tensor, udm: UDMWeights | None, pad_token_id: int):
+        self.config, self.engine, self.data, self.objective, self.model = config, engine, data, objective, model
+        self.ref_logps, self.udm, self.pad_token_id = ref_logps, udm, pad_token_id
+        self.micro, self.accumulation = config.per_device_train_batch_size, config.gradient_accumulation_steps
+        self.units_per_step = self.micro * self.accumulation * engine.world
+        self.total_steps, self.steps_per_epoch = count_steps(config, len(data.units), self.units_per_step)
+        self.history: dict = {}
+        self.extra_ref: dict = {}   # the method's extra examples: key -> reference log-prob
+        self.seen: set[tuple[int, int]] = set()  # (step, example) this process trained on, for the summary
+
+    def _plan(self, step: int, rank: int) -> tuple[list[list[int]], int]:
+        return micro_batches(self.data.units, step, self.micro, self.accumulation, self.engine.world, rank,
+                             self.config.seed)
+
+    def precompute_extra_references(self, reference: ReferenceLogps) -> None:
+        """The extra examples of every micro-batch of the run are known in advance (the sampler is a function of
+        the step), so their reference log-probs are computed once, before training, and cached like the others."""
+        found = {}
+        for step in range(self.total_steps):
+            for rank in range(self.engine.world):
+                for idx in self._plan(step, rank)[0]:
+                    found.update(self.objective.extra_examples(idx, self.data.train, self.config.max_length))
+        if found:
+            keys = sorted(found)
+            logps, _ = reference([found[k] for k in keys], f"{self.objective.name} extra")
+            self.extra_ref = dict(zip(keys, logps.tolist()))
+
+    def announce(self) -> None:
+        c, e = self.config, self.engine
+        unit = "pairs" if self.objective.paired else "examples"
+        e.say(f"Training {self.objective.name} on {len(self.data.units)} {unit}: {self.total_steps} steps of "
+              f"{self.units_per_step} ({self.micro} × {self.accumulation} accumulation × {e.world} processes), "
+              f"{'LoRA' if c.use_lora else 'full fine-tune'}, {e.precision} on {e.device}")
+
+    def step_batches(self, step: int) -> list[tuple[list[int], int]]:
+        batches, n_step = self._plan(step, self.engine.rank)
+        self.seen.update((step, i) for idx in batches for i in idx)
+        return [(idx, n_step) for idx in batches]
+
+    def micro_step(self, module, batch) -> MicroStep:
+        idx, n_step = batch
+        device, rows = self.engine.device, torch.tensor(idx)
+        examples = [self.data.train[i] for i in idx]
+        tensors = collate_packed(examples) if self.config.packing else collate(examples, self.pad_token_id)
+        extra = {k: tensors[k].to(device) for k in ("position_ids", "sequence_ids") if k in tensors}
+        policy = module(tensors["input_ids"].to(device), tensors["attention_mask"].to(device),
+                        tensors["completion_mask"].to(device), **extra)
+        labels = tensors["labels"].to(device)
+        inputs = StepInputs(
+            policy_logps=policy, ref_logps=self.ref_logps[rows].to(device), labels=labels,
+            weights=self.udm.weights[rows].to(device) if self.udm else None,
+            n_tokens=tensors["completion_lengths"].to(device), gather=self.engine.gather)
+        self._add_extra_logps(inputs, idx)
+        result = self.objective.loss(inputs)
+        stats = {"loss": result.losses, "reward": result.rewards, "label": labels}
+        if self.udm:
+            stats.update(udm_weight=inputs.weights, udm_clipped=self.udm.clipped[rows].to(device))
+        # the sum over the micro-batch / the examples of the whole step: the mean over the step once summed
+        return MicroStep(result.losses.sum() / n_step, stats, tokens=int(tensors["n_tokens"]), samples=len(idx))
+
+    def _add_extra_logps(self, inputs: StepInputs, idx: list[int]) -> None:
+        extra = self.objective.extra_examples(idx, self.data.train, self.config.max_length)
+        if not extra:
+            return
+        device = self.engine.device
+        tensors = collate([example for _, example in extra], self.pad_token_id)
+        with torch.no_grad():
+            inputs.extra_policy_logps = completion_logps(
+                self.model, tensors["input_ids"].to(device), tensors["attention_mask"].to(device),
+                tensors["completion_mask"].to(device), self.config.logps_chunk_size)
+        inputs.extra_ref_logps = torch.tensor([self.extra_ref[key] for key, _ in extra], device=device)
+
+    def log_line(self, stats: dict[str, torch.Tensor]) -> dict:
+        if not stats:  # every step since the last line was skipped as non-finite
+            return {"loss": None, "rewards_up": None, "rewards_down": None, "margin": None,
+                    **self.objective.metrics(), "accuracy": None}
+        rewards, labels = stats["reward"], stats["label"]
+        up, down = rewards[labels], rewards[~labels]
+        return {"loss": float(stats["loss"].mean()),
+                "rewards_up": float(up.mean()) if len(up) else None,
+                "rewards_down": float(down.mean()) if len(down) else None,
+                "margin": float(up.mean() - down.mean()) if len(up) and len(down) else None,
+                **self.objective.metrics(), "accuracy": self.objective.accuracy(rewards, labels),
+                **udm_window_stats(stats)}
+
+    def format_line(self, m: dict) -> str:
+        def f(v, spec=".4f"):
+            return "n/a" if v is None else format(v, spec)
+
+        return (f"step {m['step']}: loss {f(m['loss'])}  reward 👍 {f(m['rewards_up'])}  👎 {f(m['rewards_down'])}  "
+                f"margin {f(m['margin'])}  " + (f"δ {f(m['delta'])}  " if "delta" in m else "")
+                + (f"z_ref {f(m['z_ref'])}  " if "z_ref" in m else "")
+                + f"acc {f(m['accuracy'], '.3f')}  lr {m['lr']:.2e}  "
+                f"{m['samples_per_s']:.2f} samples/s  {m['tokens_per_s']:.0f} tokens/s")
+
+    def state_dict(self) -> dict:
+        return {"objective": self.objective.state_dict(), "history": dict(self.history)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.objective.load_state_dict(state["objective"])
+        self.history = dict(state.get("history", {}))
+
+
+def _begin(config: TrainConfig, engine: Engine, run: RunDir, task: PolicyTask) -> int:
+    if engine.is_main:
+        run.write_config(config)
+    if task.data.eval:
+        # Before the first step the policy is the reference, so every implicit reward is 0 by definition:
+        # the classifier is at chance, and no forward pass is needed to know it.
+        labels = torch.tensor([e.label for e in task.data.eval])
+        task.history["eval_before"] = implicit_classifier_report(torch.zeros(len(task.data.eval)), labels)
+        engine.say(f"Held-out implicit-reward classifier before training: {format_eval(task.history['eval_before'])}")
+    return 0
+
+
+@torch.no_grad()
+def held_out_classifier(model, examples, ref_logps, objective: Objective, pad_token_id: int, config: TrainConfig,
+                        engine: Engine) -> dict:
+    """Implicit-reward classifier on held-out examples: r − threshold > 0 predicts 👍 (δ is frozen here)."""
+    logps = batched_logps(model, examples, pad_token_id, config.eval_batch_size, engine.device, engine.autocast,
+                          config.logps_chunk_size, desc="evaluating", disable_bar=engine.quiet)
+    rewards = config.beta * (logps - ref_logps)
+    labels = torch.tensor([e.label for e in examples])
+    metrics = implicit_classifier_report(rewards - objective.threshold, labels)
+    if objective.paired:
+        metrics["pair_accuracy"] = objective.accuracy(rewards, labels)
+    return metrics
+
+
+def format_eval(m: dict) -> str:
+    auc = "n/a" if m.get("auc") is None else f"{m['auc']:.3f}"
+    return (f"accuracy {m['accuracy']:.3f}, ROC AUC {auc} (👍 {m['accuracy_up']:.3f}, 👎 {m['accuracy_down']:.3f}; "
+            f"{m['n']} examples)")
+
+
+def _summary(config, engine: Engine, task: PolicyTask, model_dir, ref_from_cache: bool, udm, last_line) -> dict:
+    shards = [set(map(tuple, shard)) for shard in engine.gather_objects(sorted(task.seen))]
+    return {
+        "world_size": engine.world,
+        "examples_per_process": [len(x) for x in shards],
+        "examples_on_several_processes": len(set.intersection(*shards)) if engine.world > 1 else 0,
+        "method": task.objective.name, "model": config.model, "model_dir": str(model_dir),
+        "steps": task.total_steps, "data": task.data.report, "reference_logps_from_cache": ref_from_cache,
+        **({"udm": udm.stats} if udm else {}),
+        "reward_shift": task.objective.state_dict(), "threshold": task.objective.threshold,
+        "final_metrics": last_line, **task.history, "settings": config.to_dict(),
+    }
+
+
+def _finish(config: TrainConfig, engine: Engine, run: RunDir, model, tokenizer, model_dir, summary: dict) -> None:
+    """Main process: the final model folder, the judged comparison, summary.json and the report."""
+    run.save_folder("model", lambda folder: save_policy(model, tokenizer, folder, config))
+    engine.say(f"Saved the model to {run.path / 'model'}")
+    if config.eval_prompts:
+        summary["judged"] = judged_comparison(config, run, model_dir, engine.say)
+    engine.say(f"Run summary: {run.write_summary(summary)}")
+    if config.report:
+        engine.say(f"Report: {write_report(run.path)}")
+
+
+def save_policy(model, tokenizer, folder, config) -> None:
+    """The trained model (LoRA merged) or, with --save-adapter, the adapter alone; and the tokenizer."""
+    if config.use_lora and config.save_adapter:
+        model.save_pretrained(folder)
+    else:
+        if config.use_lora:
+            # in place: training is over, and a merged copy would add a whole model to the run's peak memory
+            model = model.merge_and_unload()
+        model.config.use_cache = True
+        model.save_pretrained(folder, safe_serialization=True)
+        model.config.use_cache = False
+    tokenizer.save_pretrained(folder)
+
+
+def judged_comparison(config: TrainConfig, run: RunDir, base_dir, say) -> dict:
+    """The base and the trained model answer held-out prompts; the judge decides; bootstrap intervals."""
+    if config.use_lora and config.save_adapter:
+        say("Generation eval skipped: the run saved an adapter only (drop --save-adapter to compare)")
+        return {}
+    judge = load_judge(config.judge, config.reference_field)
+    result = judged_generations({"trained": run.path / "model", "base": base_dir}, config.eval_prompts, judge,
+                                run.path / "generations.jsonl", max_new_tokens=config.eval_max_new_tokens,
+                                temperature=config.eval_temperature, seed=config.seed,
+                                batch_size=config.eval_batch_size)
+    say(f"Held-out prompts answered by both models, judged by {config.judge}:\n{format_comparison(result)}")
+    return result

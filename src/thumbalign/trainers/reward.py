@@ -1,0 +1,134 @@
+"""`thumbalign reward train`: a binary reward model P(👍 | prompt, answer), trained directly on thumbs with binary
+cross-entropy, on the same engine as the policy trainer (checkpoints, resume, non-finite steps, several processes).
+
+Optional: UDM weights on 👎 examples, class-balance weights, LoRA, and temperature scaling fitted on the held-out
+split so that σ(logit / T) is a calibrated probability.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..analysis.metrics import (expected_calibration_error, fit_temperature, implicit_classifier_report,
+                                reliability_bins)
+from ..analysis.report import write_report
+from ..data.batching import collate, micro_batches
+from ..data.prepare import DataNeeds, PreparedData, prepare_data
+from ..engine.loop import Engine, MicroStep
+from ..engine.models import load_tokenizer
+from ..engine.reward_model import RewardScores, load_reward_model, score_examples
+from ..engine.rundir import RunDir
+from .common import UDMWeights, count_steps, fit_udm, make_trainable, model_folder, udm_window_stats
+
+REWARD_DATA = DataNeeds("reward")
+
+
+def train_reward_model(config, log=print) -> dict:
+    run = RunDir.open(config)
+    engine = Engine(config, log)
+    model_dir = model_folder(engine, config)
+    tokenizer = load_tokenizer(model_dir, config.trust_remote_code)
+    data = prepare_data(config, tokenizer, REWARD_DATA, log=engine.say)
+    model = load_reward_model(model_dir, config.trust_remote_code)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    udm = fit_udm(config, engine, run, data, model, tokenizer) if config.udm else None
+    model = make_trainable(model, config)
+    if config.use_lora:
+        for name, p in model.named_parameters():  # the new head always trains
+            if "score" in name:
+                p.requires_grad_(True)
+    task = RewardTask(config, engine, data, udm, tokenizer.pad_token_id)
+    core = model.get_base_model() if config.use_lora else model
+    engine.prepare(RewardScores(core), model, task.total_steps)
+    if run.resume_from:
+        start = engine.resume(run, task, task.units_per_step)
+    else:
+        start = 0
+        if engine.is_main:
+            run.write_config(config)
+    engine.say(f"Training a reward model on {len(data.train)} examples ({task.n_up} 👍, "
+               f"{len(data.train) - task.n_up} 👎): {task.total_steps} steps of {task.units_per_step}")
+    engine.run(task, run, start, task.units_per_step, task.steps_per_epoch)
+    summary = {"kind": "reward_model", "steps": task.total_steps, "world_size": engine.world, "data": data.report,
+               "settings": config.to_dict(), **({"udm": udm.stats} if udm else {})}
+    if engine.is_main:
+        final = model.merge_and_unload() if config.use_lora else model
+        if data.eval:
+            summary["eval"] = calibrate(final, data, tokenizer.pad_token_id, config, engine.say)
+        run.save_folder("model", lambda folder: (final.save_pretrained(folder, safe_serialization=True),
+                                                 tokenizer.save_pretrained(folder)))
+        run.write_summary(summary)
+        engine.say(f"Saved the reward model to {run.path / 'model'}; report: {write_report(run.path)}")
+    engine.wait()
+    return summary
+
+
+class RewardTask:
+    """A step of reward-model training: micro-batches of feedback examples, one logit each, weighted BCE."""
+
+    def __init__(self, config, engine: Engine, data: PreparedData, udm: UDMWeights | None, pad_token_id: int):
+        self.config, self.engine, self.data, self.udm, self.pad_token_id = config, engine, data, udm, pad_token_id
+        self.micro, self.accumulation = config.per_device_train_batch_size, config.gradient_accumulation_steps
+        self.units_per_step = self.micro * self.accumulation * engine.world
+        self.total_steps, self.steps_per_epoch = count_steps(config, len(data.units), self.units_per_step)
+        labels = torch.tensor([e.label for e in data.train])
+        self.n_up = int(labels.sum())
+        n, n_down = len(labels), len(labels) - self.n_up
+        self.class_weight = ({True: n / (2 * self.n_up), False: n / (2 * n_down)} if config.balance_classes
+                             else {True: 1.0, False: 1.0})
+
+    def step_batches(self, step: int) -> list[tuple[list[int], int]]:
+        batches, n_step = micro_batches(self.data.units, step, self.micro, self.accumulation, self.engine.world,
+                                        self.engine.rank, self.config.seed)
+        return [(idx, n_step) for idx in batches]
+
+    def micro_step(self, module, batch) -> MicroStep:
+        idx, n_step = batch
+        device = self.engine.device
+        tensors = collate([self.data.train[i] for i in idx], self.pad_token_id)
+        labels = tensors["labels"].to(device)
+        weights = torch.tensor([self.class_weight[bool(label)] for label in tensors["labels"]], device=device)
+        stats = {}
+        if self.udm:
+            rows = torch.tensor(idx)
+            weights = torch.where(labels, weights, weights * self.udm.weights[rows].to(device))
+            stats.update(udm_weight=self.udm.weights[rows], udm_clipped=self.udm.clipped[rows])
+        logits = module(tensors["input_ids"].to(device), tensors["attention_mask"].to(device))
+        losses = F.binary_cross_entropy_with_logits(logits, labels.float(), reduction="none") * weights
+        stats.update(loss=losses, logit=logits, label=labels)
+        return MicroStep(losses.sum() / n_step, stats, tokens=int(tensors["n_tokens"]), samples=len(idx))
+
+    def log_line(self, stats: dict[str, torch.Tensor]) -> dict:
+        if not stats:
+            return {"loss": None, "accuracy": None}
+        right = (stats["logit"] > 0) == stats["label"]
+        return {"loss": float(stats["loss"].mean()), "accuracy": float(right.float().mean()), **udm_window_stats(stats)}
+
+    def format_line(self, m: dict) -> str:
+        if m["loss"] is None:
+            return f"step {m['step']}: every step since the last line was skipped (non-finite)"
+        return f"step {m['step']}: loss {m['loss']:.4f}  acc {m['accuracy']:.3f}  lr {m['lr']:.2e}"
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+def calibrate(model, data: PreparedData, pad_token_id: int, config, say) -> dict:
+    """Held-out accuracy, ROC AUC and ECE; the temperature fitted on the held-out split is stored in the model's
+    config, so that σ(logit / T) is the calibrated P(👍) wherever the folder is loaded."""
+    logits = score_examples(model, data.eval, pad_token_id, config.eval_batch_size)
+    labels = torch.tensor([e.label for e in data.eval])
+    temperature = fit_temperature(logits, labels) if config.calibrate else 1.0
+    held = implicit_classifier_report(logits / temperature, labels)
+    held["ece_before_calibration"] = expected_calibration_error(torch.sigmoid(logits), labels)
+    held["temperature"] = temperature
+    held["reliability"] = reliability_bins(torch.sigmoid(logits / temperature), labels)
+    model.config.thumbalign_temperature = temperature
+    auc = "n/a (one class)" if held["auc"] is None else f"{held['auc']:.3f}"
+    say(f"Held-out: accuracy {held['accuracy']:.3f}, ROC AUC {auc}, ECE {held['ece']:.3f} "
+        f"(before temperature scaling {held['ece_before_calibration']:.3f}, T = {temperature:.3f})")
+    return held
