@@ -1,0 +1,81 @@
+"""The package's shape is checked, not just described: layers, no cycles, no private names across modules, and a
+command line whose help does not load torch."""
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[1] / "src" / "thumbalign"
+
+
+def test_import_contracts_hold():
+    """import-linter: each layer imports only those below it; no cycles among the modules of any package."""
+    lint = Path(sys.executable).parent / "lint-imports"
+    result = subprocess.run([str(lint)], capture_output=True, text=True, cwd=PACKAGE.parents[1], timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "2 kept, 0 broken" in result.stdout
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _resolve(module: str, node: ast.ImportFrom, is_package: bool) -> str:
+    if not node.level:
+        return node.module or ""
+    base = module.split(".")
+    base = base if is_package else base[:-1]
+    base = base[:len(base) - node.level + 1]
+    return ".".join(base + ([node.module] if node.module else []))
+
+
+def test_no_private_name_crosses_a_module_boundary():
+    """`from thumbalign.x import _helper` or `x._helper` from another module means the helper is not private."""
+    crossings = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        module, tree = _module_name(path), ast.parse(path.read_text())
+        imported_modules = {}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom):
+                source = _resolve(module, node, path.name == "__init__.py")
+                if not source.startswith("thumbalign"):
+                    continue
+                for alias in node.names:
+                    if alias.name.startswith("_") and not alias.name.startswith("__"):
+                        crossings.append(f"{module} imports {source}.{alias.name}")
+                    imported_modules[alias.asname or alias.name] = f"{source}.{alias.name}"
+            elif isinstance(node, ast.Import):
+                for alias in node.names:
+                    if alias.name.startswith("thumbalign"):
+                        imported_modules[alias.asname or alias.name.split(".")[0]] = alias.name
+        for node in ast.walk(tree):
+            if (isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__")
+                    and isinstance(node.value, ast.Name) and node.value.id in imported_modules):
+                crossings.append(f"{module} uses {imported_modules[node.value.id]}.{node.attr}")
+    assert not crossings, crossings
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["train", "--help"], ["reward", "train", "--help"], ["methods"]])
+def test_help_does_not_load_torch(argv):
+    code = ("import sys\nfrom thumbalign.cli import main\n"
+            f"try:\n    main({argv!r})\nexcept SystemExit:\n    pass\n"
+            "print('TORCH LOADED' if 'torch' in sys.modules else 'no torch')")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    expected = "TORCH LOADED" if argv == ["methods"] else "no torch"  # listing methods loads them, and they use torch
+    assert result.stdout.strip().splitlines()[-1] == expected, result.stdout + result.stderr
+
+
+def test_every_method_is_one_file_found_by_the_registry():
+    """A method is found because its file exists: the registry names no method."""
+    from thumbalign.methods.registry import methods
+
+    registry_source = (PACKAGE / "methods" / "registry.py").read_text()
+    found = methods()
+    assert {"bco", "kto", "apo-zero", "una", "sft-positive", "dpo", "ipo", "bco-pair"} <= set(found)
+    for name, cls in found.items():
+        assert f'"{name}"' not in registry_source
+        assert cls.__module__.startswith("thumbalign.methods.")
