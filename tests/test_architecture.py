@@ -79,3 +79,43 @@ def test_every_method_is_one_file_found_by_the_registry():
     for name, cls in found.items():
         assert f'"{name}"' not in registry_source
         assert cls.__module__.startswith("thumbalign.methods.")
+
+
+def _readme_method_example() -> str:
+    readme = (PACKAGE.parents[1] / "README.md").read_text()
+    section = readme.split("## Adding a method", 1)[1]
+    return section.split("```python", 1)[1].split("```", 1)[0]
+
+
+def test_the_readme_recipe_for_a_new_method_works(tmp_path, tiny_llama, monkeypatch):
+    """The 'Adding a method' example, dropped into the methods package as one file, is found, listed and trains."""
+    import torch
+
+    import thumbalign.methods
+    from conftest import toy_feedback, write_jsonl
+    from thumbalign.cli import main
+    from thumbalign.methods import registry
+    from thumbalign.trainers.config import TrainConfig
+    from thumbalign.trainers.policy import train
+
+    extra = tmp_path / "extra_methods"
+    extra.mkdir()
+    (extra / "hinge.py").write_text(_readme_method_example())
+    monkeypatch.setattr(thumbalign.methods, "__path__", [*thumbalign.methods.__path__, str(extra)])
+    monkeypatch.delitem(sys.modules, "thumbalign.methods.hinge", raising=False)
+    registry.methods.cache_clear()
+    try:
+        found = registry.methods()
+        assert "hinge" in found
+        module = sys.modules["thumbalign.methods.hinge"]
+        out = module.hinge_loss(torch.tensor([-1.0, -4.0]), torch.tensor([-2.0, -2.0]), torch.tensor([True, False]),
+                                beta=0.5)
+        assert out.losses.tolist() == pytest.approx([max(0, 1 - 0.5), max(0, 1 - 1.0)])
+        assert main(["methods"]) == 0
+        data = write_jsonl(tmp_path / "f.jsonl", toy_feedback(8))
+        summary = train(TrainConfig(data=str(data), model=str(tiny_llama), method="hinge", max_steps=2,
+                                    per_device_train_batch_size=4, bf16="false", output_dir=str(tmp_path / "run"),
+                                    report=False), log=lambda *a: None)
+        assert summary["method"] == "hinge" and summary["steps"] == 2
+    finally:
+        registry.methods.cache_clear()
