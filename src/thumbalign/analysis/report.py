@@ -17,6 +17,10 @@ CURVES = [  # (title, [(metrics key, label)])
     ("Reference point", [("delta", "δ (BCO reward shift)"), ("z_ref", "z_ref (KTO)")]),
     ("Learning rate", [("lr", "learning rate")]),
     ("Implicit-classifier accuracy (training batches)", [("accuracy", "accuracy")]),
+    ("Reward of sampled answers (online)", [("reward_mean", "mean reward")]),
+    ("Pass rate of sampled answers (online)", [("pass_rate", "share of thumbs-up")]),
+    ("Groups without signal (online)", [("frac_zero_std", "all thumbs-up or all thumbs-down")]),
+    ("Answer length (online)", [("answer_length", "tokens")]),
 ]
 
 PAGE = """<!doctype html>
@@ -128,8 +132,10 @@ def _judged_section(run: Path, summary: dict) -> str:
         return "<p>No generation eval in this run (use --eval-prompts with --judge).</p>"
     rows = [[name, m["thumbs_up_rate"], f"[{m['ci95'][0]:.3f}, {m['ci95'][1]:.3f}]"]
             for name, m in judged["models"].items()]
-    parts = [f"<p>Judge: {html.escape(str(summary.get('settings', {}).get('judge')))}; {judged['prompts']} prompts "
-             "never trained on; 95% bootstrap intervals.</p>", _table(rows, ["model", "thumbs-up rate", "95% interval"])]
+    settings = summary.get("settings", {})
+    judge = settings.get("judge") if summary.get("kind") != "online" else " + ".join(settings.get("reward") or [])
+    parts = [f"<p>Judge: {html.escape(str(judge))}; {judged['prompts']} prompts never trained on; 95% bootstrap "
+             "intervals.</p>", _table(rows, ["model", "thumbs-up rate", "95% interval"])]
     if "difference" in judged:
         d = judged["difference"]
         parts.append(_table([[d["of"], d["mean"], f"[{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}]", d["wins"],
@@ -202,6 +208,9 @@ def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
     if summary.get("kind") == "reward_model":
         body.append("<h2>Held-out reward model</h2>")
         body.append(_reward_section(summary.get("eval")))
+    elif summary.get("kind") == "online":
+        body.append("<h2>Held-out prompts, greedy answers before and after</h2>")
+        body.append(_judged_section(run, summary))
     else:
         body.append("<h2>Held-out implicit-reward classifier</h2>")
         body.append(_classifier_table(summary))

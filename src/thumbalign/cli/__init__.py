@@ -13,9 +13,9 @@ import sys
 
 from .. import __version__
 from ..errors import ThumbalignError
-from . import best_of_n, evaluate, importer, inspect_file, methods, report, reward, train
+from . import best_of_n, evaluate, importer, inspect_file, methods, online, report, reward, train
 
-COMMANDS = (train, methods, evaluate, report, reward, best_of_n, importer, inspect_file)
+COMMANDS = (train, online, methods, evaluate, report, reward, best_of_n, importer, inspect_file)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,8 +1,8 @@
-"""`thumbalign methods`: the training methods, one line each."""
+"""`thumbalign methods`: the offline methods and the online objectives, one line each."""
 
 from __future__ import annotations
 
-from ..trainers.config import TrainConfig
+from ..trainers.config import OnlineConfig, TrainConfig
 
 
 def add_parser(commands) -> None:
@@ -12,10 +12,15 @@ def add_parser(commands) -> None:
 
 
 def run(args, argv: list[str]) -> int:
-    from ..methods.registry import methods
+    from ..methods.registry import methods, online_objectives
 
+    print("thumbalign train --method:")
     for name, cls in methods().items():
         kind = "paired (prompt, chosen, rejected)" if cls.needs.paired else "unpaired 👍/👎"
         default = " (default)" if name == TrainConfig.method else ""
-        print(f"{name:<13} {kind:<36} {cls.summary}{default}")
+        print(f"  {name:<13} {kind:<36} {cls.summary}{default}")
+    print("thumbalign online --objective (prompts, rewards on the model's own answers):")
+    for name, cls in online_objectives().items():
+        default = " (default)" if name == OnlineConfig.objective else ""
+        print(f"  {name:<13} {cls.summary}{default}")
     return 0

@@ -20,6 +20,11 @@ def _base_type(tp):
     return tp
 
 
+def _list_element(tp):
+    """The element type of a `list[X]` setting, else None."""
+    return typing.get_args(tp)[0] if typing.get_origin(tp) is list else None
+
+
 def field_types(cls) -> dict[str, type]:
     hints = typing.get_type_hints(cls)
     return {f.name: _base_type(hints[f.name]) for f in dataclasses.fields(cls)}
@@ -32,7 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser, cls) -> None:
     parser.add_argument("--config", help="YAML file with the same keys as these flags; flags override it.")
     for f in dataclasses.fields(cls):
         flag = "--" + f.name.replace("_", "-")
-        help_ = f.metadata["help"] + f" (default: {f.default})"
+        help_ = (f.metadata["help"] + f" (default: {f.default})").replace("%", "%%")  # argparse formats help with %
         if f.name == "eval_split":  # `--split` as in the issue tracker's wording, same setting
             parser.add_argument(flag, "--split", type=float, default=None, help=help_, dest="eval_split",
                                 metavar="SHARE")
@@ -40,6 +45,10 @@ def add_arguments(parser: argparse.ArgumentParser, cls) -> None:
             parser.add_argument(flag, nargs="?", const="latest", default=None, help=help_)
         elif types_[f.name] is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_)
+        elif _list_element(types_[f.name]) is not None:  # --reward a b, or --reward a --reward b
+            parser.add_argument(flag, action="extend", nargs="+", type=_list_element(types_[f.name]), default=None,
+                                help=help_ + " Several values: list them, or repeat the flag.",
+                                metavar=f.name.upper())
         else:
             parser.add_argument(flag, type=types_[f.name], default=None, choices=f.metadata.get("choices"),
                                 help=help_, metavar=f.name.upper() if not f.metadata.get("choices") else None)
@@ -62,8 +71,11 @@ def load_yaml(path: str, cls) -> dict:
         name = str(key).replace("-", "_")
         if name not in names:
             raise ConfigError(f"{path}: unknown setting {key!r}")
+        element = _list_element(types_[name])
         if name == "resume" and value is True:
             value = "latest"
+        elif value is not None and element is not None:
+            value = [_yaml_value(path, key, v, element) for v in (value if isinstance(value, list) else [value])]
         elif value is not None and types_[name] is float and isinstance(value, (int, str)):
             try:
                 value = float(value)  # YAML reads 5e-6 as a string
@@ -75,6 +87,17 @@ def load_yaml(path: str, cls) -> dict:
             raise ConfigError(f"{path}: setting {key!r}: expected {types_[name].__name__}, got {value!r}")
         out[name] = value
     return out
+
+
+def _yaml_value(path, key, value, tp):
+    if tp is float and isinstance(value, (int, str)) and not isinstance(value, bool):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if not isinstance(value, tp):
+        raise ConfigError(f"{path}: setting {key!r}: expected {tp.__name__} values, got {value!r}")
+    return value
 
 
 def build_config(args: argparse.Namespace, cls):

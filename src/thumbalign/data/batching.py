@@ -84,3 +84,17 @@ def collate_packed(examples: list[Example]) -> dict[str, torch.Tensor]:
     mask = (causal & (sequence[:, None] == sequence[None, :]))[None, None]
     return {"input_ids": input_ids, "attention_mask": mask, "position_ids": positions, "completion_mask": completion,
             "sequence_ids": sequence.unsqueeze(0), **_per_example(examples)}
+
+
+def collate_masked(sequences: list[list[int]], masks: list[list[bool]], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad token sequences whose trained tokens are marked one by one (several answer spans of a
+    conversation, say): ``completion_mask`` is the given mask."""
+    length = max(len(s) for s in sequences)
+    input_ids = torch.full((len(sequences), length), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(sequences), length), dtype=torch.long)
+    completion_mask = torch.zeros((len(sequences), length), dtype=torch.bool)
+    for row, (ids, mask) in enumerate(zip(sequences, masks)):
+        input_ids[row, :len(ids)] = torch.tensor(ids)
+        attention_mask[row, :len(ids)] = 1
+        completion_mask[row, :len(ids)] = torch.tensor(mask, dtype=torch.bool)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "completion_mask": completion_mask}

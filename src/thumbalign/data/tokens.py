@@ -82,6 +82,21 @@ def encode_record(tokenizer, record: Record) -> tuple[list[int], list[int]]:
     return list(prompt_ids), list(completion_ids)
 
 
+def encode_prompt(tokenizer, prompt, source: str = "") -> list[int]:
+    """Token ids of a prompt ready for the model's answer: a conversation through the chat template with the
+    generation prompt, plain text as it is (with the tokenizer's BOS, without an EOS it may append)."""
+    if isinstance(prompt, list):
+        if not getattr(tokenizer, "chat_template", None):
+            raise DataError(source or "a prompt", None, "prompt",
+                            "a conversation, but the tokenizer has no chat template")
+        text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    ids = list(tokenizer(prompt, add_special_tokens=True)["input_ids"])
+    if tokenizer.eos_token_id is not None and ids and ids[-1] == tokenizer.eos_token_id:
+        ids = ids[:-1]
+    return ids
+
+
 def fit_to_length(prompt_ids: list[int], completion_ids: list[int], max_length: int) -> list[int] | None:
     """The truncation rule: keep the completion whole and cut the prompt from the left to fit ``max_length``.
     Returns the (possibly cut) prompt, or None when the completion alone leaves no room for a prompt token."""

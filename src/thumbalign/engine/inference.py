@@ -82,3 +82,45 @@ def generate(model, tokenizer, prompts: list, max_new_tokens: int, temperature: 
     out = model.generate(**enc, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, use_cache=True,
                          num_return_sequences=num_return_sequences, **sampling)
     return [tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in out[:, enc["input_ids"].shape[1]:]]
+
+
+class RowSeededSampling:
+    """A transformers logits processor that samples each row's next token from softmax(logits / temperature) with
+    the row's own random generator, and leaves only that token possible (greedy decoding then takes it). An answer
+    thus depends on its seed alone — not on the batch, the process or the other answers it was generated with — so
+    a resumed run, or the same run on more processes, samples exactly the same answers."""
+
+    def __init__(self, seeds: list[int], temperature: float, device):
+        self.generators = [torch.Generator(device=device).manual_seed(int(s)) for s in seeds]
+        self.temperature = temperature
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        probs = torch.softmax(scores.float() / self.temperature, dim=-1)
+        chosen = torch.cat([torch.multinomial(p, 1, generator=g) for p, g in zip(probs, self.generators)])
+        only = torch.full_like(scores, float("-inf"))
+        return only.scatter_(1, chosen.unsqueeze(1), 0.0)
+
+
+@torch.no_grad()
+def sample_answers(model, prompt_ids: list[list[int]], seeds: list[int], max_new_tokens: int, temperature: float,
+                   pad_token_id: int, eos_token_id: int | None) -> list[list[int]]:
+    """One answer per prompt (token ids), each sampled with its own seed (greedy when temperature is 0), with the
+    KV cache and left padding. An answer ends with the EOS token when the model produced one."""
+    from transformers import LogitsProcessorList
+
+    width = max(len(p) for p in prompt_ids)
+    input_ids = torch.full((len(prompt_ids), width), pad_token_id, dtype=torch.long)
+    attention = torch.zeros((len(prompt_ids), width), dtype=torch.long)
+    for row, ids in enumerate(prompt_ids):
+        input_ids[row, width - len(ids):] = torch.tensor(ids)
+        attention[row, width - len(ids):] = 1
+    processors = LogitsProcessorList([RowSeededSampling(seeds, temperature, model.device)] if temperature > 0 else [])
+    out = model.generate(input_ids=input_ids.to(model.device), attention_mask=attention.to(model.device),
+                         max_new_tokens=max_new_tokens, do_sample=False, logits_processor=processors,
+                         pad_token_id=pad_token_id, eos_token_id=eos_token_id, use_cache=True)
+    answers = []
+    for ids in out[:, width:].tolist():
+        if eos_token_id is not None and eos_token_id in ids:
+            ids = ids[:ids.index(eos_token_id) + 1]
+        answers.append(ids)
+    return answers

@@ -114,6 +114,17 @@ class Engine:
             return self.accelerator.gather(t.to(torch.uint8)).bool()
         return self.accelerator.gather(t)
 
+    def gather_rows(self, t: torch.Tensor) -> torch.Tensor:
+        """All-gather along the first dimension when processes hold different numbers of rows: padded to the
+        longest for the collective, cut back after it."""
+        if self.world == 1:
+            return t
+        sizes = self.gather(torch.tensor([t.shape[0]], device=t.device)).tolist()
+        padded = torch.zeros((max(sizes), *t.shape[1:]), dtype=t.dtype, device=t.device)
+        padded[:t.shape[0]] = t
+        chunks = self.gather(padded).split(max(sizes))
+        return torch.cat([chunk[:n] for chunk, n in zip(chunks, sizes)])
+
     def gather_objects(self, obj) -> list:
         """Every process's `obj`, in rank order."""
         if self.world == 1:
@@ -173,7 +184,7 @@ class Engine:
             steps_per_epoch: float | None = None) -> dict:
         """Optimizer steps `start_step` .. total_steps − 1; returns the last log line."""
         config = self.config
-        window = MetricsWindow(self.gather)
+        window = MetricsWindow(self.gather_rows)
         bar = tqdm(total=self.total_steps, initial=start_step, desc="training", unit="step", disable=self.quiet,
                    dynamic_ncols=True)
         self.module.train()

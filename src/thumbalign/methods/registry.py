@@ -1,5 +1,6 @@
-"""The methods, found by themselves: every module of this folder that defines an :class:`Objective` with a name is
-a method. Adding one means adding its file (and its test); nothing here changes."""
+"""The methods, found by themselves: every module of this folder that defines an :class:`Objective` (offline) or an
+:class:`OnlineObjective` (online) with a name is a method. Adding one means adding its file (and its test); nothing
+here changes."""
 
 from __future__ import annotations
 
@@ -9,23 +10,40 @@ import pkgutil
 
 from ..errors import ConfigError
 from .base import Objective
+from .online_base import OnlineObjective
 
-NOT_METHOD_MODULES = {"base", "registry", "udm"}
+NOT_METHOD_MODULES = {"base", "online_base", "registry", "udm"}
 
 
-@functools.cache
-def methods() -> dict[str, type[Objective]]:
-    """name -> objective class; unpaired methods first, then paired, each alphabetical."""
+def _defined_here(kind: type) -> dict[str, type]:
     found = {}
     for info in pkgutil.iter_modules(importlib.import_module(__package__).__path__):
         if info.name in NOT_METHOD_MODULES:
             continue
         module = importlib.import_module(f"{__package__}.{info.name}")
         for value in vars(module).values():
-            if (isinstance(value, type) and issubclass(value, Objective) and value.name
-                    and value.__module__ == module.__name__):
+            if isinstance(value, type) and issubclass(value, kind) and value.name and value.__module__ == module.__name__:
                 found[value.name] = value
-    return dict(sorted(found.items(), key=lambda item: (item[1].needs.paired, item[0])))
+    return found
+
+
+@functools.cache
+def methods() -> dict[str, type[Objective]]:
+    """Offline methods (`thumbalign train`), name -> class; unpaired first, then paired, each alphabetical."""
+    return dict(sorted(_defined_here(Objective).items(), key=lambda item: (item[1].needs.paired, item[0])))
+
+
+@functools.cache
+def online_objectives() -> dict[str, type[OnlineObjective]]:
+    """Online objectives (`thumbalign online`), name -> class, alphabetical."""
+    return dict(sorted(_defined_here(OnlineObjective).items()))
+
+
+def get_online_objective(name: str) -> type[OnlineObjective]:
+    table = online_objectives()
+    if name not in table:
+        raise ConfigError(f"unknown online objective {name!r}; choose one of {', '.join(table)}")
+    return table[name]
 
 
 def get_method(name: str) -> type[Objective]:

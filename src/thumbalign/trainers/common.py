@@ -85,3 +85,17 @@ def udm_window_stats(stats: dict[str, torch.Tensor]) -> dict:
         return {}
     return {"udm_weight_min": float(w.min()), "udm_weight_mean": float(w.mean()), "udm_weight_max": float(w.max()),
             "udm_share_clipped": float(clipped.float().mean())}
+
+
+def save_policy(model, tokenizer, folder, config) -> None:
+    """The trained model (LoRA merged) or, with --save-adapter, the adapter alone; and the tokenizer."""
+    if config.use_lora and config.save_adapter:
+        model.save_pretrained(folder)
+    else:
+        if config.use_lora:
+            # in place: training is over, and a merged copy would add a whole model to the run's peak memory
+            model = model.merge_and_unload()
+        model.config.use_cache = True
+        model.save_pretrained(folder, safe_serialization=True)
+        model.config.use_cache = False
+    tokenizer.save_pretrained(folder)

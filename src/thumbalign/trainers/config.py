@@ -76,7 +76,7 @@ class TrainConfig:
     max_grad_norm: float = _f(1.0, "Clip the gradient norm to this (0 turns clipping off).")
     bf16: str = _f("auto", "bfloat16 autocast: 'auto' (on where the hardware supports it), 'true' or 'false'.",
                    choices=("auto", "true", "false"))
-    gradient_checkpointing: bool = _f(False, "Recompute activations in the backward pass: less memory, ~30%% slower.")
+    gradient_checkpointing: bool = _f(False, "Recompute activations in the backward pass: less memory, ~30% slower.")
     packing: bool = _f(False, "Padding-free batches: the examples of a micro-batch back to back in one row, with "
                               "per-example positions and attention (no compute spent on padding).")
     seed: int = _f(42, "Seed for shuffling, the eval split and initialisation of new weights.")
@@ -183,3 +183,101 @@ def _validate_reward(self) -> None:
 
 
 RewardConfig.validate = _validate_reward
+
+
+ONLINE_SHARED = ("output_dir", "overwrite", "model", "trust_remote_code", "use_lora", "lora_r", "lora_alpha",
+                 "lora_dropout", "lora_target_modules", "save_adapter", "learning_rate", "weight_decay",
+                 "gradient_accumulation_steps", "num_train_epochs", "max_steps", "warmup_ratio", "lr_scheduler_type",
+                 "max_grad_norm", "bf16", "gradient_checkpointing", "seed", "logps_chunk_size", "reference_field",
+                 "report", "skip_nonfinite", "skip_invalid", "num_processes", "accelerate_config", "logging_steps",
+                 "save_steps", "save_total_limit", "resume", "cache_dir", "eval_batch_size")
+
+OnlineConfig = derived_config(
+    "OnlineConfig", ONLINE_SHARED,
+    defaults={"output_dir": "runs/online", "learning_rate": 1e-5, "warmup_ratio": 0.0, "logging_steps": 1,
+              "save_steps": 20},
+    extra=[
+        ("prompts", str | None, _f(None, "Prompts to answer (JSONL/JSON/CSV/Parquet; a 'prompt' or 'messages' per "
+                                         "row; other columns go to the rewards), required.")),
+        ("eval_prompts", str | None, _f(None, "Prompts never trained on: before and after training the model "
+                                              "answers each greedily and the rewards judge it (pass rate with a "
+                                              "95% interval).", resumable=True)),
+        ("reward", list[str] | None, _f(None, "A reward: vader, exact, numeric (against --reference-field), "
+                                              "rm:PATH (a thumbalign reward model's P(👍)), or module:function (a "
+                                              "judge, or TRL's f(prompts, completions, **columns)).")),
+        ("reward_weights", list[float] | None, _f(None, "Weight of each --reward in the total (default: 1 each).")),
+        ("pass_threshold", float, _f(0.5, "A total reward at or above this is a 👍 (the binary outcome: pass rates, "
+                                          "filtering, NFT/RFT labels).")),
+        ("objective", str, _f("grpo", "Online objective: grpo, dr_grpo, nft or rft (`thumbalign methods`).")),
+        ("num_generations", int, _f(8, "Answers sampled per prompt (the group).")),
+        ("per_device_train_batch_size", int, _f(4, "Prompts per micro-batch on each process, each with "
+                                                   "--num-generations answers.")),
+        ("max_new_tokens", int, _f(64, "Longest answer in tokens; longer ones are cut (their share is logged as "
+                                       "clipped_ratio).")),
+        ("temperature", float, _f(1.0, "Sampling temperature of the answers trained on (the whole distribution, no "
+                                       "top-k / top-p).")),
+        ("generation_batch_size", int, _f(64, "Answers generated together in one batch.", resumable=True)),
+        ("beta", float, _f(0.0, "KL coefficient towards the starting model (k3 estimator); 0 loads no reference. "
+                                "With LoRA the reference is the model with its adapter disabled.")),
+        ("epsilon", float, _f(0.2, "PPO clip range of the grpo/dr_grpo ratio (inactive on-policy).")),
+        ("loss_normalization", str, _f("auto", "How token terms sum to the step's loss: sequence (mean per answer, "
+                                               "then over answers), token (mean over the step's tokens), constant "
+                                               "(sum / (answers × max_new_tokens)); auto = the objective's own.",
+                                       choices=("auto", "sequence", "token", "constant"))),
+        ("nft_weighting", str, _f("dr_grpo", "NFT's prompt weight ω: dr_grpo = 1 − r̂ (the authors' default), grpo "
+                                             "= √((1 − r̂)/r̂), constant = 1.",
+                                  choices=("dr_grpo", "grpo", "constant"))),
+        ("nft_negative_floor", float, _f(1.0, "NFT: floor ε of the implicit negative ratio, straight-through "
+                                              "(value clamped, gradient kept).")),
+        ("filter_prompts", str | None, _f(None, "LOW,HIGH: before training, estimate each prompt's pass rate with "
+                                                "the starting model (cached) and keep those inside the band.")),
+        ("retry_turns", int, _f(1, "Turns per conversation: above 1, a 👎 answer is followed by --retry-message and "
+                                   "another answer, and success at turn k earns --retry-gamma^k.")),
+        ("retry_message", str, _f("Incorrect. Please think again.", "The user's reply to a 👎 answer.")),
+        ("retry_gamma", float, _f(0.5, "Reward of success at turn k (k = 0 first) is retry_gamma^k.")),
+        ("retry_repetition_penalty", float, _f(0.5, "λ: a conversation's reward loses λ·(1 − unique answers / "
+                                                    "answers) for repeating itself.")),
+        ("sar_weight", float, _f(0.0, "Self-aligned reward: add w × clip((ppl(a) − ppl(a|q)) / ppl(a), −1, 1), "
+                                      "favouring concise, prompt-specific answers; never used for the binary "
+                                      "outcome.")),
+    ],
+    doc="Settings of `thumbalign online` (shared settings mean what they mean for `thumbalign train`).")
+
+
+def _validate_online(self) -> None:
+    if not self.prompts:
+        raise ConfigError("no prompts: pass --prompts FILE")
+    if not self.reward:
+        raise ConfigError("no reward: pass --reward (vader, exact, numeric, rm:PATH or module:function)")
+    if self.reward_weights is not None and len(self.reward_weights) != len(self.reward):
+        raise ConfigError(f"--reward-weights has {len(self.reward_weights)} values for {len(self.reward)} rewards")
+    for name in ("num_generations", "per_device_train_batch_size", "gradient_accumulation_steps", "max_new_tokens",
+                 "logging_steps", "save_steps", "generation_batch_size", "retry_turns", "eval_batch_size"):
+        if getattr(self, name) <= 0:
+            raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+    if self.num_generations < 2:
+        raise ConfigError("num_generations must be at least 2: a group of one carries no relative signal")
+    if self.temperature <= 0:
+        raise ConfigError("temperature must be positive: the answers trained on are sampled")
+    if self.beta < 0 or self.learning_rate <= 0:
+        raise ConfigError("beta must be ≥ 0 and learning_rate positive")
+    if self.save_adapter and not self.use_lora:
+        raise ConfigError("--save-adapter needs --use-lora")
+    if self.filter_prompts is not None:
+        band = filter_band(self.filter_prompts)
+        if not 0 <= band[0] <= band[1] <= 1:
+            raise ConfigError(f"--filter-prompts {self.filter_prompts}: expected LOW,HIGH with 0 ≤ LOW ≤ HIGH ≤ 1")
+    from ..methods.registry import get_online_objective  # here, not at import: the registry loads torch
+
+    get_online_objective(self.objective)
+
+
+def filter_band(text: str) -> tuple[float, float]:
+    try:
+        low, high = (float(v) for v in text.split(","))
+    except ValueError:
+        raise ConfigError(f"--filter-prompts {text!r}: expected two numbers, LOW,HIGH (e.g. 0.1,0.9)") from None
+    return low, high
+
+
+OnlineConfig.validate = _validate_online

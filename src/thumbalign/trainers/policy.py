@@ -25,7 +25,8 @@ from ..engine.reference import ReferenceLogps
 from ..engine.rundir import RunDir
 from ..methods.base import Objective, StepInputs
 from ..methods.registry import get_method
-from .common import UDMWeights, count_steps, fit_udm, make_trainable, model_folder, udm_window_stats
+from .common import (UDMWeights, count_steps, fit_udm, make_trainable, model_folder, save_policy,
+                     udm_window_stats)
 from .config import TrainConfig
 
 
@@ -225,20 +226,6 @@ def _finish(config: TrainConfig, engine: Engine, run: RunDir, model, tokenizer, 
     engine.say(f"Run summary: {run.write_summary(summary)}")
     if config.report:
         engine.say(f"Report: {write_report(run.path)}")
-
-
-def save_policy(model, tokenizer, folder, config) -> None:
-    """The trained model (LoRA merged) or, with --save-adapter, the adapter alone; and the tokenizer."""
-    if config.use_lora and config.save_adapter:
-        model.save_pretrained(folder)
-    else:
-        if config.use_lora:
-            # in place: training is over, and a merged copy would add a whole model to the run's peak memory
-            model = model.merge_and_unload()
-        model.config.use_cache = True
-        model.save_pretrained(folder, safe_serialization=True)
-        model.config.use_cache = False
-    tokenizer.save_pretrained(folder)
 
 
 def judged_comparison(config: TrainConfig, run: RunDir, base_dir, say) -> dict:

@@ -1,0 +1,560 @@
+"""`thumbalign online`: the policy learns from binary rewards on its own answers.
+
+One optimizer step:
+  the step's prompts (a pure function of the step, as in `train`) -> G answers to each, every one sampled with a
+  seed of its own (engine/inference.py) -> rewards (analysis/rewards.py) -> the binary outcome, each group's pass
+  rate; groups whose answers are all 👍 or all 👎 carry no signal and are dropped -> per-token log-probs
+  (engine/logprobs.py) -> the objective's token losses (methods/grpo.py, nft.py, rft.py) -> AdamW step on the shared
+  engine (engine/loop.py), with its checkpoints, exact resume, non-finite handling and several processes.
+
+Each prompt's group stays on one process. Answers are trained on strictly on-policy (π_old is the policy being
+trained, one optimizer step per batch of answers), so R_t = 1 in value and the clip of GRPO is inactive.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..analysis.judged import compare, format_comparison
+from ..analysis.report import write_report
+from ..analysis.rewards import Answer, RewardFailure, RewardSet
+from ..data.batching import collate_masked, micro_batches
+from ..data.prompts import PromptRow, load_prompts
+from ..data.tokens import encode_prompt
+from ..engine.inference import sample_answers
+from ..engine.logprobs import CompletionLogps, completion_token_logps
+from ..engine.loop import Engine, MicroStep
+from ..engine.models import cache_root, load_causal_lm, load_tokenizer
+from ..engine.reference import model_fingerprint
+from ..engine.rundir import RunDir
+from ..errors import ConfigError
+from ..methods.online_base import GroupBatch, OnlineObjective, group_statistics, k3_kl, reduce_token_losses
+from ..methods.registry import get_online_objective
+from .common import count_steps, make_trainable, model_folder, save_policy
+from .config import filter_band
+
+
+def train_online(config, log=print) -> dict:
+    run = RunDir.open(config)
+    engine = Engine(config, log)
+    model_dir = model_folder(engine, config)
+    tokenizer = load_tokenizer(model_dir, config.trust_remote_code)
+    prompts = load_prompts(config.prompts)
+    eval_prompts = load_prompts(config.eval_prompts) if config.eval_prompts else []
+    rewards = RewardSet(config.reward, config.reward_weights, config.reference_field, config.pass_threshold)
+    model = load_causal_lm(model_dir, config.trust_remote_code).to(engine.device)
+    sampler = Sampler(model, tokenizer, config, engine)
+    if config.filter_prompts:
+        prompts = keep_learnable_prompts(prompts, sampler, rewards, config, engine, model_dir)
+    history = {}
+    if eval_prompts and not run.resume_from:
+        history["pass_rate_before"] = held_out_pass_rate(sampler, rewards, eval_prompts, "base", run, engine)
+    model = make_trainable(model, config)
+    sampler.set_model(model)
+    objective = get_online_objective(config.objective)(config)
+    task = OnlineTask(config, engine, prompts, rewards, objective, model, sampler, model_dir, history)
+    engine.prepare(CompletionLogps(model, config.logps_chunk_size), model, task.total_steps)
+    if run.resume_from:
+        start = engine.resume(run, task, task.units_per_step)
+    else:
+        start = 0
+        if engine.is_main:
+            run.write_config(config)
+    task.announce()
+    last_line = engine.run(task, run, start, task.units_per_step, task.steps_per_epoch)
+    if eval_prompts:
+        task.history["pass_rate_after"] = held_out_pass_rate(sampler, rewards, eval_prompts, "trained", run, engine)
+    summary = {"kind": "online", "method": objective.name, "model": config.model, "model_dir": str(model_dir),
+               "steps": task.total_steps, "world_size": engine.world, "prompts": len(prompts),
+               "final_metrics": last_line, **task.history, "settings": config.to_dict()}
+    if engine.is_main:
+        if eval_prompts:
+            summary["judged"] = _comparison(run, len(eval_prompts))
+            engine.say("Held-out prompts, greedy answers judged by the rewards:\n"
+                       + format_comparison(summary["judged"]))
+        run.save_folder("model", lambda folder: save_policy(model, tokenizer, folder, config))
+        engine.say(f"Saved the model to {run.path / 'model'}; run summary: {run.write_summary(summary)}")
+        if config.report:
+            engine.say(f"Report: {write_report(run.path)}")
+    engine.wait()
+    return summary
+
+
+# ------------------------------------------------------------------------------------------------- sampling
+
+def answer_seed(seed: int, step: int, prompt_index: int, k: int, turn: int = 0) -> int:
+    """The seed of one answer: a function of the run's seed, the step, the prompt and the answer's number only."""
+    digest = hashlib.sha256(f"{seed}/{step}/{prompt_index}/{k}/{turn}".encode()).digest()
+    return int.from_bytes(digest[:7], "little")
+
+
+class Sampler:
+    """The policy answering prompts: token ids in, answers out, in batches, in eval mode, under the run's autocast."""
+
+    def __init__(self, model, tokenizer, config, engine: Engine):
+        self.model, self.tokenizer, self.config, self.engine = model, tokenizer, config, engine
+        self.eos = tokenizer.eos_token_id
+
+    def set_model(self, model) -> None:
+        self.model = model
+
+    def prompt_ids(self, row: PromptRow, conversation: list | None = None) -> list[int]:
+        return encode_prompt(self.tokenizer, conversation if conversation is not None else row.prompt, row.source)
+
+    def answers(self, prompt_ids: list[list[int]], seeds: list[int], temperature: float) -> list[list[int]]:
+        was_training = self.model.training
+        self.model.eval()
+        out = []
+        size = self.config.generation_batch_size
+        with self.engine.autocast():
+            for start in range(0, len(prompt_ids), size):
+                out += sample_answers(self.model, prompt_ids[start:start + size], seeds[start:start + size],
+                                      self.config.max_new_tokens, temperature, self.tokenizer.pad_token_id, self.eos)
+        self.model.train(was_training)
+        return out
+
+    def text(self, answer_ids: list[int]) -> str:
+        return self.tokenizer.decode(answer_ids, skip_special_tokens=True).strip()
+
+
+@dataclass
+class Rollout:
+    """One conversation with the model for one prompt: its tokens, which of them are the model's, its reward."""
+
+    prompt_index: int
+    group: int                    # the prompt's position in this process's step: answers of a group compare
+    sample: int                   # which of the group's answers (seeds the sampling)
+    tokens: list[int]
+    mask: list[bool]              # the model's answer tokens (trained on)
+    answers: list[str]            # the answer of each turn
+    truncated: bool               # the last answer hit max_new_tokens without ending
+    reward: float | None = None   # shaped total; None: a reward left it out
+    outcome: float = 0.0          # binary outcome, 1.0 = 👍
+    stats: dict = field(default_factory=dict)
+
+    @property
+    def answer_tokens(self) -> int:
+        return sum(self.mask)
+
+
+def score_group(rewards: RewardSet, row: PromptRow, rollouts: list[Rollout], answer_ids: list[list[int]]):
+    """Rewards of one prompt's answers (the last answer of each conversation)."""
+    answers = [Answer(row.prompt, r.answers[-1], row.row, ids, row.source) for r, ids in zip(rollouts, answer_ids)]
+    return rewards.score(answers)
+
+
+# ------------------------------------------------------------------------------------------------- the task
+
+@dataclass
+class RolloutBatch:
+    rollouts: list[Rollout]
+    weights: list[float]          # 1 for rollouts trained on, 0 for a placeholder (keeps processes in step)
+    totals: dict                  # sequences / tokens / constant of the whole step, for the loss normalisation
+
+
+class OnlineTask:
+    """A step of online training: sample, reward, group, then the objective's loss over the kept answers."""
+
+    def __init__(self, config, engine: Engine, prompts: list[PromptRow], rewards: RewardSet,
+                 objective: OnlineObjective, model, sampler: Sampler, model_dir: Path, history: dict):
+        self.config, self.engine, self.prompts, self.rewards = config, engine, prompts, rewards
+        self.objective, self.model, self.sampler, self.history = objective, model, sampler, history
+        self.micro, self.accumulation = config.per_device_train_batch_size, config.gradient_accumulation_steps
+        self.units = [[i] for i in range(len(prompts))]
+        self.units_per_step = self.micro * self.accumulation * engine.world
+        self.total_steps, self.steps_per_epoch = count_steps(config, len(prompts), self.units_per_step)
+        self.normalization = (objective.normalization if config.loss_normalization == "auto"
+                              else config.loss_normalization)
+        self.pad = sampler.tokenizer.pad_token_id
+        self.reference = reference_policy(model, model_dir, config, engine)
+        self.pending: list[dict] = []   # rollout statistics of the steps since the last log line (all processes)
+        self.skipped_invalid = 0
+
+    def announce(self) -> None:
+        c, e = self.config, self.engine
+        e.say(f"Online {self.objective.name} on {len(self.prompts)} prompts: {self.total_steps} steps of "
+              f"{self.units_per_step} prompts × {c.num_generations} answers ({self.micro} × {self.accumulation} "
+              f"accumulation × {e.world} processes), loss normalised per {self.normalization}, "
+              f"{'LoRA' if c.use_lora else 'full fine-tune'}, {e.precision} on {e.device}")
+
+    # -------------------------------------------------------------------------------------- rollouts
+
+    def step_batches(self, step: int) -> list[RolloutBatch]:
+        batches, _ = micro_batches(self.units, step, self.micro, self.accumulation, self.engine.world,
+                                   self.engine.rank, self.config.seed)
+        flat = [i for batch in batches for i in batch]
+        rollouts = self.rollouts(step, flat)
+        kept = [r for r in rollouts if r.stats["kept"]]
+        totals = self._step_totals(kept)
+        by_position = {}
+        for r in kept:
+            by_position.setdefault(r.group, []).append(r)
+        out, position = [], 0
+        for batch in batches:
+            mine = [r for p in range(position, position + len(batch)) for r in by_position.get(p, [])]
+            position += len(batch)
+            if mine:
+                out.append(RolloutBatch(mine, [1.0] * len(mine), totals))
+            elif self.engine.world > 1:  # every process runs as many micro-batches as the others: train on nothing
+                out.append(RolloutBatch([rollouts[0]], [0.0], totals))
+        return out
+
+    def rollouts(self, step: int, prompt_indices: list[int]) -> list[Rollout]:
+        """G conversations per prompt, rewarded and grouped; `stats['kept']` says which are trained on."""
+        c = self.config
+        rollouts = [Rollout(i, position, k, [], [], [], False) for position, i in enumerate(prompt_indices)
+                    for k in range(c.num_generations)]
+        conversations = {id(r): None for r in rollouts}
+        open_ = list(rollouts)
+        for turn in range(c.retry_turns):
+            ids = [self.sampler.prompt_ids(self.prompts[r.prompt_index], conversations[id(r)]) for r in open_]
+            seeds = [answer_seed(c.seed, step, r.prompt_index, r.sample, turn) for r in open_]
+            answers = self.sampler.answers(ids, seeds, c.temperature)
+            for r, prompt_ids, answer in zip(open_, ids, answers):
+                r.answers.append(self.sampler.text(answer))
+                r.tokens, r.mask = prompt_ids + answer, [False] * len(prompt_ids) + [True] * len(answer)
+                r.truncated = not answer or answer[-1] != self.sampler.eos
+                r.stats["answer_ids"] = answer
+            self._reward_turn(open_, turn)
+            if turn + 1 < c.retry_turns:
+                open_ = [r for r in open_ if r.reward is not None and not r.outcome]
+                for r in open_:
+                    conversations[id(r)] = self._continue(conversations[id(r)], self.prompts[r.prompt_index], r)
+                if not open_:
+                    break
+        if c.retry_turns > 1:
+            self._retokenize_conversations(rollouts, conversations)
+        if c.sar_weight:
+            self._add_self_aligned_reward(rollouts)
+        self._group(rollouts)
+        return rollouts
+
+    def _reward_turn(self, open_: list[Rollout], turn: int) -> None:
+        by_prompt: dict[int, list[Rollout]] = {}
+        for r in open_:
+            by_prompt.setdefault(r.group, []).append(r)
+        for members in by_prompt.values():
+            row = self.prompts[members[0].prompt_index]
+            try:
+                totals = score_group(self.rewards, row, members, [r.stats["answer_ids"] for r in members])
+            except RewardFailure:
+                if not self.config.skip_invalid:
+                    raise
+                self.skipped_invalid += 1
+                totals = [None] * len(members)
+            for r, total in zip(members, totals):
+                if total is None:
+                    r.reward, r.outcome = None, 0.0
+                    continue
+                passed = self.rewards.passed(total)
+                r.outcome = float(passed)
+                r.stats["turn"] = turn
+                # success at turn k earns gamma^k; a conversation that never succeeds ends at 0
+                r.reward = self.config.retry_gamma ** turn * total if passed or turn == 0 else 0.0
+        for r in open_:
+            if r.reward is not None and self.config.retry_turns > 1:
+                unique = len({a.strip() for a in r.answers})
+                r.reward -= self.config.retry_repetition_penalty * (1 - unique / len(r.answers))
+
+    def _continue(self, conversation, row: PromptRow, rollout: Rollout) -> list:
+        if conversation is None:
+            conversation = row.prompt if isinstance(row.prompt, list) else [{"role": "user", "content": row.prompt}]
+        return conversation + [{"role": "assistant", "content": rollout.answers[-1]},
+                               {"role": "user", "content": self.config.retry_message}]
+
+    def _retokenize_conversations(self, rollouts: list[Rollout], conversations: dict) -> None:
+        """A conversation of several turns is trained on as the chat template renders it, every answer's tokens
+        (and the end of its turn) marked."""
+        for r in rollouts:
+            conversation = conversations[id(r)]
+            if conversation is None:
+                continue  # answered at the first turn: its sampled tokens stand
+            row = self.prompts[r.prompt_index]
+            full = conversation + [{"role": "assistant", "content": r.answers[-1]}]
+            r.tokens, r.mask = conversation_tokens(self.sampler.tokenizer, full, row.source)
+
+    def _add_self_aligned_reward(self, rollouts: list[Rollout]) -> None:
+        """SAR (Han et al., arXiv 2509.05489): clip((ppl(a) − ppl(a|q)) / ppl(a), −1, 1) of each last answer, by the
+        current policy; added to the shaped reward only, never to the binary outcome."""
+        scored = [r for r in rollouts if r.reward is not None and r.stats["answer_ids"]]
+        if not scored:
+            return
+        bos = self.sampler.tokenizer.bos_token_id
+        start = [bos if bos is not None else self.sampler.eos]
+        conditioned = [(r.tokens, r.mask) for r in scored]
+        alone = [(start + r.stats["answer_ids"], [False] + [True] * len(r.stats["answer_ids"])) for r in scored]
+        ppl_q, ppl_alone = self._perplexities(conditioned), self._perplexities(alone)
+        sar = ((ppl_alone - ppl_q) / ppl_alone).clamp(-1, 1)
+        for r, value in zip(scored, sar.tolist()):
+            r.stats["sar"] = value
+            r.reward += self.config.sar_weight * value
+
+    @torch.no_grad()
+    def _perplexities(self, sequences: list[tuple[list[int], list[bool]]]) -> torch.Tensor:
+        was_training = self.model.training
+        self.model.eval()
+        out = []
+        size = self.config.eval_batch_size
+        for start in range(0, len(sequences), size):
+            chunk = sequences[start:start + size]
+            t = collate_masked([s for s, _ in chunk], [m for _, m in chunk], self.pad)
+            device = self.engine.device
+            with self.engine.autocast():
+                logps = completion_token_logps(self.model, t["input_ids"].to(device), t["attention_mask"].to(device),
+                                               t["completion_mask"].to(device), self.config.logps_chunk_size)
+            mask = t["completion_mask"][:, 1:].to(logps.device)
+            out.append(torch.exp(-(logps * mask).sum(1) / mask.sum(1).clamp(min=1)).cpu())
+        self.model.train(was_training)
+        return torch.cat(out)
+
+    def _group(self, rollouts: list[Rollout]) -> None:
+        """Group statistics over each prompt's rewarded answers; a group of all 👍 or all 👎 is not trained on."""
+        scored = [r for r in rollouts if r.reward is not None]
+        if scored:
+            rewards = torch.tensor([r.reward for r in scored], dtype=torch.float32)
+            outcomes = torch.tensor([r.outcome for r in scored], dtype=torch.float32)
+            groups = torch.tensor([r.group for r in scored])
+            mean, std, rate = group_statistics(rewards, outcomes, groups)
+            for r, m, s, p in zip(scored, mean.tolist(), std.tolist(), rate.tolist()):
+                r.stats.update(group_mean=m, group_std=s, pass_rate=p)
+        for r in rollouts:
+            r.stats["kept"] = r.reward is not None and 0.0 < r.stats.get("pass_rate", 0.0) < 1.0
+        self._record(rollouts)
+
+    def _record(self, rollouts: list[Rollout]) -> None:
+        """This step's rollout statistics from every process, for the next log line."""
+        groups: dict[int, list[Rollout]] = {}
+        for r in rollouts:
+            groups.setdefault(r.group, []).append(r)
+        mine = {"rewards": [r.reward for r in rollouts if r.reward is not None],
+                "outcomes": [r.outcome for r in rollouts if r.reward is not None],
+                "lengths": [r.answer_tokens for r in rollouts], "truncated": [r.truncated for r in rollouts],
+                "excluded": sum(r.reward is None for r in rollouts), "groups": len(groups),
+                "zero_std": sum(not any(m.stats["kept"] for m in g) for g in groups.values()),
+                "sar": [r.stats["sar"] for r in rollouts if "sar" in r.stats]}
+        merged = {}
+        for part in self.engine.gather_objects(mine):
+            for key, value in part.items():
+                merged[key] = merged.get(key, 0 if isinstance(value, int) else []) + value
+        self.pending.append(merged)
+
+    def _step_totals(self, kept: list[Rollout]) -> dict:
+        counts = torch.tensor([[len(kept), sum(r.answer_tokens for r in kept)]], dtype=torch.float64,
+                              device=self.engine.device)
+        sequences, tokens = self.engine.gather(counts).sum(0).tolist()
+        generated = self.units_per_step * self.config.num_generations
+        return {"sequences": sequences, "tokens": tokens, "constant": generated * self.config.max_new_tokens}
+
+    # -------------------------------------------------------------------------------------- the loss
+
+    def micro_step(self, module, batch: RolloutBatch) -> MicroStep:
+        device = self.engine.device
+        rollouts = batch.rollouts
+        t = collate_masked([r.tokens for r in rollouts], [r.mask for r in rollouts], self.pad)
+        logps = module(t["input_ids"].to(device), t["attention_mask"].to(device), t["completion_mask"].to(device),
+                       per_token=True)
+        mask = t["completion_mask"][:, 1:].to(device)
+
+        def column(key, default=0.0):
+            return torch.tensor([r.stats.get(key, default) for r in rollouts], dtype=torch.float32, device=device)
+
+        x = GroupBatch(logps=logps, old_logps=logps.detach(), mask=mask,
+                       rewards=torch.tensor([r.reward or 0.0 for r in rollouts], device=device),
+                       outcomes=torch.tensor([r.outcome for r in rollouts], device=device),
+                       group_mean=column("group_mean"), group_std=column("group_std"), pass_rate=column("pass_rate"))
+        token_losses = self.objective.token_losses(x)
+        weights = torch.tensor(batch.weights, device=device)
+        stats = {"weight": weights}
+        if self.config.beta > 0:
+            kl = k3_kl(logps, self.reference_logps(t)) * mask
+            token_losses = token_losses + self.config.beta * kl
+            stats["kl"] = (kl.sum(1) / mask.sum(1).clamp(min=1)).detach()
+        loss = reduce_token_losses(token_losses, mask, weights, self.normalization, **batch.totals)
+        stats["neg_logp"] = (-(logps.detach() * mask).sum(1) / mask.sum(1).clamp(min=1))
+        stats["loss_share"] = loss.detach().reshape(1)
+        return MicroStep(loss, stats, tokens=int(t["attention_mask"].sum()), samples=int(sum(batch.weights)))
+
+    @torch.no_grad()
+    def reference_logps(self, t: dict) -> torch.Tensor:
+        """log π_ref per token: the model with its LoRA adapter disabled, or the frozen starting model."""
+        device = self.engine.device
+        args = (t["input_ids"].to(device), t["attention_mask"].to(device), t["completion_mask"].to(device),
+                self.config.logps_chunk_size)
+        if self.reference is None:
+            with self.model.disable_adapter():
+                return completion_token_logps(self.model, *args)
+        return completion_token_logps(self.reference, *args)
+
+    # -------------------------------------------------------------------------------------- logging and state
+
+    def log_line(self, stats: dict[str, torch.Tensor]) -> dict:
+        steps, self.pending = self.pending, []
+        rewards = [v for s in steps for v in s["rewards"]]
+        outcomes = [v for s in steps for v in s["outcomes"]]
+        lengths = [v for s in steps for v in s["lengths"]]
+        truncated = [v for s in steps for v in s["truncated"]]
+        groups = sum(s["groups"] for s in steps)
+        line = {"loss": None, "reward_mean": _mean(rewards), "reward_std": _std(rewards),
+                "pass_rate": _mean(outcomes), "frac_zero_std": sum(s["zero_std"] for s in steps) / groups if groups
+                else None, "answer_length": _mean(lengths), "clipped_ratio": _mean(truncated),
+                "excluded_answers": sum(s["excluded"] for s in steps)}
+        sar = [v for s in steps for v in s["sar"]]
+        if sar:
+            line["sar_mean"] = _mean(sar)
+        if stats:
+            kept = stats["weight"] > 0
+            line["loss"] = float(stats["loss_share"].sum()) / max(len(steps), 1)
+            line["entropy"] = float(stats["neg_logp"][kept].mean()) if kept.any() else None
+            if "kl" in stats:
+                line["kl"] = float(stats["kl"][kept].mean()) if kept.any() else None
+        if self.skipped_invalid:
+            line["skipped_invalid_prompts"] = self.skipped_invalid
+        return line
+
+    def format_line(self, m: dict) -> str:
+        def f(v, spec=".3f"):
+            return "n/a" if v is None else format(v, spec)
+
+        return (f"step {m['step']}: loss {f(m['loss'], '.4f')}  reward {f(m['reward_mean'])}  pass {f(m['pass_rate'])}"
+                f"  zero-std groups {f(m['frac_zero_std'], '.2f')}  length {f(m['answer_length'], '.1f')}  "
+                f"clipped {f(m['clipped_ratio'], '.2f')}  " + (f"kl {f(m.get('kl'), '.4f')}  " if "kl" in m else "")
+                + f"lr {m['lr']:.2e}  {m['samples_per_s']:.2f} answers/s")
+
+    def state_dict(self) -> dict:
+        return {"history": dict(self.history), "skipped_invalid": self.skipped_invalid}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.history.clear()
+        self.history.update(state.get("history", {}))
+        self.skipped_invalid = state.get("skipped_invalid", 0)
+
+
+def _mean(values) -> float | None:
+    return float(sum(values) / len(values)) if values else None
+
+
+def _std(values) -> float | None:
+    if not values:
+        return None
+    m = sum(values) / len(values)
+    return math.sqrt(sum((v - m) ** 2 for v in values) / len(values))
+
+
+def conversation_tokens(tokenizer, conversation: list[dict], source: str) -> tuple[list[int], list[bool]]:
+    """Token ids of a conversation as the chat template renders it, with every assistant turn's tokens marked."""
+    def ids(messages, generation_prompt):
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    tokens = ids(conversation, False)
+    mask = [False] * len(tokens)
+    for k, message in enumerate(conversation):
+        if message["role"] != "assistant":
+            continue
+        start, end = len(ids(conversation[:k], True)), len(ids(conversation[:k + 1], False))
+        if tokens[:end] != ids(conversation[:k + 1], False):
+            raise ConfigError(f"{source}: the chat template does not render a conversation's turns as prefixes of "
+                              "it, so --retry-turns cannot mark the answers")
+        mask[start:end] = [True] * (end - start)
+    return tokens, mask
+
+
+def reference_policy(model, model_dir: Path, config, engine: Engine):
+    """What the KL term compares with: nothing when beta is 0; with LoRA the model itself, its adapter disabled
+    (None here); otherwise a frozen copy of the starting model (one more model in memory)."""
+    if config.beta <= 0 or config.use_lora:
+        return None
+    engine.say("KL to the starting model without LoRA: loading a frozen copy of it (one more model in memory)")
+    reference = load_causal_lm(model_dir, config.trust_remote_code).to(engine.device).eval()
+    for p in reference.parameters():
+        p.requires_grad_(False)
+    return reference
+
+
+# ------------------------------------------------------------------------------------------------- before and after
+
+def held_out_pass_rate(sampler: Sampler, rewards: RewardSet, prompts: list[PromptRow], name: str, run: RunDir,
+                       engine: Engine) -> dict:
+    """Greedy answers to held-out prompts, judged by the rewards' binary outcome; every answer and verdict goes to
+    generations.jsonl (the report shows them). The main process answers; the others wait."""
+    result = {}
+    if engine.is_main:
+        ids = [sampler.prompt_ids(row) for row in prompts]
+        answers = sampler.answers(ids, [0] * len(ids), temperature=0.0)
+        verdicts = []
+        with open(run.path / "generations.jsonl", "a", encoding="utf-8") as handle:
+            for i, (row, answer) in enumerate(zip(prompts, answers)):
+                text = sampler.text(answer)
+                total = score_group(rewards, row, [Rollout(i, 0, 0, [], [], [text], False)], [answer])[0]
+                verdict = total is not None and rewards.passed(total)
+                verdicts.append(verdict)
+                handle.write(json.dumps({"model": name, "i": i, "prompt": row.prompt, "answer": text,
+                                         "verdict": verdict, "reward": total}, ensure_ascii=False) + "\n")
+        result = {"prompts": len(prompts), "pass_rate": sum(verdicts) / len(verdicts)}
+        engine.say(f"Held-out pass rate ({name}, greedy): {result['pass_rate']:.3f} on {len(prompts)} prompts")
+    engine.wait()
+    return engine.main_value(result)
+
+
+def _comparison(run: RunDir, n: int) -> dict:
+    done = {}
+    for line in (run.path / "generations.jsonl").read_text(encoding="utf-8").splitlines():
+        row = json.loads(line)
+        done[(row["model"], row["i"])] = row
+    return compare(done, ["trained", "base"], n)
+
+
+# ------------------------------------------------------------------------------------------------- prompt filter
+
+def keep_learnable_prompts(prompts: list[PromptRow], sampler: Sampler, rewards: RewardSet, config, engine: Engine,
+                           model_dir: Path) -> list[PromptRow]:
+    """--filter-prompts LOW,HIGH: each prompt's pass rate over G sampled answers of the starting model (cached on
+    disk like the reference log-probs); the prompts inside the band stay. Decided on the binary outcome only."""
+    low, high = filter_band(config.filter_prompts)
+    rates = prompt_pass_rates(prompts, sampler, rewards, config, engine, model_dir)
+    kept = [row for row, rate in zip(prompts, rates) if low <= rate <= high]
+    engine.say(f"--filter-prompts {low},{high}: {len(kept)} of {len(prompts)} prompts kept "
+               f"({sum(r < low for r in rates)} below, {sum(r > high for r in rates)} above the band)")
+    if not kept:
+        raise ConfigError(f"--filter-prompts {config.filter_prompts}: no prompt's pass rate is inside the band")
+    return kept
+
+
+def prompt_pass_rates(prompts: list[PromptRow], sampler: Sampler, rewards: RewardSet, config, engine: Engine,
+                      model_dir: Path) -> list[float]:
+    key = hashlib.sha256(json.dumps([model_fingerprint(model_dir), config.reward, config.reward_weights,
+                                     config.pass_threshold, config.num_generations, config.temperature,
+                                     config.max_new_tokens, config.seed, engine.precision,
+                                     [row.prompt for row in prompts]], default=str).encode()).hexdigest()[:32]
+    path = cache_root(config.cache_dir) / "passrates" / f"{key}.json"
+    if engine.main_value(path.exists()):
+        engine.say(f"Pass rates of {len(prompts)} prompts loaded from cache ({path.stem})")
+        return json.loads(path.read_text())
+    engine.say(f"Estimating the pass rate of {len(prompts)} prompts with the starting model "
+               f"({config.num_generations} answers each; cached for later runs)")
+    mine = list(range(engine.rank, len(prompts), engine.world))
+    rates = {}
+    for i in mine:
+        row, g = prompts[i], config.num_generations
+        answers = sampler.answers([sampler.prompt_ids(row)] * g, [answer_seed(config.seed, -1, i, k) for k in range(g)],
+                                  config.temperature)
+        members = [Rollout(i, 0, 0, [], [], [sampler.text(a)], False) for a in answers]
+        totals = score_group(rewards, row, members, answers)
+        scored = [t for t in totals if t is not None]
+        rates[i] = sum(rewards.passed(t) for t in scored) / len(scored) if scored else 0.0
+    for part in engine.gather_objects(rates):
+        rates.update(part)
+    ordered = [rates[i] for i in range(len(prompts))]
+    if engine.is_main:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(ordered))
+        tmp.replace(path)
+    engine.wait()
+    return ordered
