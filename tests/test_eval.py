@@ -50,6 +50,11 @@ def test_builtin_judges():
     numeric = load_judge("numeric")
     assert numeric("So the answer is 0.5", {"answer": "1/2"}) is True
     assert numeric("It is 3", {"answer": "4"}) is False
+    assert numeric("1 * 7 = 007", {"answer": "7"}) is True  # leading zeros are still the number
+    assert numeric("5/0", {"answer": "7"}) is False and numeric("= 2/4", {"answer": "0.5"}) is True
+    assert numeric("about 1.41", {"answer": "sqrt(2)"}) is False
+    with pytest.raises(Exception, match="cannot read the reference 'abc'"):
+        numeric("7", {"answer": "abc"})
     assert load_judge("exact")(" 42 ", {"answer": "42"}) is True
 
 

@@ -440,3 +440,44 @@ def test_sigkill_then_resume_gives_the_uninterrupted_weights(tmp_path, tiny_llam
     for x, y in zip(ma, mb):  # the resumed run sampled and rewarded exactly what the uninterrupted one did
         assert (x["reward_mean"], x["pass_rate"], x["answer_length"]) == (y["reward_mean"], y["pass_rate"],
                                                                           y["answer_length"])
+
+
+def test_bad_prompt_row_is_one_line_naming_file_line_and_field(tmp_path, tiny_llama):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "fine?"}\n{"prompt": [{"role": "robot", "content": "x"}]}\n')
+    result = subprocess.run([sys.executable, "-m", "thumbalign", "online", "--prompts", str(bad), "--model",
+                             str(tiny_llama), "--reward", "vader", "--output-dir", str(tmp_path / "run")],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    line = result.stderr.strip().splitlines()[-1]
+    assert str(bad) in line and "line 2" in line and "field 'prompt[0].role'" in line
+
+
+def test_reward_model_reward_is_its_calibrated_probability(tmp_path, tiny_llama, tokenizer):
+    from thumbalign.analysis.rewards import Answer, Reward
+    from thumbalign.data.records import Record
+    from thumbalign.engine.reward_model import RewardModel, load_reward_model
+
+    model = load_reward_model(tiny_llama)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    model.config.thumbalign_temperature = 2.0
+    torch.manual_seed(0)
+    torch.nn.init.normal_(model.score.weight, std=0.5)
+    model.save_pretrained(tmp_path / "rm")
+    tokenizer.save_pretrained(tmp_path / "rm")
+    answers = [Answer("Is it good?", text, {}, [], "test") for text in ("Yes, very good.", "no")]
+    values = Reward(f"rm:{tmp_path / 'rm'}")(answers)
+    expected = RewardModel(tmp_path / "rm").probabilities([Record("Is it good?", a.text, False) for a in answers])
+    assert values == pytest.approx(expected.tolist(), abs=1e-6) and len(set(values)) == 2
+    assert all(0 < v < 1 for v in values)
+
+
+def test_kl_to_the_start_is_zero_then_grows_with_lora(tmp_path, tiny_llama, reward_module):
+    """With LoRA the reference is the model with its adapter disabled: identical at step 1 (the adapter starts at
+    zero), apart once the adapter has learned."""
+    module, _ = reward_module
+    train_online(_config(tmp_path, tiny_llama, f"{module}:low_first", use_lora=True, lora_r=4, beta=0.1,
+                         learning_rate=3e-2, max_steps=6, num_generations=8, per_device_train_batch_size=4),
+                 log=lambda *a: None)
+    kl = [m["kl"] for m in _metrics(tmp_path / "run")]
+    assert kl[0] == pytest.approx(0.0, abs=1e-6) and kl[-1] > 1e-4, kl

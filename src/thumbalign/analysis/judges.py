@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import re
+from fractions import Fraction
 from typing import Callable
 
 from ..data.records import Record
@@ -43,17 +44,30 @@ def _reference(row: dict, field: str):
 _NUMBER = re.compile(r"-?\d+(?:[.,]\d+)?(?:/\d+)?")
 
 
-def _numeric(field: str):
+def _exact_number(text: str):
+    """An exact value: plain numbers through fractions (leading zeros, '3.', '1/3'), anything else through sympy
+    ('sqrt(2)', '2**10'); None when it is not a number (or divides by zero)."""
     import sympy
 
+    try:
+        return sympy.Rational(Fraction(text.strip()))
+    except (ValueError, ZeroDivisionError):
+        pass
+    try:
+        value = sympy.nsimplify(text)
+    except (sympy.SympifyError, ValueError, TypeError, AttributeError, SyntaxError):
+        return None
+    return value if value.is_number and value.is_finite else None
+
+
+def _numeric(field: str):
     def judge(text, row):
+        reference = _exact_number(str(_reference(row, field)))
+        if reference is None:
+            raise JudgeFailure(f"cannot read the reference {_reference(row, field)!r} as a number")
         found = _NUMBER.findall(text.replace(",", ""))
-        if not found:
-            return False
-        try:
-            return bool(sympy.nsimplify(found[-1]) == sympy.nsimplify(str(_reference(row, field))))
-        except (sympy.SympifyError, ValueError, TypeError):
-            raise JudgeFailure(f"cannot read the reference {_reference(row, field)!r} as a number") from None
+        value = _exact_number(found[-1]) if found else None
+        return value is not None and bool(value == reference)
 
     return judge
 

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from importlib import resources
+from typing import Callable
+
+from .options import build_config
 
 SHIPPED_ACCELERATE_CONFIGS = ("ddp", "zero2", "zero3", "fsdp")
 LAUNCHER_FLAGS = ("--num-processes", "--accelerate-config")
@@ -47,3 +51,14 @@ def launch_processes(argv: list[str], config) -> int:
     command += ["-m", "thumbalign", *without_launcher_flags(argv), "--num-processes", "1"]
     print(f"Launching {n} processes: {' '.join(command)}", flush=True)
     return subprocess.call(command)
+
+
+def run_training(args, argv: list[str], config_class, trainer: Callable[[], Callable]) -> int:
+    """Settings from the flags and the YAML file, then either the run in this process or, with --num-processes N
+    (and not already one of N), the launch of N. `trainer()` imports the trainer only when it runs: the imports load
+    torch, which --help never needs."""
+    config = build_config(args, config_class)
+    if config.num_processes > 1 and "WORLD_SIZE" not in os.environ:
+        return launch_processes(argv, config)
+    trainer()(config)
+    return 0

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import os
 
 from ..trainers.config import OnlineConfig
-from .launch import launch_processes
-from .options import add_arguments, build_config
+from .launch import run_training
+from .options import add_arguments
 
 EPILOG = """\
 examples:
@@ -36,10 +35,9 @@ def add_parser(commands) -> None:
 
 
 def run(args, argv: list[str]) -> int:
-    config = build_config(args, OnlineConfig)
-    if config.num_processes > 1 and "WORLD_SIZE" not in os.environ:
-        return launch_processes(argv, config)
-    from ..trainers.online import train_online  # loads torch: only once the command runs
+    def trainer():
+        from ..trainers.online import train_online
 
-    train_online(config)
-    return 0
+        return train_online
+
+    return run_training(args, argv, OnlineConfig, trainer)

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import os
-
 from ..trainers.config import RewardConfig
-from .launch import launch_processes
-from .options import add_arguments, build_config
+from .launch import run_training
+from .options import add_arguments
 
 
 def add_parser(commands) -> None:
@@ -32,13 +30,12 @@ def add_parser(commands) -> None:
 
 
 def run_train(args, argv: list[str]) -> int:
-    config = build_config(args, RewardConfig)
-    if config.num_processes > 1 and "WORLD_SIZE" not in os.environ:
-        return launch_processes(argv, config)
-    from ..trainers.reward import train_reward_model  # loads torch: only once the command runs
+    def trainer():
+        from ..trainers.reward import train_reward_model
 
-    train_reward_model(config)
-    return 0
+        return train_reward_model
+
+    return run_training(args, argv, RewardConfig, trainer)
 
 
 def run_score(args, argv: list[str]) -> int:

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import os
 
 from ..trainers.config import TrainConfig
-from .launch import launch_processes
-from .options import add_arguments, build_config
+from .launch import run_training
+from .options import add_arguments
 
 EPILOG = """\
 examples:
@@ -36,10 +35,9 @@ def add_parser(commands) -> None:
 
 
 def run(args, argv: list[str]) -> int:
-    config = build_config(args, TrainConfig)
-    if config.num_processes > 1 and "WORLD_SIZE" not in os.environ:
-        return launch_processes(argv, config)
-    from ..trainers.policy import train  # loads torch: only once the command runs
+    def trainer():
+        from ..trainers.policy import train
 
-    train(config)
-    return 0
+        return train
+
+    return run_training(args, argv, TrainConfig, trainer)

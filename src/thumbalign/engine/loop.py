@@ -7,8 +7,8 @@ training::
 
     engine = Engine(config, log)
     engine.prepare(module, model, total_steps)   # module: what DDP wraps; model: whose weights are saved
-    start = engine.resume(run, task) if run.resume_from else 0
-    engine.run(task, run, start, total_steps)
+    start = engine.start(run, task, config, units_per_step)     # resumed, or 0
+    engine.run(task, run, start, units_per_step)
 """
 
 from __future__ import annotations
@@ -161,6 +161,15 @@ class Engine:
             raise ConfigError("ZeRO-3 and FSDP shard the weights, and thumbalign's checkpoints and evaluation do not "
                               "gather them yet: use --accelerate-config ddp or zero2")
         self.module, self.optimizer = self.accelerator.prepare(module, optimizer)
+
+    def start(self, run: RunDir, task: Task, config, units_per_step: int) -> int:
+        """The step to start from: the resumed checkpoint's, or 0 for a fresh run (whose settings are written to
+        run_config.yaml now, so that a later --resume can check them)."""
+        if run.resume_from:
+            return self.resume(run, task, units_per_step)
+        if self.is_main:
+            run.write_config(config)
+        return 0
 
     def resume(self, run: RunDir, task: Task, units_per_step: int) -> int:
         """Load the checkpoint `run` resumes from into the model, optimizer, scheduler, RNG and task; return its

@@ -60,12 +60,7 @@ def train_online(config, log=print) -> dict:
     objective = get_online_objective(config.objective)(config)
     task = OnlineTask(config, engine, prompts, rewards, objective, model, sampler, model_dir, history)
     engine.prepare(CompletionLogps(model, config.logps_chunk_size), model, task.total_steps)
-    if run.resume_from:
-        start = engine.resume(run, task, task.units_per_step)
-    else:
-        start = 0
-        if engine.is_main:
-            run.write_config(config)
+    start = engine.start(run, task, config, task.units_per_step)
     task.announce()
     last_line = engine.run(task, run, start, task.units_per_step, task.steps_per_epoch)
     if eval_prompts:

@@ -50,7 +50,10 @@ def train(config: TrainConfig, log=print) -> dict:
     task = PolicyTask(config, engine, data, objective, model, ref_train, udm, tokenizer.pad_token_id)
     task.precompute_extra_references(reference)
     engine.prepare(CompletionLogps(model, config.logps_chunk_size), model, task.total_steps)
-    start = engine.resume(run, task, task.units_per_step) if run.resume_from else _begin(config, engine, run, task)
+    start = engine.start(run, task, config, task.units_per_step)
+    if not run.resume_from and data.eval:
+        task.history["eval_before"] = classifier_at_start(data.eval)
+        engine.say(f"Held-out implicit-reward classifier before training: {format_eval(task.history['eval_before'])}")
     task.announce()
     last_line = engine.run(task, run, start, task.units_per_step, task.steps_per_epoch)
     if data.eval:
@@ -171,16 +174,11 @@ class PolicyTask:
         self.history = dict(state.get("history", {}))
 
 
-def _begin(config: TrainConfig, engine: Engine, run: RunDir, task: PolicyTask) -> int:
-    if engine.is_main:
-        run.write_config(config)
-    if task.data.eval:
-        # Before the first step the policy is the reference, so every implicit reward is 0 by definition:
-        # the classifier is at chance, and no forward pass is needed to know it.
-        labels = torch.tensor([e.label for e in task.data.eval])
-        task.history["eval_before"] = implicit_classifier_report(torch.zeros(len(task.data.eval)), labels)
-        engine.say(f"Held-out implicit-reward classifier before training: {format_eval(task.history['eval_before'])}")
-    return 0
+def classifier_at_start(examples) -> dict:
+    """Before the first step the policy is the reference, so every implicit reward is 0 by definition: the
+    classifier is at chance, and no forward pass is needed to know it."""
+    labels = torch.tensor([e.label for e in examples])
+    return implicit_classifier_report(torch.zeros(len(examples)), labels)
 
 
 @torch.no_grad()

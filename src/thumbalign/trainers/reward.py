@@ -41,12 +41,7 @@ def train_reward_model(config, log=print) -> dict:
     task = RewardTask(config, engine, data, udm, tokenizer.pad_token_id)
     core = model.get_base_model() if config.use_lora else model
     engine.prepare(RewardScores(core), model, task.total_steps)
-    if run.resume_from:
-        start = engine.resume(run, task, task.units_per_step)
-    else:
-        start = 0
-        if engine.is_main:
-            run.write_config(config)
+    start = engine.start(run, task, config, task.units_per_step)
     engine.say(f"Training a reward model on {len(data.train)} examples ({task.n_up} 👍, "
                f"{len(data.train) - task.n_up} 👎): {task.total_steps} steps of {task.units_per_step}")
     engine.run(task, run, start, task.units_per_step, task.steps_per_epoch)
