@@ -268,7 +268,7 @@ def test_retry_turns_continue_a_failed_conversation(tmp_path, tiny_llama, reward
     engine = Engine(config, log=lambda *a: None)
     tokenizer, model = load_tokenizer(tiny_llama), load_causal_lm(tiny_llama)
     task = OnlineTask(config, engine, load_prompts(config.prompts), RewardSet(config.reward, None), GRPO(config),
-                      model, Sampler(model, tokenizer, config, engine), tiny_llama, {})
+                      model, Sampler(model, tokenizer, config, engine), tiny_llama)
     rollouts = task.rollouts(0, [0, 1])
     first_pass = [r for r in rollouts if len(r.answers) == 1]
     retried = [r for r in rollouts if len(r.answers) == 2]
@@ -305,7 +305,7 @@ def test_self_aligned_reward_by_hand(tmp_path, tiny_llama, reward_module):
     engine = Engine(config, log=lambda *a: None)
     tokenizer, model = load_tokenizer(tiny_llama), load_causal_lm(tiny_llama)
     task = OnlineTask(config, engine, load_prompts(config.prompts), RewardSet(config.reward, None), GRPO(config),
-                      model, Sampler(model, tokenizer, config, engine), tiny_llama, {})
+                      model, Sampler(model, tokenizer, config, engine), tiny_llama)
     r = task.rollouts(0, [0])[0]
     answer = r.stats["answer_ids"]
 

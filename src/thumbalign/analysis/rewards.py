@@ -156,3 +156,9 @@ class RewardSet:
 
     def passed(self, total: float) -> bool:
         return total >= self.pass_threshold
+
+    def judge(self, text: str, row: dict) -> bool:
+        """The binary outcome of one answer to a prompt row, as a judge (text, row) -> bool: 👎 when left out."""
+        prompt = row.get("prompt", row.get("messages"))
+        total = self.score([Answer(prompt, text, row, [], "")])[0]
+        return total is not None and self.passed(total)

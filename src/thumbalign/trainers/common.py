@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..analysis.judged import format_comparison, judged_generations
 from ..data.prepare import PreparedData
 from ..engine.inference import prompt_embeddings
 from ..engine.loop import Engine
@@ -99,3 +100,18 @@ def save_policy(model, tokenizer, folder, config) -> None:
         model.save_pretrained(folder, safe_serialization=True)
         model.config.use_cache = False
     tokenizer.save_pretrained(folder)
+
+
+def compare_with_base(config, run: RunDir, base_dir: Path, prompts_file: str, judge, max_new_tokens: int,
+                      say) -> dict:
+    """The trained model (the run's model folder) and the base answer held-out prompts greedily, in float32, the same
+    way `thumbalign eval` does; the judge decides; bootstrap intervals. Answers go to generations.jsonl."""
+    if config.use_lora and config.save_adapter:
+        say("Generation eval skipped: the run saved an adapter only (drop --save-adapter to compare)")
+        return {}
+    result = judged_generations({"trained": run.path / "model", "base": base_dir}, prompts_file, judge,
+                                run.path / "generations.jsonl", max_new_tokens=max_new_tokens,
+                                temperature=getattr(config, "eval_temperature", 0.0), seed=config.seed,
+                                batch_size=config.eval_batch_size)
+    say(f"Held-out prompts answered by both models, judged:\n{format_comparison(result)}")
+    return result

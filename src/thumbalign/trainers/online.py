@@ -21,7 +21,6 @@ from pathlib import Path
 
 import torch
 
-from ..analysis.judged import compare, format_comparison
 from ..analysis.report import write_report
 from ..analysis.rewards import Answer, RewardFailure, RewardSet
 from ..data.batching import collate_masked, micro_batches
@@ -36,7 +35,7 @@ from ..engine.rundir import RunDir
 from ..errors import ConfigError
 from ..methods.online_base import GroupBatch, OnlineObjective, group_statistics, k3_kl, reduce_token_losses
 from ..methods.registry import get_online_objective
-from .common import count_steps, make_trainable, model_folder, save_policy
+from .common import compare_with_base, count_steps, make_trainable, model_folder, save_policy
 from .config import filter_band
 
 
@@ -46,35 +45,29 @@ def train_online(config, log=print) -> dict:
     model_dir = model_folder(engine, config)
     tokenizer = load_tokenizer(model_dir, config.trust_remote_code)
     prompts = load_prompts(config.prompts)
-    eval_prompts = load_prompts(config.eval_prompts) if config.eval_prompts else []
     rewards = RewardSet(config.reward, config.reward_weights, config.reference_field, config.pass_threshold)
     model = load_causal_lm(model_dir, config.trust_remote_code).to(engine.device)
     sampler = Sampler(model, tokenizer, config, engine)
     if config.filter_prompts:
         prompts = keep_learnable_prompts(prompts, sampler, rewards, config, engine, model_dir)
-    history = {}
-    if eval_prompts and not run.resume_from:
-        history["pass_rate_before"] = held_out_pass_rate(sampler, rewards, eval_prompts, "base", run, engine)
     model = make_trainable(model, config)
     sampler.set_model(model)
     objective = get_online_objective(config.objective)(config)
-    task = OnlineTask(config, engine, prompts, rewards, objective, model, sampler, model_dir, history)
+    task = OnlineTask(config, engine, prompts, rewards, objective, model, sampler, model_dir)
     engine.prepare(CompletionLogps(model, config.logps_chunk_size), model, task.total_steps)
     start = engine.start(run, task, config, task.units_per_step)
     task.announce()
     last_line = engine.run(task, run, start, task.units_per_step, task.steps_per_epoch)
-    if eval_prompts:
-        task.history["pass_rate_after"] = held_out_pass_rate(sampler, rewards, eval_prompts, "trained", run, engine)
     summary = {"kind": "online", "method": objective.name, "model": config.model, "model_dir": str(model_dir),
                "steps": task.total_steps, "world_size": engine.world, "prompts": len(prompts),
-               "final_metrics": last_line, **task.history, "settings": config.to_dict()}
+               "final_metrics": last_line, "settings": config.to_dict()}
     if engine.is_main:
-        if eval_prompts:
-            summary["judged"] = _comparison(run, len(eval_prompts))
-            engine.say("Held-out prompts, greedy answers judged by the rewards:\n"
-                       + format_comparison(summary["judged"]))
         run.save_folder("model", lambda folder: save_policy(model, tokenizer, folder, config))
-        engine.say(f"Saved the model to {run.path / 'model'}; run summary: {run.write_summary(summary)}")
+        engine.say(f"Saved the model to {run.path / 'model'}")
+        if config.eval_prompts:
+            summary["judged"] = compare_with_base(config, run, model_dir, config.eval_prompts, rewards.judge,
+                                                  config.max_new_tokens, engine.say)
+        engine.say(f"Run summary: {run.write_summary(summary)}")
         if config.report:
             engine.say(f"Report: {write_report(run.path)}")
     engine.wait()
@@ -157,9 +150,9 @@ class OnlineTask:
     """A step of online training: sample, reward, group, then the objective's loss over the kept answers."""
 
     def __init__(self, config, engine: Engine, prompts: list[PromptRow], rewards: RewardSet,
-                 objective: OnlineObjective, model, sampler: Sampler, model_dir: Path, history: dict):
+                 objective: OnlineObjective, model, sampler: Sampler, model_dir: Path):
         self.config, self.engine, self.prompts, self.rewards = config, engine, prompts, rewards
-        self.objective, self.model, self.sampler, self.history = objective, model, sampler, history
+        self.objective, self.model, self.sampler = objective, model, sampler
         self.micro, self.accumulation = config.per_device_train_batch_size, config.gradient_accumulation_steps
         self.units = [[i] for i in range(len(prompts))]
         self.units_per_step = self.micro * self.accumulation * engine.world
@@ -422,11 +415,9 @@ class OnlineTask:
                 + f"lr {m['lr']:.2e}  {m['samples_per_s']:.2f} answers/s")
 
     def state_dict(self) -> dict:
-        return {"history": dict(self.history), "skipped_invalid": self.skipped_invalid}
+        return {"skipped_invalid": self.skipped_invalid}
 
     def load_state_dict(self, state: dict) -> None:
-        self.history.clear()
-        self.history.update(state.get("history", {}))
         self.skipped_invalid = state.get("skipped_invalid", 0)
 
 
@@ -470,39 +461,6 @@ def reference_policy(model, model_dir: Path, config, engine: Engine):
     for p in reference.parameters():
         p.requires_grad_(False)
     return reference
-
-
-# ------------------------------------------------------------------------------------------------- before and after
-
-def held_out_pass_rate(sampler: Sampler, rewards: RewardSet, prompts: list[PromptRow], name: str, run: RunDir,
-                       engine: Engine) -> dict:
-    """Greedy answers to held-out prompts, judged by the rewards' binary outcome; every answer and verdict goes to
-    generations.jsonl (the report shows them). The main process answers; the others wait."""
-    result = {}
-    if engine.is_main:
-        ids = [sampler.prompt_ids(row) for row in prompts]
-        answers = sampler.answers(ids, [0] * len(ids), temperature=0.0)
-        verdicts = []
-        with open(run.path / "generations.jsonl", "a", encoding="utf-8") as handle:
-            for i, (row, answer) in enumerate(zip(prompts, answers)):
-                text = sampler.text(answer)
-                total = score_group(rewards, row, [Rollout(i, 0, 0, [], [], [text], False)], [answer])[0]
-                verdict = total is not None and rewards.passed(total)
-                verdicts.append(verdict)
-                handle.write(json.dumps({"model": name, "i": i, "prompt": row.prompt, "answer": text,
-                                         "verdict": verdict, "reward": total}, ensure_ascii=False) + "\n")
-        result = {"prompts": len(prompts), "pass_rate": sum(verdicts) / len(verdicts)}
-        engine.say(f"Held-out pass rate ({name}, greedy): {result['pass_rate']:.3f} on {len(prompts)} prompts")
-    engine.wait()
-    return engine.main_value(result)
-
-
-def _comparison(run: RunDir, n: int) -> dict:
-    done = {}
-    for line in (run.path / "generations.jsonl").read_text(encoding="utf-8").splitlines():
-        row = json.loads(line)
-        done[(row["model"], row["i"])] = row
-    return compare(done, ["trained", "base"], n)
 
 
 # ------------------------------------------------------------------------------------------------- prompt filter

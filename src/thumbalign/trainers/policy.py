@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import torch
 
-from ..analysis.judged import format_comparison, judged_generations
 from ..analysis.judges import load_judge
 from ..analysis.metrics import implicit_classifier_report
 from ..analysis.report import write_report
@@ -25,8 +24,8 @@ from ..engine.reference import ReferenceLogps
 from ..engine.rundir import RunDir
 from ..methods.base import Objective, StepInputs
 from ..methods.registry import get_method
-from .common import (UDMWeights, count_steps, fit_udm, make_trainable, model_folder, save_policy,
-                     udm_window_stats)
+from .common import (UDMWeights, compare_with_base, count_steps, fit_udm, make_trainable, model_folder,
+                     save_policy, udm_window_stats)
 from .config import TrainConfig
 
 
@@ -220,21 +219,9 @@ def _finish(config: TrainConfig, engine: Engine, run: RunDir, model, tokenizer, 
     run.save_folder("model", lambda folder: save_policy(model, tokenizer, folder, config))
     engine.say(f"Saved the model to {run.path / 'model'}")
     if config.eval_prompts:
-        summary["judged"] = judged_comparison(config, run, model_dir, engine.say)
+        judge = load_judge(config.judge, config.reference_field)
+        summary["judged"] = compare_with_base(config, run, model_dir, config.eval_prompts, judge,
+                                              config.eval_max_new_tokens, engine.say)
     engine.say(f"Run summary: {run.write_summary(summary)}")
     if config.report:
         engine.say(f"Report: {write_report(run.path)}")
-
-
-def judged_comparison(config: TrainConfig, run: RunDir, base_dir, say) -> dict:
-    """The base and the trained model answer held-out prompts; the judge decides; bootstrap intervals."""
-    if config.use_lora and config.save_adapter:
-        say("Generation eval skipped: the run saved an adapter only (drop --save-adapter to compare)")
-        return {}
-    judge = load_judge(config.judge, config.reference_field)
-    result = judged_generations({"trained": run.path / "model", "base": base_dir}, config.eval_prompts, judge,
-                                run.path / "generations.jsonl", max_new_tokens=config.eval_max_new_tokens,
-                                temperature=config.eval_temperature, seed=config.seed,
-                                batch_size=config.eval_batch_size)
-    say(f"Held-out prompts answered by both models, judged by {config.judge}:\n{format_comparison(result)}")
-    return result
