@@ -7,7 +7,8 @@ import pytest
 
 from thumbalign.cli import main
 from thumbalign.errors import ConfigError
-from thumbalign.data.importers import Options, iter_objects, run_import
+from thumbalign.data.importers import Options, run_import
+from thumbalign.data.readers import iter_rows
 
 FIX = Path(__file__).parent / "fixtures"
 SYS = {"role": "system", "content": "Be brief."}
@@ -96,7 +97,7 @@ def test_streaming_json_reader_matches_json_load(tmp_path):
     items = [{"i": i, "text": "x" * (i * 997 % 5000), "nested": [1, {"a": "]"}]} for i in range(3000)]
     path = tmp_path / "big.json"
     path.write_text(json.dumps(items))  # > 1 MiB: read in several chunks
-    assert [item for _, item in iter_objects(str(path))] == items
+    assert [item for _, item in iter_rows(str(path))] == items
 
 
 def test_imported_file_inspects_and_trains(tmp_path, tiny_llama, tokenizer):

@@ -1,17 +1,32 @@
 """Where a file becomes rows: JSONL, JSON, CSV/TSV, Parquet, or a folder written by ``datasets.save_to_disk``.
 
 Each row comes with where it was found ("line N", "item N", "row N"), so that every later error can name the file,
-the place and the field. In CSV, a cell that holds a JSON list of messages is read as a conversation.
+the place and the field. Every format is streamed — JSON lists and pages through ijson, Parquet by record batches,
+datasets folders by memory-mapped batches — so a large file is never held in memory at once.
+
+Text files may be UTF-8 (with or without a byte-order mark, as Excel writes it) or UTF-16/UTF-32 with a byte-order
+mark; anything that does not decode is one error naming the file and the byte offset. In CSV, a cell that holds a
+JSON list of messages is read as a conversation. A JSON file may hold a list of records, one record (an object
+with record fields), or an API page: an object whose one list holds the records ({"data": [...]}).
 """
 
 from __future__ import annotations
 
+import codecs
 import csv
+import io
 import json
 from pathlib import Path
 from typing import Any, Iterator
 
 from ..errors import DataError
+
+# the longest byte-order marks first: UTF-32-LE's starts with UTF-16-LE's
+BYTE_ORDER_MARKS = ((codecs.BOM_UTF32_LE, "utf-32-le"), (codecs.BOM_UTF32_BE, "utf-32-be"),
+                    (codecs.BOM_UTF8, "utf-8"), (codecs.BOM_UTF16_LE, "utf-16-le"), (codecs.BOM_UTF16_BE, "utf-16-be"))
+RECORD_FIELDS = {"prompt", "completion", "label", "chosen", "rejected", "preferred_output", "non_preferred_output"}
+CHUNK = 1 << 20
+
 
 def iter_rows(path: str | Path) -> Iterator[tuple[str, Any]]:
     """Yield (where, row) from a data file; `where` is "line N" or "row N" for error messages. Stops with a
@@ -32,72 +47,185 @@ def iter_raw_rows(path: str | Path) -> Iterator[tuple[str, Any]]:
         yield from _iter_saved_dataset(path)
         return
     suffix = path.suffix.lower()
-    if suffix in (".jsonl", ".ndjson"):
-        yield from _iter_jsonl(path)
-    elif suffix == ".json":
-        yield from _iter_json(path)
-    elif suffix in (".csv", ".tsv"):
-        yield from _iter_csv(path, delimiter="\t" if suffix == ".tsv" else ",")
-    elif suffix in (".parquet", ".pq"):
-        yield from _iter_parquet(path)
-    else:
-        raise DataError(path, None, None,
-                        f"unknown file type {suffix!r}; use .jsonl, .json, .csv, .parquet or a datasets folder")
+    try:
+        if suffix in (".jsonl", ".ndjson"):
+            yield from _iter_jsonl(path)
+        elif suffix == ".json":
+            yield from _iter_json(path)
+        elif suffix in (".csv", ".tsv"):
+            yield from _iter_csv(path, delimiter="\t" if suffix == ".tsv" else ",")
+        elif suffix in (".parquet", ".pq"):
+            yield from _iter_parquet(path)
+        else:
+            raise DataError(path, None, None,
+                            f"unknown file type {suffix!r}; use .jsonl, .json, .csv, .parquet or a datasets folder")
+    except OSError as err:  # unreadable: permissions, a folder named like a file, a vanished file
+        raise DataError(path, None, None, f"cannot read: {err.strerror or err}") from None
 
+
+# ------------------------------------------------------------------------------------------------- text
+
+def detect_encoding(path: Path) -> tuple[str, int]:
+    """(encoding, length of its byte-order mark): a BOM decides; without one, UTF-8."""
+    with open(path, "rb") as handle:
+        head = handle.read(4)
+    for mark, encoding in BYTE_ORDER_MARKS:
+        if head.startswith(mark):
+            return encoding, len(mark)
+    return "utf-8", 0
+
+
+def iter_text(path: Path) -> Iterator[str]:
+    """The file's text, decoded in chunks; a byte sequence that does not decode is a DataError at its offset."""
+    encoding, skip = detect_encoding(path)
+    decoder = codecs.getincrementaldecoder(encoding)("strict")
+    name = encoding.upper().replace("-LE", "").replace("-BE", "")
+    offset = skip
+    with open(path, "rb") as handle:
+        handle.seek(skip)
+        while True:
+            chunk = handle.read(CHUNK)
+            try:
+                text = decoder.decode(chunk, final=not chunk)
+            except UnicodeDecodeError as err:  # err.start counts from the bytes the decoder still held back
+                at = max(offset + err.start - len(decoder.getstate()[0]), 0)
+                raise DataError(path, None, None, f"not valid {name} ({err.reason} at byte {at})") from None
+            offset += len(chunk)
+            if text:
+                yield text
+            if not chunk:
+                return
+
+
+def iter_lines(path: Path) -> Iterator[str]:
+    """The file's lines, split at "\\n" only and with their endings ("\\r\\n" stays whole, and the other Unicode line
+    breaks stay inside their line, as the csv module expects of a file opened with newline="")."""
+    pending = ""
+    for text in iter_text(path):
+        *lines, pending = (pending + text).split("\n")
+        for line in lines:
+            yield line + "\n"
+    if pending:
+        yield pending
+
+
+class Utf8Reader(io.RawIOBase):
+    """A binary stream of a text file's content as UTF-8, whatever its encoding (what ijson reads)."""
+
+    def __init__(self, path: Path):
+        self.chunks, self.buffer = (t.encode("utf-8") for t in iter_text(path)), b""
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, target) -> int:
+        while len(self.buffer) < len(target):
+            chunk = next(self.chunks, None)
+            if chunk is None:
+                break
+            self.buffer += chunk
+        n = min(len(target), len(self.buffer))
+        target[:n], self.buffer = self.buffer[:n], self.buffer[n:]
+        return n
+
+
+# ------------------------------------------------------------------------------------------------- formats
 
 def _iter_jsonl(path: Path):
-    with open(path, "rb") as handle:
+    encoding, skip = detect_encoding(path)
+    if encoding != "utf-8":  # UTF-16/32: decode the stream; a line cannot be told apart from its bytes
+        for number, line in enumerate(iter_lines(path), start=1):
+            yield from _json_line(path, number, line)
+        return
+    with open(path, "rb") as handle:  # UTF-8: line by line, so that one undecodable line can be skipped
+        handle.seek(skip)
+        offset = skip
         for number, raw in enumerate(handle, start=1):
             where = f"line {number}"
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as err:
-                yield where, DataError(path, where, None, f"not valid UTF-8 ({err.reason} at byte {err.start})")
-                continue
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except (json.JSONDecodeError, RecursionError) as err:
-                detail = f"{err.msg} (column {err.colno})" if isinstance(err, json.JSONDecodeError) else "nested too deep"
-                yield where, DataError(path, where, None, f"invalid JSON: {detail}")
-                continue
-            yield where, row
+                reason = f"not valid UTF-8 ({err.reason} at byte {offset + err.start})"
+                yield where, DataError(path, where, None, reason)
+            else:
+                yield from _json_line(path, number, line)
+            offset += len(raw)
+
+
+def _json_line(path: Path, number: int, line: str):
+    where = f"line {number}"
+    if not line.strip():
+        return
+    try:
+        yield where, json.loads(line)
+    except (json.JSONDecodeError, RecursionError) as err:
+        detail = f"{err.msg} (column {err.colno})" if isinstance(err, json.JSONDecodeError) else "nested too deep"
+        yield where, DataError(path, where, None, f"invalid JSON: {detail}")
 
 
 def _iter_json(path: Path):
+    """A list of records, one record, or a page holding one list; items are parsed one at a time (ijson)."""
+    import ijson
+
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except UnicodeDecodeError as err:
-        raise DataError(path, None, None, f"not valid UTF-8 ({err.reason} at byte {err.start})") from None
-    except json.JSONDecodeError as err:
-        raise DataError(path, f"line {err.lineno}", None, f"invalid JSON: {err.msg} (column {err.colno})") from None
+        shape, key = _json_shape(path)
+        if shape == "record":
+            with Utf8Reader(path) as stream:
+                yield "item 0", next(ijson.items(stream, "", use_float=True))
+            return
+        prefix = "item" if shape == "list" else f"{key}.item"
+        with Utf8Reader(path) as stream:
+            for index, row in enumerate(ijson.items(stream, prefix, use_float=True)):
+                yield f"item {index}", row
+    except ijson.JSONError as err:
+        raise DataError(path, None, None, f"invalid JSON: {_first_line(err)}") from None
     except RecursionError:
         raise DataError(path, None, None, "invalid JSON: nested too deep") from None
-    if isinstance(data, dict):  # {"data": [...]} or similar: one list-valued key
-        lists = [v for v in data.values() if isinstance(v, list)]
-        if len(lists) != 1:
-            raise DataError(path, None, None, "expected a JSON list of records (or an object holding one list)")
-        data = lists[0]
-    if not isinstance(data, list):
-        raise DataError(path, None, None, "expected a JSON list of records")
-    for index, row in enumerate(data):
-        yield f"item {index}", row
+
+
+def _first_line(err: Exception) -> str:
+    """The parser's own message, without the excerpt and caret it draws on the lines after."""
+    return (str(err).strip().splitlines() or [type(err).__name__])[0].strip()
+
+
+def _json_shape(path: Path) -> tuple[str, str | None]:
+    """("list", None), ("record", None) or ("page", the key of its list), from a pass over the top-level keys."""
+    import ijson
+
+    with Utf8Reader(path) as stream:
+        events = ijson.parse(stream, use_float=True)
+        first = next(events, None)
+        if first is None:
+            raise DataError(path, None, None, "is empty")
+        if first[1] == "start_array":
+            return "list", None
+        if first[1] != "start_map":
+            raise DataError(path, None, None, "expected a JSON list of records (or one record, or an object "
+                                              "holding one list)")
+        keys, lists = set(), []
+        for prefix, event, value in events:
+            if prefix == "" and event == "map_key":
+                keys.add(value)
+            elif event == "start_array" and prefix in keys:
+                lists.append(prefix)
+    if keys & RECORD_FIELDS or {"messages", "label"} <= keys:
+        return "record", None
+    if len(lists) != 1:
+        raise DataError(path, None, None, "expected a JSON list of records, one record, or an object holding one "
+                                          f"list (this object holds {len(lists)} lists: {sorted(lists)[:5]})")
+    return "page", lists[0]
 
 
 def _iter_csv(path: Path, delimiter: str):
     try:
-        with open(path, newline="", encoding="utf-8") as handle:
-            reader = csv.DictReader(handle, delimiter=delimiter)
-            for row in reader:
-                # reader.line_num is the physical line where this row ended (the header is line 1)
-                where = f"line {reader.line_num}"
-                if None in row:
-                    yield where, DataError(path, where, None, "more cells than the header has columns")
-                    continue
-                yield where, {k: _maybe_json_cell(v) for k, v in row.items()}
-    except UnicodeDecodeError as err:
-        raise DataError(path, None, None, f"not valid UTF-8 ({err.reason} at byte {err.start})") from None
+        reader = csv.DictReader(iter_lines(path), delimiter=delimiter)
+        for row in reader:
+            # reader.line_num is the physical line where this row ended (the header is line 1)
+            where = f"line {reader.line_num}"
+            if None in row:
+                yield where, DataError(path, where, None, "more cells than the header has columns")
+                continue
+            yield where, {k: _maybe_json_cell(v) for k, v in row.items()}
     except csv.Error as err:
         raise DataError(path, None, None, f"invalid CSV: {err}") from None
 
@@ -112,29 +240,41 @@ def _maybe_json_cell(value):
     return value
 
 
-def _iter_parquet(path: Path):
+def _iter_parquet(path: Path, batch_size: int = 1024):
+    """Row group by row group, in batches, handing freed Arrow memory back after each group: memory stays near one
+    row group's, whatever the file's size."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     try:
-        table = pq.read_table(path)
+        parquet = pq.ParquetFile(path, pre_buffer=False, buffer_size=1 << 20)
+        index = 0
+        for group in range(parquet.metadata.num_row_groups):
+            for batch in parquet.iter_batches(batch_size=batch_size, row_groups=[group], use_threads=False):
+                for row in batch.to_pylist():
+                    yield f"row {index}", row
+                    index += 1
+            pa.default_memory_pool().release_unused()
+    except DataError:
+        raise
     except Exception as err:  # pyarrow raises several types for broken files
-        raise DataError(path, None, None, f"cannot read Parquet: {err}") from None
-    for index, row in enumerate(table.to_pylist()):
-        yield f"row {index}", row
+        raise DataError(path, None, None, f"cannot read Parquet: {_first_line(err)}") from None
 
 
-def _iter_saved_dataset(path: Path):
+def _iter_saved_dataset(path: Path, batch_size: int = 1024):
     import datasets
 
     try:
-        ds = datasets.load_from_disk(str(path))
+        ds = datasets.load_from_disk(str(path))  # memory-mapped Arrow: rows are read as they are iterated
     except Exception as err:
         raise DataError(path, None, None, f"not a folder written by datasets.save_to_disk: {err}") from None
     if isinstance(ds, datasets.DatasetDict):
         if "train" not in ds:
             raise DataError(path, None, None, f"a DatasetDict without a 'train' split (has {list(ds)})")
         ds = ds["train"]
-    for index, row in enumerate(ds):
-        yield f"row {index}", row
-
-
+    index = 0
+    for batch in ds.iter(batch_size=batch_size):
+        columns = list(batch)
+        for values in zip(*(batch[c] for c in columns)):
+            yield f"row {index}", dict(zip(columns, values))
+            index += 1
