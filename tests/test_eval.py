@@ -1,6 +1,7 @@
 """Evaluation: metrics by hand, judges, judged generations (resumable, failure-safe), the eval command, the report."""
 
 import json
+import os
 import shutil
 import subprocess
 
@@ -138,6 +139,8 @@ def test_report_has_every_plot_and_renders_in_a_headless_browser(tmp_path, tiny_
     assert summary["judged"]["models"]["trained"]["thumbs_up_rate"] == 1.0
     browser = _chromium()
     if browser is None:
+        if os.environ.get("THUMBALIGN_REQUIRE_BROWSER"):
+            pytest.fail("chromium is not installed, and THUMBALIGN_REQUIRE_BROWSER (set by .ci/run) requires it")
         pytest.skip("Debian's chromium is not installed (.ci/run installs it)")
     flags = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
              "--disable-component-update", "--disable-sync", f"--user-data-dir={tmp_path / 'profile'}"]

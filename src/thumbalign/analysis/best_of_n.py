@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -12,6 +13,7 @@ from ..data.records import Record
 from ..engine.inference import generate
 from ..engine.models import load_causal_lm, load_tokenizer, resolve_model
 from ..engine.reward_model import RewardModel
+from ..files import write_atomically
 
 
 def best_of_n(policy: str, rm_path: str, prompts_file: str, out: str, n: int = 4, max_new_tokens: int = 64,
@@ -22,21 +24,25 @@ def best_of_n(policy: str, rm_path: str, prompts_file: str, out: str, n: int = 4
     model.config.use_cache = True
     rm = RewardModel(rm_path)
     written = 0
-    with open(out, "w", encoding="utf-8") as handle:
-        for row in tqdm(load_prompts(prompts_file), desc="best-of-n", unit="prompt"):
-            answers = []
-            for start in range(0, n, batch_size):
-                k = min(batch_size, n - start)
-                answers += generate(model, tokenizer, [row.prompt] * k, max_new_tokens, temperature,
-                                    seed + written * n + start)
-            candidates = [a for a in answers if a.strip()]
-            if not candidates:
-                continue
-            records = [Record(row.prompt, [{"role": "assistant", "content": a}] if isinstance(row.prompt, list)
-                              else a, True) for a in candidates]
-            probs = rm.probabilities(records)
-            best = int(np.argmax(probs))
-            handle.write(json.dumps({"prompt": row.prompt, "completion": records[best].completion, "label": True,
-                                     "p_up": float(probs[best]), "n": len(candidates)}, ensure_ascii=False) + "\n")
-            written += 1
+
+    def write(tmp):
+        nonlocal written
+        with open(tmp, "w", encoding="utf-8") as handle:
+            for row in tqdm(load_prompts(prompts_file), desc="best-of-n", unit="prompt"):
+                answers = []
+                for start in range(0, n, batch_size):
+                    k = min(batch_size, n - start)
+                    answers += generate(model, tokenizer, [row.prompt] * k, max_new_tokens, temperature,
+                                        seed + written * n + start)
+                candidates = [a for a in answers if a.strip()]
+                if not candidates:
+                    continue
+                records = [Record(row.prompt, [{"role": "assistant", "content": a}] if isinstance(row.prompt, list)
+                                  else a, True) for a in candidates]
+                probs = rm.probabilities(records)
+                best = int(np.argmax(probs))
+                handle.write(json.dumps({"prompt": row.prompt, "completion": records[best].completion, "label": True,
+                                         "p_up": float(probs[best]), "n": len(candidates)}, ensure_ascii=False) + "\n")
+                written += 1
+    write_atomically(Path(out), write, "the best answers")
     return written

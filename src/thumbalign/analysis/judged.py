@@ -15,6 +15,7 @@ from ..data.prompts import load_prompts
 from ..engine.inference import generate
 from ..engine.models import load_causal_lm, load_tokenizer
 from ..errors import ThumbalignError
+from ..files import file_operation
 from .judges import JudgeFailure, apply_judge
 from .metrics import bootstrap_interval
 
@@ -33,7 +34,8 @@ def judged_generations(models: dict[str, Path], prompts_file: str, judge, out_fi
                        temperature: float = 0.0, seed: int = 0, batch_size: int = 8, progress: bool = True) -> dict:
     """Generate with each model in `models` (name -> folder), judge, append to `out_file`; return the comparison."""
     prompts = load_prompts(prompts_file)
-    out_file.parent.mkdir(parents=True, exist_ok=True)
+    with file_operation("create the folder of", out_file):
+        out_file.parent.mkdir(parents=True, exist_ok=True)
     done = _done(out_file)
     for name, folder in models.items():
         todo = [i for i in range(len(prompts)) if (name, i) not in done]
@@ -41,7 +43,7 @@ def judged_generations(models: dict[str, Path], prompts_file: str, judge, out_fi
             continue
         tokenizer, model = load_tokenizer(folder), load_causal_lm(folder).eval()
         model.config.use_cache = True
-        with open(out_file, "a", encoding="utf-8") as handle:
+        with file_operation("append answers to", out_file), open(out_file, "a", encoding="utf-8") as handle:
             for start in tqdm(range(0, len(todo), batch_size), desc=f"generating ({name})", unit="batch",
                               disable=not progress):
                 batch = todo[start:start + batch_size]

@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 
 from ..errors import ConfigError
+from ..files import write_text_atomically
 
 CURVES = [  # (title, [(metrics key, label)])
     ("Loss", [("loss", "loss")]),
@@ -220,5 +221,5 @@ def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
     intro = (f"Run <code>{html.escape(str(run))}</code>: method <b>{html.escape(str(summary.get('method', '?')))}</b>"
              f", model {html.escape(str(settings.get('model', '?')))}, {summary.get('steps', len(metrics))} steps.")
     target = Path(out) if out else run / "report.html"
-    target.write_text(PAGE.format(title=html.escape(run.name), intro=intro, body="\n".join(body)), encoding="utf-8")
-    return target
+    page = PAGE.format(title=html.escape(run.name), intro=intro, body="\n".join(body))
+    return write_text_atomically(target, page, "the report")

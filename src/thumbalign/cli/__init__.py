@@ -13,6 +13,7 @@ import sys
 
 from .. import __version__
 from ..errors import ThumbalignError
+from ..files import reason
 from . import best_of_n, evaluate, importer, inspect_file, methods, online, report, reward, train
 
 COMMANDS = (train, online, methods, evaluate, report, reward, best_of_n, importer, inspect_file)
@@ -42,6 +43,9 @@ def main(argv: list[str] | None = None) -> int:
         return args.run(args, argv)
     except ThumbalignError as err:
         print(f"thumbalign: error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:  # a file-system failure not caught closer to where it happened: still one line
+        print(f"thumbalign: error: {err.filename or 'a file'}: {reason(err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("thumbalign: interrupted; continue with --resume (from the last checkpoint)", file=sys.stderr)

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from ..errors import ConfigError
+from ..files import file_operation, write_text_atomically
 
 
 def add_parser(commands) -> None:
@@ -44,7 +45,8 @@ def run(args, argv: list[str]) -> int:
         raise ConfigError("eval needs --ref with --data (held-out feedback), --baseline with --prompts "
                           "(judged generations), or both")
     out = Path(args.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    with file_operation("create the output folder", out):
+        out.mkdir(parents=True, exist_ok=True)
     model_dir = resolve_model(args.model)
     run_summary = model_dir.parent / "summary.json"
     trained = json.loads(run_summary.read_text()) if run_summary.exists() else {}
@@ -61,7 +63,7 @@ def run(args, argv: list[str]) -> int:
                                               max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                               seed=args.seed, batch_size=args.batch_size)
         print(format_comparison(result["judged"]))
-    (out / "eval.json").write_text(json.dumps(result, indent=1, ensure_ascii=False))
+    write_text_atomically(out / "eval.json", json.dumps(result, indent=1, ensure_ascii=False), "the evaluation")
     print(f"wrote {out / 'eval.json'}")
     return 0
 

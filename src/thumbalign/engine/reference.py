@@ -9,13 +9,13 @@ processes, each computes a shard; the main process writes the cache once.
 from __future__ import annotations
 
 import hashlib
-import os
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..data.tokens import Example
+from ..data.tokens import Example, examples_digest
+from ..files import write_atomically
 from .inference import batched_logps
 
 CACHE_VERSION = "1"  # bump when the log-prob computation changes
@@ -33,11 +33,8 @@ def model_fingerprint(model_dir: Path) -> str:
 
 
 def cache_key(model_dir: Path, examples: list[Example], precision: str) -> str:
-    digest = hashlib.sha256()
-    digest.update(f"v{CACHE_VERSION}|{model_fingerprint(model_dir)}|{precision}|".encode())
-    for e in examples:
-        digest.update(f"{e.prompt_len}:{','.join(map(str, e.input_ids))};".encode())
-    return digest.hexdigest()[:32]
+    key = f"v{CACHE_VERSION}|{model_fingerprint(model_dir)}|{precision}|{examples_digest(examples, labels=False)}"
+    return hashlib.sha256(key.encode()).hexdigest()[:32]
 
 
 def cache_path(cache_dir: Path, key: str) -> Path:
@@ -50,10 +47,8 @@ def load_cached(path: Path) -> torch.Tensor:
 
 def store(path: Path, logps: torch.Tensor) -> None:
     """Write aside, then rename: a reader never sees a half-written cache file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp-{os.getpid()}")
-    save_file({"logps": logps.contiguous()}, str(tmp))
-    os.replace(tmp, path)
+    write_atomically(path, lambda tmp: save_file({"logps": logps.contiguous()}, str(tmp)),
+                     "the reference log-probs cache (--cache-dir chooses another place)")
 
 
 class ReferenceLogps:

@@ -1,26 +1,33 @@
-"""The run folder: what a run writes, where, and how it survives a crash.
+"""The run folder: what a run writes, where, and how it survives a crash or a second run started on it.
 
+    .lock                 held by the running process (an OS file lock: it dies with the process)
     checkpoints/step-N/   weights, optimizer, scheduler, RNG, trainer state (engine/checkpoint.py)
     metrics.jsonl         one line per logging step
     run_config.yaml       the resolved settings; --resume refuses to continue with different ones
     summary.json          data counts, settings, final metrics, evaluations
     model/                the final model folder, written aside and renamed into place
+
+Every write goes through thumbalign.files: a failure is one line naming the operation and the path, and nothing is
+left half-written under a real name.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import shutil
 from pathlib import Path
 
 import yaml
 
 from ..errors import ConfigError
+from ..files import file_operation, write_text_atomically
 from . import checkpoint as ckpt
 
 RUN_FILES = ("checkpoints", "metrics.jsonl", "summary.json", "model", "run_config.yaml", "udm_classifier.json",
              "generations.jsonl", "report.html")
+LOCK_FILE = ".lock"
 
 
 def changed_settings(config, saved: dict) -> list[str]:
@@ -29,9 +36,27 @@ def changed_settings(config, saved: dict) -> list[str]:
             if not f.metadata.get("resumable") and f.name in saved and saved[f.name] != getattr(config, f.name)]
 
 
+def is_first_process() -> bool:
+    """The process that owns the folder: the only one, or rank 0 of a launched group (the others only read)."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 class RunDir:
-    def __init__(self, path: Path, resume_from: Path | None):
-        self.path, self.resume_from = path, resume_from
+    """Use as a context manager: the lock is released when the run ends, however it ends."""
+
+    def __init__(self, path: Path, resume_from: Path | None, lock=None):
+        self.path, self.resume_from, self._lock = path, resume_from, lock
+
+    def __enter__(self) -> "RunDir":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._lock is not None:
+            self._lock.close()  # closing the descriptor releases the lock
+            self._lock = None
 
     @property
     def checkpoints(self) -> Path:
@@ -43,27 +68,36 @@ class RunDir:
 
     @classmethod
     def open(cls, config) -> "RunDir":
-        """Find the checkpoint to resume from (checking the settings are those of the interrupted run), or make a
-        fresh folder, refusing one that holds another run unless `overwrite`."""
+        """Take the folder's lock (before anything in it is touched), then find the checkpoint to resume from
+        (checking the settings are those of the interrupted run), or make a fresh folder, refusing one that holds
+        another run unless `overwrite`. Processes other than the first only work out the paths."""
         out = Path(config.output_dir)
-        ckpt.remove_stale_staging(out / "checkpoints")
-        if config.resume:
-            return cls(out, _checkpoint_to_resume(out, config))
-        existing = [name for name in RUN_FILES if (out / name).exists()]
-        if existing and not config.overwrite:
-            raise ConfigError(f"{out} already holds a run ({', '.join(existing)}); continue it with --resume "
-                              "or replace it with --overwrite")
-        for name in existing:
-            path = out / name
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
-        out.mkdir(parents=True, exist_ok=True)
-        return cls(out, None)
+        if not is_first_process():
+            return cls(out, _checkpoint_to_resume(out, config) if config.resume else None)
+        lock = take_lock(out)
+        try:
+            ckpt.remove_stale_staging(out / "checkpoints")
+            if config.resume:
+                return cls(out, _checkpoint_to_resume(out, config), lock)
+            existing = [name for name in RUN_FILES if (out / name).exists()]
+            if existing and not config.overwrite:
+                raise ConfigError(f"{out} already holds a run ({', '.join(existing)}); continue it with --resume "
+                                  "or replace it with --overwrite")
+            with file_operation("clear the earlier run from", out):
+                for name in existing:
+                    path = out / name
+                    shutil.rmtree(path) if path.is_dir() else path.unlink()
+            return cls(out, None, lock)
+        except BaseException:
+            lock.close()
+            raise
 
     def write_config(self, config) -> None:
-        (self.path / "run_config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+        write_text_atomically(self.path / "run_config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False),
+                              "the run's settings")
 
     def append_metrics(self, line: dict) -> None:
-        with open(self.metrics_file, "a") as handle:
+        with file_operation("append to", self.metrics_file), open(self.metrics_file, "a") as handle:
             handle.write(json.dumps(line) + "\n")
 
     def trim_metrics(self, last_step: int) -> None:
@@ -71,29 +105,60 @@ class RunDir:
         if not self.metrics_file.exists():
             return
         kept = []
-        for line in self.metrics_file.read_text().splitlines():
+        with file_operation("read", self.metrics_file):
+            lines = self.metrics_file.read_text().splitlines()
+        for line in lines:
             try:
                 if json.loads(line).get("step", 0) <= last_step:
                     kept.append(line)
             except json.JSONDecodeError:  # the half-written last line of a killed run
                 continue
-        self.metrics_file.write_text("".join(line + "\n" for line in kept))
+        write_text_atomically(self.metrics_file, "".join(line + "\n" for line in kept), "the metrics")
 
     def write_summary(self, summary: dict) -> Path:
-        path = self.path / "summary.json"
-        path.write_text(json.dumps(summary, indent=1, ensure_ascii=False))
-        return path
+        return write_text_atomically(self.path / "summary.json", json.dumps(summary, indent=1, ensure_ascii=False),
+                                     "the run summary")
 
     def save_folder(self, name: str, write) -> Path:
-        """`write(staging_path)` fills a folder aside; it is renamed into place only once complete."""
+        """`write(staging_path)` fills a folder aside; it is renamed into place only once complete, and removed if
+        writing it fails (the earlier folder of that name stays until then)."""
         target = self.path / name
         staging = target.with_name(target.name + ".staging")
-        shutil.rmtree(staging, ignore_errors=True)
-        write(staging)
-        if target.exists():
-            shutil.rmtree(target)
-        staging.rename(target)
+        with file_operation(f"write the {name} folder", target):
+            shutil.rmtree(staging, ignore_errors=True)
+            try:
+                write(staging)
+            except BaseException:
+                shutil.rmtree(staging, ignore_errors=True)
+                raise
+            if target.exists():
+                shutil.rmtree(target)
+            staging.rename(target)
         return target
+
+
+def take_lock(out: Path):
+    """An exclusive OS lock on OUT/.lock, holding this process's PID; another run on the folder is refused."""
+    try:
+        import fcntl
+    except ImportError:  # no fcntl (Windows): no lock
+        return None
+    with file_operation("create the run folder", out):
+        out.mkdir(parents=True, exist_ok=True)
+        handle = open(out / LOCK_FILE, "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "unknown"
+        handle.close()
+        raise ConfigError(f"{out} is in use by another thumbalign run (PID {holder}); wait for it to end or choose "
+                          "another --output-dir") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(str(os.getpid()))
+    handle.flush()
+    return handle
 
 
 def _checkpoint_to_resume(out: Path, config) -> Path:

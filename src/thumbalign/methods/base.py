@@ -32,6 +32,12 @@ class StepInputs:
     gather: Callable[[torch.Tensor], torch.Tensor]  # all-gather across processes (identity with one)
     extra_policy_logps: torch.Tensor | None = None  # log-probs of the method's extra examples (no gradient)
     extra_ref_logps: torch.Tensor | None = None
+    valid: torch.Tensor | None = None   # [n] bool: False for a placeholder row (a process with no data left)
+
+    def rows(self, t: torch.Tensor) -> torch.Tensor:
+        """The real rows of a per-row tensor, to gather into statistics (δ, z_ref) that placeholders must not
+        touch."""
+        return t if self.valid is None else t[self.valid]
 
 
 class Objective:
@@ -52,10 +58,11 @@ class Objective:
     def loss(self, x: StepInputs) -> LossOutput:
         raise NotImplementedError
 
-    def extra_examples(self, indices: list[int], examples: list[Example],
+    def extra_examples(self, indices: list[int], group: list[int], examples: list[Example],
                        max_length: int) -> list[tuple[Hashable, Example]]:
         """Examples beyond the micro-batch whose log-probs the loss needs (policy without gradient, reference
-        precomputed and cached): (key, example) for the micro-batch holding `examples[i]` for i in `indices`."""
+        precomputed and cached): (key, example) for this process's micro-batch `indices`, part of `group` (the
+        micro-batch of every process together, as one process would hold it), over `examples`."""
         return []
 
     @property

@@ -96,7 +96,7 @@ class BCO(Objective):
     def loss(self, x):
         # δ is updated with this micro-batch's rewards from every process before the loss, as in the reference
         rewards = self.beta * (x.policy_logps.detach() - x.ref_logps)
-        self.shift.update(x.gather(rewards), x.gather(x.labels))
+        self.shift.update(x.gather(x.rows(rewards)), x.gather(x.rows(x.labels)))
         return bco_loss(x.policy_logps, x.ref_logps, x.labels, beta=self.beta, delta=self.shift.value,
                         weights=x.weights)
 

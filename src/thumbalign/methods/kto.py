@@ -73,9 +73,12 @@ class KTO(Objective):
                     "--auto-weights picks weights inside it")
         self.z_ref = 0.0
 
-    def extra_examples(self, indices, examples, max_length):
+    def extra_examples(self, indices, group, examples, max_length):
+        # pairs rotate over the micro-batch of every process together, so that z_ref does not depend on how many
+        # processes share it; each process computes the pairs whose prompt it holds
+        mine = set(indices)
         return [((i, j), mismatched_example(examples[i], examples[j], max_length))
-                for i, j in mismatched_pairs(indices)]
+                for i, j in mismatched_pairs(group) if i in mine]
 
     def loss(self, x):
         # z_ref = max(0, mean ρ over the mismatched pairs of every process), detached

@@ -22,7 +22,8 @@ def _defined_here(kind: type) -> dict[str, type]:
             continue
         module = importlib.import_module(f"{__package__}.{info.name}")
         for value in vars(module).values():
-            if isinstance(value, type) and issubclass(value, kind) and value.name and value.__module__ == module.__name__:
+            defined_here = isinstance(value, type) and value.__module__ == module.__name__
+            if defined_here and issubclass(value, kind) and value.name:
                 found[value.name] = value
     return found
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -25,6 +24,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from ..errors import ConfigError
+from ..files import write_atomically, write_text_atomically
 
 DEFAULT_ENCODER = "minilm"
 
@@ -63,10 +63,8 @@ def embed_texts(texts: list[str], encoder: str = DEFAULT_ENCODER, batch_size: in
         out.append(torch.nn.functional.normalize(pooled, dim=-1))
     embeddings = torch.cat(out).float()
     if cached:
-        cached.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cached.with_suffix(f".tmp-{os.getpid()}")
-        save_file({"embeddings": embeddings.contiguous()}, str(tmp))
-        os.replace(tmp, cached)
+        write_atomically(cached, lambda tmp: save_file({"embeddings": embeddings.contiguous()}, str(tmp)),
+                         "the prompt-embeddings cache (--cache-dir chooses another place)")
     return embeddings.numpy()
 
 
@@ -91,9 +89,7 @@ class DensityRatio:
         return w / self.mean_weight if self.normalize else w
 
     def save(self, path: Path) -> None:
-        tmp = Path(str(path) + ".tmp")
-        tmp.write_text(json.dumps(asdict(self)))
-        os.replace(tmp, path)
+        write_text_atomically(path, json.dumps(asdict(self)), "the UDM classifier")
 
     @classmethod
     def load(cls, path: Path) -> "DensityRatio":

@@ -11,10 +11,12 @@ import torch
 
 from ..analysis.judged import format_comparison, judged_generations
 from ..data.prepare import PreparedData
+from ..data.tokens import Example, examples_digest
 from ..engine.inference import prompt_embeddings
 from ..engine.loop import Engine
 from ..engine.models import add_lora, cache_root, resolve_model
 from ..engine.rundir import RunDir
+from ..files import content_digest
 from ..methods.udm import DensityRatio, embed_texts, fit_density_ratio, weigh_examples
 
 
@@ -22,6 +24,11 @@ def model_folder(engine: Engine, config) -> Path:
     """Resolve `--model` once, on the main process (converting a GGUF file happens there), for every process."""
     model_dir = resolve_model(config.model, config.cache_dir) if engine.is_main else None
     return Path(engine.main_value(str(model_dir)))
+
+
+def data_fingerprint(data_path: str, examples: list[Example]) -> dict:
+    """What a resumed run must find unchanged: the data file's bytes and the tokenised training examples."""
+    return {"data file": content_digest(data_path), "tokenised examples": examples_digest(examples)}
 
 
 def count_steps(config, n_units: int, units_per_step: int) -> tuple[int, int]:

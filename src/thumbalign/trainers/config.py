@@ -80,6 +80,8 @@ class TrainConfig:
     packing: bool = _f(False, "Padding-free batches: the examples of a micro-batch back to back in one row, with "
                               "per-example positions and attention (no compute spent on padding).")
     seed: int = _f(42, "Seed for shuffling, the eval split and initialisation of new weights.")
+    dry_run: bool = _f(False, "Read and tokenise the data, say what training would do (examples, steps, truncation), "
+                              "and stop: no weights are loaded, nothing is written.")
     logps_chunk_size: int = _f(2048, "Completion tokens per chunk of the output projection (bounds logit memory).")
     # --- evaluation by generation
     eval_prompts: str | None = _f(None, "Prompts (JSONL/CSV/..., a 'prompt' per row) never trained on: after training, "

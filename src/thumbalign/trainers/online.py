@@ -33,6 +33,7 @@ from ..engine.models import cache_root, load_causal_lm, load_tokenizer
 from ..engine.reference import model_fingerprint
 from ..engine.rundir import RunDir
 from ..errors import ConfigError
+from ..files import content_digest, write_text_atomically
 from ..methods.online_base import GroupBatch, OnlineObjective, group_statistics, k3_kl, reduce_token_losses
 from ..methods.registry import get_online_objective
 from .common import compare_with_base, count_steps, make_trainable, model_folder, save_policy
@@ -40,7 +41,11 @@ from .config import filter_band
 
 
 def train_online(config, log=print) -> dict:
-    run = RunDir.open(config)
+    with RunDir.open(config) as run:  # the folder's lock lives as long as the run
+        return _train(config, run, log)
+
+
+def _train(config, run: RunDir, log) -> dict:
     engine = Engine(config, log)
     model_dir = model_folder(engine, config)
     tokenizer = load_tokenizer(model_dir, config.trust_remote_code)
@@ -55,7 +60,9 @@ def train_online(config, log=print) -> dict:
     objective = get_online_objective(config.objective)(config)
     task = OnlineTask(config, engine, prompts, rewards, objective, model, sampler, model_dir)
     engine.prepare(CompletionLogps(model, config.logps_chunk_size), model, task.total_steps)
-    start = engine.start(run, task, config, task.units_per_step)
+    start = engine.start(run, task, config, task.units_per_step,
+                         {"prompts file": content_digest(config.prompts),
+                          "prompts": hashlib.sha256(json.dumps([p.prompt for p in prompts]).encode()).hexdigest()})
     task.announce()
     last_line = engine.run(task, run, start, task.units_per_step, task.steps_per_epoch)
     summary = {"kind": "online", "method": objective.name, "model": config.model, "model_dir": str(model_dir),
@@ -505,9 +512,6 @@ def prompt_pass_rates(prompts: list[PromptRow], sampler: Sampler, rewards: Rewar
         rates.update(part)
     ordered = [rates[i] for i in range(len(prompts))]
     if engine.is_main:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(ordered))
-        tmp.replace(path)
+        write_text_atomically(path, json.dumps(ordered), "the pass-rate cache (--cache-dir chooses another place)")
     engine.wait()
     return ordered

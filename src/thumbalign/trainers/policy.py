@@ -14,23 +14,41 @@ import torch
 from ..analysis.judges import load_judge
 from ..analysis.metrics import implicit_classifier_report
 from ..analysis.report import write_report
-from ..data.batching import collate, collate_packed, micro_batches
+from ..data.batching import collate, collate_packed, micro_batches, step_groups
 from ..data.prepare import PreparedData, prepare_data
 from ..engine.inference import batched_logps
 from ..engine.logprobs import CompletionLogps, completion_logps
 from ..engine.loop import Engine, MicroStep
-from ..engine.models import cache_root, load_causal_lm, load_tokenizer
+from ..engine.models import cache_root, load_causal_lm, load_tokenizer, resolve_model
 from ..engine.reference import ReferenceLogps
 from ..engine.rundir import RunDir
 from ..methods.base import Objective, StepInputs
 from ..methods.registry import get_method
-from .common import (UDMWeights, compare_with_base, count_steps, fit_udm, make_trainable, model_folder,
-                     save_policy, udm_window_stats)
+from .common import (UDMWeights, compare_with_base, count_steps, data_fingerprint, fit_udm, make_trainable,
+                     model_folder, save_policy, udm_window_stats)
 from .config import TrainConfig
 
 
 def train(config: TrainConfig, log=print) -> dict:
-    run = RunDir.open(config)
+    if config.dry_run:
+        return dry_run(config, log)
+    with RunDir.open(config) as run:  # the folder's lock lives as long as the run
+        return _train(config, run, log)
+
+
+def dry_run(config: TrainConfig, log=print) -> dict:
+    """Read and tokenise the data and say what training would do; no weights are loaded, nothing is written."""
+    tokenizer = load_tokenizer(resolve_model(config.model, config.cache_dir), config.trust_remote_code)
+    method = get_method(config.method)
+    data = prepare_data(config, tokenizer, method.needs, log=log)
+    per_step = config.per_device_train_batch_size * config.gradient_accumulation_steps * config.num_processes
+    steps, _ = count_steps(config, len(data.units), per_step)
+    log(f"Dry run: {method.name} would train {steps} steps of {per_step} on {len(data.units)} "
+        f"{'pairs' if method.needs.paired else 'examples'}; nothing was trained or written")
+    return {"dry_run": True, "method": method.name, "steps": steps, "data": data.report}
+
+
+def _train(config: TrainConfig, run: RunDir, log) -> dict:
     engine = Engine(config, log)
     model_dir = model_folder(engine, config)
     tokenizer = load_tokenizer(model_dir, config.trust_remote_code)
@@ -49,9 +67,11 @@ def train(config: TrainConfig, log=print) -> dict:
     task = PolicyTask(config, engine, data, objective, model, ref_train, udm, tokenizer.pad_token_id)
     task.precompute_extra_references(reference)
     engine.prepare(CompletionLogps(model, config.logps_chunk_size), model, task.total_steps)
-    start = engine.start(run, task, config, task.units_per_step)
+    start = engine.start(run, task, config, task.units_per_step, data_fingerprint(config.data, data.train))
     if not run.resume_from and data.eval:
-        task.history["eval_before"] = classifier_at_start(data.eval)
+        # measured, not assumed: the policy is still the reference, so every reward must come out exactly 0
+        task.history["eval_before"] = held_out_classifier(model, data.eval, ref_eval, objective,
+                                                          tokenizer.pad_token_id, config, engine)
         engine.say(f"Held-out implicit-reward classifier before training: {format_eval(task.history['eval_before'])}")
     task.announce()
     last_line = engine.run(task, run, start, task.units_per_step, task.steps_per_epoch)
@@ -80,9 +100,14 @@ class PolicyTask:
         self.extra_ref: dict = {}   # the method's extra examples: key -> reference log-prob
         self.seen: set[tuple[int, int]] = set()  # (step, example) this process trained on, for the summary
 
-    def _plan(self, step: int, rank: int) -> tuple[list[list[int]], int]:
-        return micro_batches(self.data.units, step, self.micro, self.accumulation, self.engine.world, rank,
-                             self.config.seed)
+    def _plan(self, step: int, rank: int) -> list[tuple[list[int], list[int], int]]:
+        """(this process's micro-batch, the micro-batch of every process together, examples in the step) for each
+        micro-batch of the step; an empty micro-batch is a process that ran out of data."""
+        c, world = self.config, self.engine.world
+        batches, n_step = micro_batches(self.data.units, step, self.micro, self.accumulation, world, rank, c.seed)
+        groups = step_groups(self.data.units, step, self.micro, self.accumulation, world, c.seed)
+        groups += [[] for _ in range(len(batches) - len(groups))]
+        return [(idx, group, n_step) for idx, group in zip(batches, groups)]
 
     def precompute_extra_references(self, reference: ReferenceLogps) -> None:
         """The extra examples of every micro-batch of the run are known in advance (the sampler is a function of
@@ -90,8 +115,8 @@ class PolicyTask:
         found = {}
         for step in range(self.total_steps):
             for rank in range(self.engine.world):
-                for idx in self._plan(step, rank)[0]:
-                    found.update(self.objective.extra_examples(idx, self.data.train, self.config.max_length))
+                for idx, group, _ in self._plan(step, rank):
+                    found.update(self.objective.extra_examples(idx, group, self.data.train, self.config.max_length))
         if found:
             keys = sorted(found)
             logps, _ = reference([found[k] for k in keys], f"{self.objective.name} extra")
@@ -104,15 +129,18 @@ class PolicyTask:
               f"{self.units_per_step} ({self.micro} × {self.accumulation} accumulation × {e.world} processes), "
               f"{'LoRA' if c.use_lora else 'full fine-tune'}, {e.precision} on {e.device}")
 
-    def step_batches(self, step: int) -> list[tuple[list[int], int]]:
-        batches, n_step = self._plan(step, self.engine.rank)
-        self.seen.update((step, i) for idx in batches for i in idx)
-        return [(idx, n_step) for idx in batches]
+    def step_batches(self, step: int) -> list[tuple[list[int], list[int], int]]:
+        batches = self._plan(step, self.engine.rank)
+        self.seen.update((step, i) for idx, _, _ in batches for i in idx)
+        return batches
 
     def micro_step(self, module, batch) -> MicroStep:
-        idx, n_step = batch
-        device, rows = self.engine.device, torch.tensor(idx)
-        examples = [self.data.train[i] for i in idx]
+        idx, group, n_step = batch
+        # a process with no data left in this step still takes part, on a placeholder unit that weighs nothing
+        present = idx or self.data.units[0]
+        valid = torch.full((len(present),), bool(idx), device=self.engine.device)
+        device, rows = self.engine.device, torch.tensor(present)
+        examples = [self.data.train[i] for i in present]
         tensors = collate_packed(examples) if self.config.packing else collate(examples, self.pad_token_id)
         extra = {k: tensors[k].to(device) for k in ("position_ids", "sequence_ids") if k in tensors}
         policy = module(tensors["input_ids"].to(device), tensors["attention_mask"].to(device),
@@ -121,17 +149,19 @@ class PolicyTask:
         inputs = StepInputs(
             policy_logps=policy, ref_logps=self.ref_logps[rows].to(device), labels=labels,
             weights=self.udm.weights[rows].to(device) if self.udm else None,
-            n_tokens=tensors["completion_lengths"].to(device), gather=self.engine.gather)
-        self._add_extra_logps(inputs, idx)
+            n_tokens=tensors["completion_lengths"].to(device), gather=self.engine.gather_rows, valid=valid)
+        self._add_extra_logps(inputs, idx, group)
         result = self.objective.loss(inputs)
         stats = {"loss": result.losses, "reward": result.rewards, "label": labels}
         if self.udm:
             stats.update(udm_weight=inputs.weights, udm_clipped=self.udm.clipped[rows].to(device))
+        stats = {name: values[valid] for name, values in stats.items()}
         # the sum over the micro-batch / the examples of the whole step: the mean over the step once summed
-        return MicroStep(result.losses.sum() / n_step, stats, tokens=int(tensors["n_tokens"]), samples=len(idx))
+        return MicroStep((result.losses * valid).sum() / n_step, stats,
+                         tokens=int(tensors["n_tokens"]) if idx else 0, samples=len(idx))
 
-    def _add_extra_logps(self, inputs: StepInputs, idx: list[int]) -> None:
-        extra = self.objective.extra_examples(idx, self.data.train, self.config.max_length)
+    def _add_extra_logps(self, inputs: StepInputs, idx: list[int], group: list[int]) -> None:
+        extra = self.objective.extra_examples(idx, group, self.data.train, self.config.max_length)
         if not extra:
             return
         device = self.engine.device
@@ -171,13 +201,6 @@ class PolicyTask:
     def load_state_dict(self, state: dict) -> None:
         self.objective.load_state_dict(state["objective"])
         self.history = dict(state.get("history", {}))
-
-
-def classifier_at_start(examples) -> dict:
-    """Before the first step the policy is the reference, so every implicit reward is 0 by definition: the
-    classifier is at chance, and no forward pass is needed to know it."""
-    labels = torch.tensor([e.label for e in examples])
-    return implicit_classifier_report(torch.zeros(len(examples)), labels)
 
 
 @torch.no_grad()

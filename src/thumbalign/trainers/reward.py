@@ -19,13 +19,17 @@ from ..engine.loop import Engine, MicroStep
 from ..engine.models import load_tokenizer
 from ..engine.reward_model import RewardScores, load_reward_model, score_examples
 from ..engine.rundir import RunDir
-from .common import UDMWeights, count_steps, fit_udm, make_trainable, model_folder, udm_window_stats
+from .common import UDMWeights, count_steps, data_fingerprint, fit_udm, make_trainable, model_folder, udm_window_stats
 
 REWARD_DATA = DataNeeds("reward")
 
 
 def train_reward_model(config, log=print) -> dict:
-    run = RunDir.open(config)
+    with RunDir.open(config) as run:  # the folder's lock lives as long as the run
+        return _train(config, run, log)
+
+
+def _train(config, run: RunDir, log) -> dict:
     engine = Engine(config, log)
     model_dir = model_folder(engine, config)
     tokenizer = load_tokenizer(model_dir, config.trust_remote_code)
@@ -41,7 +45,7 @@ def train_reward_model(config, log=print) -> dict:
     task = RewardTask(config, engine, data, udm, tokenizer.pad_token_id)
     core = model.get_base_model() if config.use_lora else model
     engine.prepare(RewardScores(core), model, task.total_steps)
-    start = engine.start(run, task, config, task.units_per_step)
+    start = engine.start(run, task, config, task.units_per_step, data_fingerprint(config.data, data.train))
     engine.say(f"Training a reward model on {len(data.train)} examples ({task.n_up} 👍, "
                f"{len(data.train) - task.n_up} 👎): {task.total_steps} steps of {task.units_per_step}")
     engine.run(task, run, start, task.units_per_step, task.steps_per_epoch)
@@ -81,18 +85,23 @@ class RewardTask:
     def micro_step(self, module, batch) -> MicroStep:
         idx, n_step = batch
         device = self.engine.device
-        tensors = collate([self.data.train[i] for i in idx], self.pad_token_id)
+        present = idx or [0]  # a process with no data left in this step runs a placeholder that weighs nothing
+        tensors = collate([self.data.train[i] for i in present], self.pad_token_id)
         labels = tensors["labels"].to(device)
         weights = torch.tensor([self.class_weight[bool(label)] for label in tensors["labels"]], device=device)
+        weights = weights * float(bool(idx))
         stats = {}
         if self.udm:
-            rows = torch.tensor(idx)
+            rows = torch.tensor(present)
             weights = torch.where(labels, weights, weights * self.udm.weights[rows].to(device))
             stats.update(udm_weight=self.udm.weights[rows], udm_clipped=self.udm.clipped[rows])
         logits = module(tensors["input_ids"].to(device), tensors["attention_mask"].to(device))
         losses = F.binary_cross_entropy_with_logits(logits, labels.float(), reduction="none") * weights
         stats.update(loss=losses, logit=logits, label=labels)
-        return MicroStep(losses.sum() / n_step, stats, tokens=int(tensors["n_tokens"]), samples=len(idx))
+        if not idx:
+            stats = {name: values[:0] for name, values in stats.items()}
+        return MicroStep(losses.sum() / n_step, stats, tokens=int(tensors["n_tokens"]) if idx else 0,
+                         samples=len(idx))
 
     def log_line(self, stats: dict[str, torch.Tensor]) -> dict:
         if not stats:
