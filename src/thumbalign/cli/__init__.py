@@ -14,9 +14,9 @@ import sys
 from .. import __version__
 from ..errors import ThumbalignError
 from ..files import reason
-from . import best_of_n, evaluate, importer, inspect_file, methods, online, report, reward, train
+from . import best_of_n, env, evaluate, importer, inspect_file, methods, online, report, reward, starter, train
 
-COMMANDS = (train, online, methods, evaluate, report, reward, best_of_n, importer, inspect_file)
+COMMANDS = (train, online, methods, evaluate, report, reward, best_of_n, importer, inspect_file, starter, env)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,8 +36,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    # Nothing is ever fetched from a model hub: fail fast instead of hanging on the network.
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     try:
         return args.run(args, argv)

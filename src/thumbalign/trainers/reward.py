@@ -19,18 +19,21 @@ from ..engine.loop import Engine, MicroStep
 from ..engine.models import load_tokenizer
 from ..engine.reward_model import RewardScores, load_reward_model, score_examples
 from ..engine.rundir import RunDir
-from .common import UDMWeights, count_steps, data_fingerprint, fit_udm, make_trainable, model_folder, udm_window_stats
+from .common import (UDMWeights, count_steps, data_fingerprint, fit_udm, make_trainable, model_folder, require_inputs,
+                     save_dtype, udm_window_stats, write_model_card, final_results, describe_settings)
 
 REWARD_DATA = DataNeeds("reward")
 
 
 def train_reward_model(config, log=print) -> dict:
+    require_inputs(config.data, config.eval_data)
     with RunDir.open(config) as run:  # the folder's lock lives as long as the run
         return _train(config, run, log)
 
 
 def _train(config, run: RunDir, log) -> dict:
-    engine = Engine(config, log)
+    engine = Engine(config, log, tracking_dir=run.path / "tracking")
+    engine.say(describe_settings(config))
     model_dir = model_folder(engine, config)
     tokenizer = load_tokenizer(model_dir, config.trust_remote_code)
     data = prepare_data(config, tokenizer, REWARD_DATA, log=engine.say)
@@ -55,10 +58,13 @@ def _train(config, run: RunDir, log) -> dict:
         final = model.merge_and_unload() if config.use_lora else model
         if data.eval:
             summary["eval"] = calibrate(final, data, tokenizer.pad_token_id, config, engine.say)
+        final.to(save_dtype(config.save_dtype, model_dir))
         run.save_folder("model", lambda folder: (final.save_pretrained(folder, safe_serialization=True),
                                                  tokenizer.save_pretrained(folder)))
         run.write_summary(summary)
+        write_model_card(run, summary, config, model_dir)
         engine.say(f"Saved the reward model to {run.path / 'model'}; report: {write_report(run.path)}")
+    engine.finish_tracking(final_results(engine.main_value(summary)))
     engine.wait()
     return summary
 
