@@ -35,11 +35,12 @@ def _tiny_repo(folder: Path, seed: int) -> Path:
 def hub(tmp_path):
     """A loopback Hub holding acme/tiny-llama at revisions main and v2 (different weights), and the environment that
     points huggingface_hub at it with an empty HF_HOME."""
-    server = serve({REPO: {"main": _tiny_repo(tmp_path / "main", 0), "v2": _tiny_repo(tmp_path / "v2", 1)}})
+    server = serve(models={REPO: {"main": _tiny_repo(tmp_path / "main", 0), "v2": _tiny_repo(tmp_path / "v2", 1)}})
     env = {"HF_ENDPOINT": f"http://127.0.0.1:{server.server_port}", "HF_HOME": str(tmp_path / "hf"),
            "HF_HUB_OFFLINE": "0", "THUMBALIGN_CACHE": str(tmp_path / "cache")}
     yield server, env
     server.shutdown()
+    server.server_close()
 
 
 def _train_args(tmp_path, out, *extra):
@@ -206,3 +207,71 @@ def test_env_command_names_versions_and_hardware(capsys):
     assert main(["env"]) == 0
     out = capsys.readouterr().out
     assert f"- torch: {torch.__version__}" in out and "- thumbalign: " in out and "cores" in out
+
+
+@pytest.fixture
+def hub_dataset(tmp_path):
+    """A loopback Hub holding acme/feedback: a train and a test split whose columns are named otherwise."""
+    repo = tmp_path / "dataset"
+    (repo / "data").mkdir(parents=True)
+    rows = [{"question": r["prompt"], "answer": r["completion"], "thumb": "up" if r["label"] else "down"}
+            for r in toy_feedback(12)]
+    write_jsonl(repo / "data" / "train.jsonl", rows[:8])
+    write_jsonl(repo / "data" / "test.jsonl", rows[8:])
+    (repo / "README.md").write_text("---\nlicense: mit\n---\n# feedback\n")
+    server = serve(datasets={"acme/feedback": {"main": repo}})
+    env = {"HF_ENDPOINT": f"http://127.0.0.1:{server.server_port}", "HF_HOME": str(tmp_path / "hf"),
+           "HF_HUB_OFFLINE": "0", "THUMBALIGN_CACHE": str(tmp_path / "cache")}
+    yield server, env
+    server.shutdown()
+    server.server_close()
+
+
+def test_a_hub_dataset_trains_with_its_splits_and_mapped_columns_then_offline(tmp_path, tiny_llama, hub_dataset):
+    server, env = hub_dataset
+    args = ["train", "--data", "acme/feedback", "--eval-data-split", "test", "--prompt-field", "question",
+            "--completion-field", "answer", "--label-field", "thumb", "--model", tiny_llama, "--max-steps", 1,
+            "--per-device-train-batch-size", 4, "--bf16", "false", "--no-report"]
+    first = _thumbalign(*args, "--output-dir", tmp_path / "run", env=env)
+    assert first.returncode == 0, first.stderr[-2000:]
+    data = json.loads((tmp_path / "run" / "summary.json").read_text())["data"]
+    assert data["train_examples"] == {"total": 8, "thumbs_up": 4, "thumbs_down": 4} and data["eval_examples"] == 4
+    assert data["train_file"]["path"] == "acme/feedback [train]"
+    unknown = _thumbalign(*args, "--data", "acme/none", "--output-dir", tmp_path / "bad", env=env)
+    assert unknown.returncode == 2
+    assert "acme/none [train]: no such file or folder, nor a dataset on the Hub" in unknown.stderr.splitlines()[-1]
+    server.shutdown()  # the datasets cache alone serves it now
+    offline = _thumbalign(*args, "--output-dir", tmp_path / "again", env={**env, "HF_HUB_OFFLINE": "1"})
+    assert offline.returncode == 0, offline.stderr[-2000:]
+    for bad, message in ((["--data", "acme/none"], "acme/none [train]: not in the datasets cache and the Hub cannot "
+                                                   "be reached (HF_HUB_OFFLINE is set"),
+                         (["--data-split", "nope"], "acme/feedback [nope]: ")):
+        result = _thumbalign(*args, *bad, "--output-dir", tmp_path / "bad", env={**env, "HF_HUB_OFFLINE": "1"})
+        assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+        assert message in result.stderr.strip().splitlines()[-1]
+
+
+def test_push_to_hub_uploads_the_model_folder_with_its_card(tmp_path, tiny_llama):
+    server = serve(upload_root=tmp_path / "hub-side")
+    env = {"HF_ENDPOINT": f"http://127.0.0.1:{server.server_port}", "HF_HOME": str(tmp_path / "hf"),
+           "HF_HUB_OFFLINE": "0", "HF_TOKEN": "hf_local_test_token", "THUMBALIGN_CACHE": str(tmp_path / "cache")}
+    try:
+        done = _thumbalign(*_train_args(tmp_path, "run", "--model", tiny_llama, "--push-to-hub", "--hub-model-id",
+                                        "me/trained", "--hub-private"), env=env)
+        assert done.returncode == 0, done.stderr[-2000:]
+        created = server.RequestHandlerClass.created
+    finally:
+        server.shutdown()
+        server.server_close()  # the port is closed: a connection is refused at once
+    assert created == [{"repo_id": "me/trained", "name": "trained", "organization": "me", "visibility": "private"}]
+    local = {p.name: p.read_bytes() for p in (tmp_path / "run" / "model").iterdir()}
+    pushed = {p.name: p.read_bytes() for p in (tmp_path / "hub-side" / "me" / "trained").iterdir()}
+    assert pushed == local and "README.md" in pushed and "model.safetensors" in pushed
+    missing = _thumbalign(*_train_args(tmp_path, "run2", "--model", tiny_llama, "--push-to-hub"))
+    assert missing.returncode == 2 and "--push-to-hub needs --hub-model-id" in missing.stderr
+    down = _thumbalign(*_train_args(tmp_path, "run3", "--model", tiny_llama, "--push-to-hub", "--hub-model-id",
+                                    "me/trained"), env=env)  # the Hub is gone: the run succeeded, the push did not
+    assert down.returncode == 2 and "Traceback" not in down.stderr
+    line = down.stderr.strip().splitlines()[-1]
+    assert line.startswith("thumbalign: error: --push-to-hub me/trained: ") and "the model is saved in" in line
+    assert (tmp_path / "run3" / "model" / "model.safetensors").exists()

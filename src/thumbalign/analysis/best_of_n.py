@@ -30,10 +30,10 @@ def best_of_n(policy: str, rm_path: str, prompts_file: str, out: str, n: int = 4
         with open(tmp, "w", encoding="utf-8") as handle:
             for row in tqdm(load_prompts(prompts_file), desc="best-of-n", unit="prompt"):
                 answers = []
-                for start in range(0, n, batch_size):
+                for start in range(0, n, batch_size):  # the prompt once, its k answers from one forward each step
                     k = min(batch_size, n - start)
-                    answers += generate(model, tokenizer, [row.prompt] * k, max_new_tokens, temperature,
-                                        seed + written * n + start)
+                    answers += generate(model, tokenizer, [row.prompt], max_new_tokens, temperature,
+                                        seed + written * n + start, num_return_sequences=k)
                 candidates = [a for a in answers if a.strip()]
                 if not candidates:
                     continue

@@ -94,7 +94,8 @@ def inspect_file(path: str, tokenizer=None, max_length: int = 1024, encoder: str
         "duplicates": duplicates, "conflicting_pairs": conflicts,
     }
     if tokenizer is not None:
-        report["tokens"] = {LABEL_NAME[l]: {"prompt": prompt_len[l].summary(), "completion": completion_len[l].summary()}
+        report["tokens"] = {LABEL_NAME[l]: {"prompt": prompt_len[l].summary(),
+                                            "completion": completion_len[l].summary()}
                             for l in (True, False)}
         report["max_length"] = max_length
         report["truncation"] = {"prompt_cut": truncated["prompt_cut"],

@@ -194,7 +194,8 @@ def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
         raise ConfigError(f"{run}: not a thumbalign run folder (no summary.json or metrics.jsonl)")
     summary = json.loads((run / "summary.json").read_text()) if (run / "summary.json").exists() else {}
     metrics_file = run / "metrics.jsonl"
-    metrics = [json.loads(l) for l in metrics_file.read_text().splitlines() if l.strip()] if metrics_file.exists() else []
+    lines = metrics_file.read_text().splitlines() if metrics_file.exists() else []
+    metrics = [json.loads(line) for line in lines if line.strip()]
     body = ["<h2>Training curves</h2>"]
     curves = plot_curves(metrics) if metrics else []
     body.append("<div class='plots'>" + "".join(_img(d, t) for t, d in curves) + "</div>" if curves

@@ -13,7 +13,7 @@ from ..files import write_text_atomically
 def score_file(model_path: str, data: str, out: str, max_length: int = 512, batch_size: int = 16) -> int:
     rm = RewardModel(model_path, max_length, batch_size)
     rows, records = load_unlabelled(data)
-    probs = rm.probabilities(records)
+    probs = rm.probabilities(records, progress=True)
     text = "".join(json.dumps({**row, "p_up": float(p)}, ensure_ascii=False) + "\n" for row, p in zip(rows, probs))
     write_text_atomically(Path(out), text, "the scores")
     return len(rows)

@@ -12,8 +12,8 @@ def add_parser(commands) -> None:
         "import",
         help="turn a feedback export (Open WebUI, Langfuse, LangSmith, OpenAI, CSV/JSONL) into a training file",
         description="Read feedback exports (streamed) and write the canonical unpaired file (prompt, completion, "
-                    "label) that train, inspect and eval take. Prints rows read, rows written per label, rows skipped by "
-                    "reason, duplicates and conflicting labels.")
+                    "label) that train, inspect and eval take. Prints rows read, rows written per label, rows skipped "
+                    "by reason, duplicates and conflicting labels.")
     imp.add_argument("sources", nargs="+", metavar="SOURCE_FILE",
                      help="export files; for Langfuse/LangSmith give the scores/feedback and the traces/runs files")
     imp.add_argument("--from", dest="source", required=True, choices=("openwebui", "langfuse", "langsmith", "openai",
@@ -45,7 +45,7 @@ def run(args, argv: list[str]) -> int:
     options = Options(score_name=args.score_name, key=args.key, threshold=args.threshold, label_map=label_map,
                       prompt_field=args.prompt_field, completion_field=args.completion_field,
                       label_field=args.label_field, keep_comments=args.keep_comments)
-    report = run_import(args.source, args.sources, args.output, options)
+    report = run_import(args.source, args.sources, args.output, options, progress=not args.json)
     print(json.dumps(report.as_dict(), indent=1, ensure_ascii=False) if args.json
           else f"{args.output}: {report.describe()}")
     return 0

@@ -20,7 +20,8 @@ from ..errors import ConfigError
 # TRL / transformers.TrainingArguments names -> thumbalign's, where they mean the same setting
 TRL_ALIASES = {"model_name_or_path": "model", "dataset_name": "data", "use_peft": "use_lora",
                "resume_from_checkpoint": "resume", "per_device_eval_batch_size": "eval_batch_size",
-               "model_revision": "revision"}
+               "model_revision": "revision", "dataset_config": "data_config", "dataset_train_split": "data_split",
+               "dataset_test_split": "eval_data_split", "hub_private_repo": "hub_private"}
 # TRL settings that have no meaning for a thumbalign run, and why
 TRL_IGNORED = {
     "eval_strategy": "held-out data is evaluated before and after training",
@@ -32,7 +33,6 @@ TRL_IGNORED = {
     "dtype": "weights train in float32 (--bf16 autocasts)", "attn_implementation": "the model's default",
     "max_prompt_length": "--max-length cuts the prompt from the left",
     "max_completion_length": "--max-length keeps the completion whole", "dataset_num_proc": "data is tokenised once",
-    "dataset_train_split": "--data is the training data", "dataset_test_split": "--eval-data / --eval-split decide",
     "gradient_checkpointing_kwargs": "non-reentrant checkpointing", "optim": "AdamW",
     "tf32": "the hardware decides", "bf16_full_eval": "evaluation follows --bf16",
     "ddp_find_unused_parameters": "every trained parameter is used",

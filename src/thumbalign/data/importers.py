@@ -18,6 +18,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tqdm.auto import tqdm
+
 from .readers import iter_rows
 from .records import parse_label, row_to_records
 from ..errors import ConfigError, DataError
@@ -369,15 +371,18 @@ def _digest(*parts) -> bytes:
     return hashlib.blake2b(json.dumps(parts, ensure_ascii=False, sort_keys=True).encode(), digest_size=8).digest()
 
 
-def run_import(source: str, paths: list[str], out: str, options: Options) -> ImportReport:
+def run_import(source: str, paths: list[str], out: str, options: Options, progress: bool = False) -> ImportReport:
     if source not in READERS:
         raise ConfigError(f"unknown source {source!r}; one of {', '.join(SOURCES)}")
     report = ImportReport()
     seen_rows: set[bytes] = set()
     labels_of: dict[bytes, int] = {}  # (prompt, completion) -> bit 1 👍 | bit 2 👎
+
     def write(tmp):
+        rows_read = tqdm(READERS[source](paths, options), desc=f"importing ({source})", unit=" rows",
+                         disable=not progress)
         with open(tmp, "w", encoding="utf-8") as handle:
-            for where, path, convert in READERS[source](paths, options):
+            for where, path, convert in rows_read:
                 report.rows_read += 1
                 try:
                     rows = convert()

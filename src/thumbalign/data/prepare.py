@@ -11,6 +11,7 @@ import random
 from dataclasses import dataclass
 
 from ..errors import ConfigError
+from .readers import Source
 from .records import Record, load_records, prompt_as_text, require_both_labels
 from .tokens import Example, tokenize_records
 
@@ -67,22 +68,40 @@ def pair_up(examples: list[Example], records: list[Record], method: str):
     return ordered, broken
 
 
+def data_sources(config) -> tuple[Source, Source | None]:
+    """The training rows and the held-out rows named by the settings: --data (a file, a folder or a Hub dataset
+    with --data-config and --data-split), and --eval-data or, with --eval-data-split alone, another split of --data;
+    columns mapped by --prompt-field, --completion-field and --label-field."""
+    fields = tuple((name, getattr(config, f"{name}_field", name)) for name in ("prompt", "completion", "label"))
+    dataset_config = getattr(config, "data_config", None)
+    train = Source(config.data, dataset_config, getattr(config, "data_split", "train"), fields)
+    eval_split = getattr(config, "eval_data_split", None)
+    if config.eval_data:
+        held = Source(config.eval_data, dataset_config, eval_split or "train", fields)
+    elif eval_split:
+        held = Source(config.data, dataset_config, eval_split, fields)
+    else:
+        held = None
+    return train, held
+
+
 def prepare_data(config, tokenizer, needs: DataNeeds, log=print) -> PreparedData:
-    """`config` supplies data, eval_data, eval_split, seed, max_length and skip_invalid."""
-    records, load_report = load_records(config.data, skip_invalid=config.skip_invalid)
+    """`config` supplies data (and its source settings), eval_data, eval_split, seed, max_length and skip_invalid."""
+    train_source, eval_source = data_sources(config)
+    records, load_report = load_records(train_source, skip_invalid=config.skip_invalid)
     if load_report.skipped:
-        log(f"Skipped {sum(load_report.skipped.values())} invalid rows of {config.data}: "
+        log(f"Skipped {sum(load_report.skipped.values())} invalid rows of {train_source}: "
             + "; ".join(f"{n} × {reason}" for reason, n in load_report.skipped.most_common()))
-    log(f"Loaded {config.data}: {load_report.rows} rows -> {load_report.records} records "
+    log(f"Loaded {train_source}: {load_report.rows} rows -> {load_report.records} records "
         f"({load_report.by_label[True]} 👍, {load_report.by_label[False]} 👎"
         + (f"; {load_report.pairs_split} pairs split into 👍/👎 rows" if load_report.pairs_split and not needs.paired
            else "") + ")")
     if needs.needs_both_labels:
         require_both_labels(load_report)
     report = {"train_file": load_report.as_dict()}
-    if config.eval_data:
+    if eval_source:
         train_records = records
-        eval_records, eval_report = load_records(config.eval_data, skip_invalid=config.skip_invalid)
+        eval_records, eval_report = load_records(eval_source, skip_invalid=config.skip_invalid)
         report["eval_file"] = eval_report.as_dict()
     elif config.eval_split > 0:
         train_records, eval_records = split_records(records, config.eval_split, config.seed)

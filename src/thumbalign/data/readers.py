@@ -4,6 +4,10 @@ Each row comes with where it was found ("line N", "item N", "row N"), so that ev
 the place and the field. Every format is streamed — JSON lists and pages through ijson, Parquet by record batches,
 datasets folders by memory-mapped batches — so a large file is never held in memory at once.
 
+A Hugging Face Hub dataset id (owner/name) is read through the datasets library (downloaded once into its cache,
+memory-mapped; HF_HOME and HF_HUB_OFFLINE apply), with a config and a split. Columns named otherwise than prompt,
+completion and label can be mapped (`Source.fields`), for files and Hub datasets alike.
+
 Text files may be UTF-8 (with or without a byte-order mark, as Excel writes it) or UTF-16/UTF-32 with a byte-order
 mark; anything that does not decode is one error naming the file and the byte offset. In CSV, a cell that holds a
 JSON list of messages is read as a conversation. A JSON file may hold a list of records, one record (an object
@@ -16,6 +20,8 @@ import codecs
 import csv
 import io
 import json
+import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -26,6 +32,30 @@ BYTE_ORDER_MARKS = ((codecs.BOM_UTF32_LE, "utf-32-le"), (codecs.BOM_UTF32_BE, "u
                     (codecs.BOM_UTF8, "utf-8"), (codecs.BOM_UTF16_LE, "utf-16-le"), (codecs.BOM_UTF16_BE, "utf-16-be"))
 RECORD_FIELDS = {"prompt", "completion", "label", "chosen", "rejected", "preferred_output", "non_preferred_output"}
 CHUNK = 1 << 20
+HUB_DATASET_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
+FILE_SUFFIXES = (".jsonl", ".ndjson", ".json", ".csv", ".tsv", ".parquet", ".pq")
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where rows come from: a local file or folder, or a Hub dataset with its config and split; `fields` renames
+    columns to the names thumbalign reads ((thumbalign name, column name) pairs, e.g. ("prompt", "question"))."""
+
+    path: str
+    config: str | None = None
+    split: str = "train"
+    fields: tuple[tuple[str, str], ...] = ()
+
+    def __str__(self) -> str:
+        if is_hub_dataset(self.path):
+            return self.path + (f" ({self.config})" if self.config else "") + f" [{self.split}]"
+        return self.path
+
+
+def is_hub_dataset(path: str) -> bool:
+    """owner/name that is not a local file or folder and does not end like a data file."""
+    return (not Path(path).exists() and bool(HUB_DATASET_ID.fullmatch(str(path)))
+            and not str(path).lower().endswith(FILE_SUFFIXES))
 
 
 def iter_rows(path: str | Path) -> Iterator[tuple[str, Any]]:
@@ -37,10 +67,23 @@ def iter_rows(path: str | Path) -> Iterator[tuple[str, Any]]:
         yield where, row
 
 
-def iter_raw_rows(path: str | Path) -> Iterator[tuple[str, Any]]:
+def iter_raw_rows(source: str | Path | Source) -> Iterator[tuple[str, Any]]:
     """Like :func:`iter_rows`, but a row that cannot be read (broken JSON, bad UTF-8) comes back as its
     :class:`DataError` instead of ending the file, so that callers may count and skip it."""
-    path = Path(path)
+    source = source if isinstance(source, Source) else Source(str(source))
+    rename = {column: name for name, column in source.fields if column != name}
+    replaced = set(rename.values())  # a column of the thumbalign name is dropped when another is mapped onto it
+    for where, row in _iter_source(source):
+        if rename and isinstance(row, dict):
+            row = {rename.get(key, key): value for key, value in row.items() if key in rename or key not in replaced}
+        yield where, row
+
+
+def _iter_source(source: Source) -> Iterator[tuple[str, Any]]:
+    if is_hub_dataset(source.path):
+        yield from _iter_hub_dataset(source)
+        return
+    path = Path(source.path)
     if not path.exists():
         raise DataError(path, None, None, "no such file or folder")
     if path.is_dir():
@@ -261,6 +304,37 @@ def _iter_parquet(path: Path, batch_size: int = 1024):
         raise DataError(path, None, None, f"cannot read Parquet: {_first_line(err)}") from None
 
 
+def load_hub_dataset(source: Source):
+    """The split of a Hub dataset, through the datasets library's own cache (downloaded the first time)."""
+    import datasets
+    from huggingface_hub.errors import HfHubHTTPError
+
+    where = str(source)
+    try:
+        return datasets.load_dataset(source.path, source.config, split=source.split)
+    except datasets.exceptions.DatasetNotFoundError:
+        raise DataError(where, None, None, "no such file or folder, nor a dataset on the Hub (a private one needs "
+                                           "`hf auth login`)") from None
+    except (ConnectionError, OSError, HfHubHTTPError) as err:
+        raise DataError(where, None, None, "not in the datasets cache and the Hub cannot be reached (HF_HUB_OFFLINE "
+                                           f"is set, or there is no network): {_first_line(err)}") from None
+    except ValueError as err:  # an unknown split or config
+        raise DataError(where, None, None, _first_line(err)) from None
+
+
+def _iter_hub_dataset(source: Source, batch_size: int = 1024):
+    yield from _iter_dataset(load_hub_dataset(source), batch_size)
+
+
+def _iter_dataset(ds, batch_size: int):
+    index = 0
+    for batch in ds.iter(batch_size=batch_size):
+        columns = list(batch)
+        for values in zip(*(batch[c] for c in columns)):
+            yield f"row {index}", dict(zip(columns, values))
+            index += 1
+
+
 def _iter_saved_dataset(path: Path, batch_size: int = 1024):
     import datasets
 
@@ -272,9 +346,4 @@ def _iter_saved_dataset(path: Path, batch_size: int = 1024):
         if "train" not in ds:
             raise DataError(path, None, None, f"a DatasetDict without a 'train' split (has {list(ds)})")
         ds = ds["train"]
-    index = 0
-    for batch in ds.iter(batch_size=batch_size):
-        columns = list(batch)
-        for values in zip(*(batch[c] for c in columns)):
-            yield f"row {index}", dict(zip(columns, values))
-            index += 1
+    yield from _iter_dataset(ds, batch_size)

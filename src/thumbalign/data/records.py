@@ -3,7 +3,8 @@
 Every supported layout is normalised to one canonical :class:`Record` (prompt, completion, label):
 
 * unpaired, standard:        {"prompt": "...", "completion": "...", "label": true}
-* unpaired, conversational:  {"prompt": [{"role": "user", ...}], "completion": [{"role": "assistant", ...}], "label": false}
+* unpaired, conversational:  {"prompt": [{"role": "user", ...}], "completion": [{"role": "assistant", ...}],
+                             "label": false}
 * messages + label:          {"messages": [..., {"role": "assistant", "content": "..."}], "label": true}
                              (the last assistant turn is the completion, everything before it the prompt)
 * paired:                    {"prompt", "chosen", "rejected"}            -> one thumbs-up and one thumbs-down row
@@ -21,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import DataError
-from .readers import iter_raw_rows, iter_rows
+from .readers import Source, iter_raw_rows, iter_rows
 
 Messages = list[dict[str, str]]
 ROLES = {"system", "user", "assistant", "tool", "developer"}
@@ -147,7 +148,8 @@ def row_to_records(row, path, where) -> list[Record]:
         inp = require_field(row, "input", path, where)
         prompt = parse_messages(inp.get("messages") if isinstance(inp, dict) else None, path, where, "input.messages")
         good = parse_messages(require_field(row, "preferred_output", path, where), path, where, "preferred_output")
-        bad = parse_messages(require_field(row, "non_preferred_output", path, where), path, where, "non_preferred_output")
+        bad = parse_messages(require_field(row, "non_preferred_output", path, where), path, where,
+                             "non_preferred_output")
         return [Record(prompt, good, True, source), Record(prompt, bad, False, source)]
 
     if "chosen" in row or "rejected" in row:  # paired preference data
@@ -163,7 +165,8 @@ def row_to_records(row, path, where) -> list[Record]:
             prompt, chosen, rejected = chosen[:n], chosen[n:], rejected[n:]
         else:
             require_field(row, "prompt", path, where)
-        if isinstance(prompt, list) != isinstance(chosen, list) or isinstance(chosen, list) != isinstance(rejected, list):
+        kinds = {isinstance(prompt, list), isinstance(chosen, list), isinstance(rejected, list)}
+        if len(kinds) > 1:
             raise DataError(path, where, "prompt", "mixes plain text and message lists")
         return [Record(prompt, chosen, True, source), Record(prompt, rejected, False, source)]
 
@@ -175,7 +178,8 @@ def row_to_records(row, path, where) -> list[Record]:
     prompt = text_or_messages(require_field(row, "prompt", path, where), path, where, "prompt")
     completion = text_or_messages(require_field(row, "completion", path, where), path, where, "completion")
     if isinstance(prompt, list) != isinstance(completion, list):
-        raise DataError(path, where, "completion", "the prompt and the completion must both be text or both be messages")
+        raise DataError(path, where, "completion",
+                        "the prompt and the completion must both be text or both be messages")
     if isinstance(completion, list) and not any(m["content"].strip() for m in completion):
         raise DataError(path, where, "completion", "is empty")
     return [Record(prompt, completion, label, source)]
@@ -187,12 +191,13 @@ def skip_reason(err: DataError) -> str:
     return f"{err.field or 'row'}: {generic.split(';')[0]}"
 
 
-def load_records(path: str | Path, skip_invalid: bool = False) -> tuple[list[Record], LoadReport]:
-    """Read every record of a feedback file. A bad row raises :class:`DataError`, or with `skip_invalid` is
-    skipped and counted by reason in ``report.skipped``."""
-    report = LoadReport(str(path))
+def load_records(source: str | Path | Source, skip_invalid: bool = False) -> tuple[list[Record], LoadReport]:
+    """Read every record of a feedback file (or Hub dataset). A bad row raises :class:`DataError`, or with
+    `skip_invalid` is skipped and counted by reason in ``report.skipped``."""
+    path = str(source)
+    report = LoadReport(path)
     records: list[Record] = []
-    for where, row in iter_raw_rows(path):
+    for where, row in iter_raw_rows(source):
         report.rows += 1
         try:
             if isinstance(row, DataError):

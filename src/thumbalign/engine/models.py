@@ -124,7 +124,8 @@ def convert_gguf(gguf: Path, cache_dir: str | None = None) -> Path:
     # tied output embeddings may be absent from the state dict; anything else missing is a real problem
     missing = [m for m in missing if not (config.tie_word_embeddings and m.endswith("lm_head.weight"))]
     if missing or unexpected:
-        raise ConfigError(f"{gguf}: weights do not match the model ({missing[:3]} missing, {unexpected[:3]} unexpected)")
+        raise ConfigError(f"{gguf}: weights do not match the model ({missing[:3]} missing, "
+                          f"{unexpected[:3]} unexpected)")
     if plain.generation_config is not None and tokenizer.eos_token_id is not None:
         plain.generation_config.eos_token_id = tokenizer.eos_token_id
         plain.generation_config.pad_token_id = tokenizer.pad_token_id or tokenizer.eos_token_id

@@ -85,7 +85,7 @@ class RewardModel:
                             f"{len(completion)} tokens: longer than the reward model's max_length {self.max_length}")
         return Example(kept + completion, len(kept), bool(record.label), -1)
 
-    def probabilities(self, records: list[Record]) -> np.ndarray:
+    def probabilities(self, records: list[Record], progress: bool = False) -> np.ndarray:
         examples = [self.encode(r) for r in records]
-        logits = score_examples(self.model, examples, self.tokenizer.pad_token_id, self.batch_size)
+        logits = score_examples(self.model, examples, self.tokenizer.pad_token_id, self.batch_size, progress)
         return torch.sigmoid(logits / self.temperature).numpy()

@@ -14,12 +14,13 @@ import torch
 from ..analysis.judged import format_comparison, judged_generations
 from ..analysis.model_card import model_card
 from ..data.prepare import PreparedData
+from ..data.readers import Source, is_hub_dataset, load_hub_dataset
 from ..data.tokens import Example, examples_digest
 from ..engine.inference import prompt_embeddings
 from ..engine.loop import Engine
 from ..engine.models import add_lora, cache_root, portable_name, resolve_model
 from ..engine.rundir import RunDir
-from ..errors import DataError
+from ..errors import DataError, ThumbalignError
 from ..files import content_digest, write_text_atomically
 from ..methods.udm import DensityRatio, embed_texts, fit_density_ratio, weigh_examples
 
@@ -38,16 +39,25 @@ def model_folder(engine: Engine, config) -> Path:
     return Path(engine.main_value(str(model_dir)))
 
 
-def require_inputs(*paths: str | None) -> None:
-    """The data files exist: checked before a model is converted, downloaded or loaded."""
-    for path in paths:
-        if path and not Path(path).exists():
-            raise DataError(path, None, None, "no such file or folder")
+def require_inputs(*sources: str | Source | None) -> None:
+    """The data exists — files and folders here, Hub datasets in the datasets cache (fetched now if need be): checked
+    before a model is converted, downloaded or loaded."""
+    for source in sources:
+        if source is None or not str(getattr(source, "path", source)):
+            continue
+        source = source if isinstance(source, Source) else Source(str(source))
+        if is_hub_dataset(source.path):
+            load_hub_dataset(source)
+        elif not Path(source.path).exists():
+            raise DataError(source.path, None, None, "no such file or folder")
 
 
 def data_fingerprint(data_path: str, examples: list[Example]) -> dict:
-    """What a resumed run must find unchanged: the data file's bytes and the tokenised training examples."""
-    return {"data file": content_digest(data_path), "tokenised examples": examples_digest(examples)}
+    """What a resumed run must find unchanged: the data file's bytes (a Hub dataset: its tokenised examples alone)
+    and the tokenised training examples."""
+    fingerprint = {} if is_hub_dataset(data_path) else {"data file": content_digest(data_path)}
+    fingerprint["tokenised examples"] = examples_digest(examples)
+    return fingerprint
 
 
 def count_steps(config, n_units: int, units_per_step: int) -> tuple[int, int]:
@@ -143,11 +153,33 @@ def save_dtype(choice: str, base_dir: Path) -> torch.dtype:
     return getattr(torch, choice) if isinstance(getattr(torch, choice, None), torch.dtype) else torch.float32
 
 
-def write_model_card(run: RunDir, summary: dict, config, base_dir: Path) -> None:
-    """model/README.md: the Hub's metadata (base model, library, tags) and what the run measured."""
+def complete_model_folder(run: RunDir, summary: dict, config, base_dir: Path) -> None:
+    """model/README.md: the Hub's metadata (base model, library, tags) and what the run measured; then, with
+    --push-to-hub, the folder goes to the Hub."""
     adapter = bool(getattr(config, "save_adapter", False) and config.use_lora)
     card = model_card(summary, portable_name(config.model, base_dir), adapter)
     write_text_atomically(run.path / "model" / "README.md", card, "the model card")
+    if config.push_to_hub:
+        push_folder(run.path / "model", config.hub_model_id, config.hub_private,
+                    f"thumbalign: {summary.get('method') or summary.get('kind')} on {config.model}")
+
+
+def push_folder(folder: Path, repo_id: str, private: bool, message: str) -> str:
+    """Create the Hub repository if missing and upload the folder in one commit; one line on failure."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import LocalTokenNotFoundError
+
+    api = HfApi()
+    try:
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        commit = api.upload_folder(repo_id=repo_id, folder_path=folder, commit_message=message)
+    except LocalTokenNotFoundError:
+        raise ThumbalignError(f"--push-to-hub {repo_id}: not logged in to the Hub (hf auth login, or set HF_TOKEN); "
+                              f"the model is saved in {folder}") from None
+    except Exception as err:  # the Hub's HTTP errors, the network's, the HTTP client's: the run itself succeeded
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise ThumbalignError(f"--push-to-hub {repo_id}: {reason}; the model is saved in {folder}") from None
+    return str(commit)
 
 
 def compare_with_base(config, run: RunDir, base_dir: Path, prompts_file: str, judge, max_new_tokens: int,

@@ -21,8 +21,18 @@ def _f(default, help: str, **kw):
 @dataclass
 class TrainConfig:
     # --- data
-    data: str | None = _f(None, "Feedback file: JSONL, JSON, CSV, Parquet or a datasets folder (required).")
-    eval_data: str | None = _f(None, "Held-out feedback file to measure the implicit-reward classifier on.")
+    data: str | None = _f(None, "Feedback: a JSONL, JSON, CSV or Parquet file, a datasets folder, or a Hugging Face "
+                                "Hub dataset id (owner/name; downloaded once into the datasets cache) (required).")
+    data_config: str | None = _f(None, "With a Hub dataset: its configuration (subset) name.")
+    data_split: str = _f("train", "With a Hub dataset: the split to train on.")
+    eval_data: str | None = _f(None, "Held-out feedback (a file, folder or Hub dataset) to measure the "
+                                     "implicit-reward classifier on.")
+    eval_data_split: str | None = _f(None, "The split of --eval-data to use; without --eval-data, a held-out split "
+                                           "of the --data dataset (e.g. test).")
+    prompt_field: str = _f("prompt", "Column holding the prompt, when the data names it otherwise.")
+    completion_field: str = _f("completion", "Column holding the completion, when the data names it otherwise.")
+    label_field: str = _f("label", "Column holding the thumbs-up / thumbs-down label, when the data names it "
+                                   "otherwise.")
     eval_split: float = _f(0.0, "Share of --data held out (seeded) for evaluation when --eval-data is not given.")
     skip_invalid: bool = _f(False, "Skip rows that cannot be used (counted by reason and reported) instead of "
                                    "stopping at the first one.", resumable=True)
@@ -100,6 +110,11 @@ class TrainConfig:
     eval_temperature: float = _f(0.0, "Sampling temperature for --eval-prompts (0: greedy).", resumable=True)
     report: bool = _f(True, "Write report.html (curves, eval tables, sampled answers) into the run folder at the end.",
                       resumable=True)
+    push_to_hub: bool = _f(False, "At the end, upload the model folder (or the adapter) to the Hugging Face Hub as "
+                                  "--hub-model-id (log in first: hf auth login, or set HF_TOKEN).", resumable=True)
+    hub_model_id: str | None = _f(None, "The Hub repository to push to, owner/name (created if missing).",
+                                  resumable=True)
+    hub_private: bool = _f(False, "Create the Hub repository private.", resumable=True)
     report_to: list[str] | None = _f(None, "Experiment trackers to log to, through accelerate: tensorboard (into "
                                            "OUTPUT_DIR/tracking), wandb, mlflow, trackio, or none.", resumable=True)
     skip_nonfinite: int = _f(0, "Optimizer steps with a NaN/inf loss or gradient to skip before stopping "
@@ -142,6 +157,7 @@ class TrainConfig:
         if self.save_adapter and not self.use_lora:
             raise ConfigError("--save-adapter needs --use-lora")
         check_trackers(self.report_to)
+        check_hub_push(self)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -154,6 +170,11 @@ def check_trackers(report_to: list[str] | None) -> None:
     unknown = [t for t in report_to or [] if t not in TRACKERS]
     if unknown:
         raise ConfigError(f"--report-to {', '.join(unknown)}: not one of {', '.join(TRACKERS)}")
+
+
+def check_hub_push(config) -> None:
+    if config.push_to_hub and not config.hub_model_id:
+        raise ConfigError("--push-to-hub needs --hub-model-id owner/name")
 
 
 def derived_config(name: str, keep: tuple[str, ...], defaults: dict, extra: list, doc: str):
@@ -177,7 +198,9 @@ REWARD_SHARED = ("data", "eval_data", "eval_split", "skip_invalid", "output_dir"
                  "gradient_accumulation_steps", "num_train_epochs", "max_steps", "warmup_ratio", "lr_scheduler_type",
                  "max_grad_norm", "bf16", "gradient_checkpointing", "seed", "logging_steps", "save_steps",
                  "save_total_limit", "resume", "cache_dir", "eval_batch_size", "skip_nonfinite", "num_processes",
-                 "accelerate_config", "revision", "save_dtype", "report_to")
+                 "accelerate_config", "revision", "save_dtype", "report_to", "data_config", "data_split",
+                 "eval_data_split", "prompt_field", "completion_field", "label_field", "push_to_hub", "hub_model_id",
+                 "hub_private")
 
 RewardConfig = derived_config(
     "RewardConfig", REWARD_SHARED,
@@ -200,6 +223,7 @@ def _validate_reward(self) -> None:
     if self.max_length <= 1:
         raise ConfigError(f"max_length must be at least 2, got {self.max_length}")
     check_trackers(self.report_to)
+    check_hub_push(self)
 
 
 RewardConfig.validate = _validate_reward
@@ -211,7 +235,7 @@ ONLINE_SHARED = ("output_dir", "overwrite", "model", "trust_remote_code", "use_l
                  "max_grad_norm", "bf16", "gradient_checkpointing", "seed", "logps_chunk_size", "reference_field",
                  "report", "skip_nonfinite", "skip_invalid", "num_processes", "accelerate_config", "logging_steps",
                  "save_steps", "save_total_limit", "resume", "cache_dir", "eval_batch_size", "revision", "save_dtype",
-                 "report_to")
+                 "report_to", "push_to_hub", "hub_model_id", "hub_private")
 
 OnlineConfig = derived_config(
     "OnlineConfig", ONLINE_SHARED,
@@ -289,6 +313,7 @@ def _validate_online(self) -> None:
         if not 0 <= band[0] <= band[1] <= 1:
             raise ConfigError(f"--filter-prompts {self.filter_prompts}: expected LOW,HIGH with 0 ≤ LOW ≤ HIGH ≤ 1")
     check_trackers(self.report_to)
+    check_hub_push(self)
     from ..methods.registry import get_online_objective  # here, not at import: the registry loads torch
 
     get_online_objective(self.objective)

@@ -37,7 +37,7 @@ from ..files import content_digest, write_text_atomically
 from ..methods.online_base import GroupBatch, OnlineObjective, group_statistics, k3_kl, reduce_token_losses
 from ..methods.registry import get_online_objective
 from .common import (compare_with_base, count_steps, make_trainable, model_folder, require_inputs, save_policy,
-                     write_model_card, final_results, describe_settings)
+                     complete_model_folder, final_results, describe_settings)
 from .config import filter_band
 
 
@@ -78,7 +78,7 @@ def _train(config, run: RunDir, log) -> dict:
             summary["judged"] = compare_with_base(config, run, model_dir, config.eval_prompts, rewards.judge,
                                                   config.max_new_tokens, engine.say)
         engine.say(f"Run summary: {run.write_summary(summary)}")
-        write_model_card(run, summary, config, model_dir)
+        complete_model_folder(run, summary, config, model_dir)
         if config.report:
             engine.say(f"Report: {write_report(run.path)}")
     engine.finish_tracking(final_results(engine.main_value(summary)))

@@ -15,7 +15,7 @@ from ..analysis.judges import load_judge
 from ..analysis.metrics import implicit_classifier_report
 from ..analysis.report import write_report
 from ..data.batching import collate, collate_packed, micro_batches, step_groups
-from ..data.prepare import PreparedData, prepare_data
+from ..data.prepare import PreparedData, data_sources, prepare_data
 from ..engine.inference import batched_logps
 from ..engine.logprobs import CompletionLogps, completion_logps
 from ..engine.loop import Engine, MicroStep
@@ -25,13 +25,13 @@ from ..engine.rundir import RunDir
 from ..methods.base import Objective, StepInputs
 from ..methods.registry import get_method
 from .common import (UDMWeights, compare_with_base, count_steps, data_fingerprint, fit_udm, make_trainable,
-                     model_folder, require_inputs, save_policy, udm_window_stats, write_model_card,
+                     model_folder, require_inputs, save_policy, udm_window_stats, complete_model_folder,
                      final_results, describe_settings)
 from .config import TrainConfig
 
 
 def train(config: TrainConfig, log=print) -> dict:
-    require_inputs(config.data, config.eval_data, config.eval_prompts)
+    require_inputs(*data_sources(config), config.eval_prompts)
     if config.dry_run:
         return dry_run(config, log)
     with RunDir.open(config) as run:  # the folder's lock lives as long as the run
@@ -250,6 +250,6 @@ def _finish(config: TrainConfig, engine: Engine, run: RunDir, model, tokenizer, 
         summary["judged"] = compare_with_base(config, run, model_dir, config.eval_prompts, judge,
                                               config.eval_max_new_tokens, engine.say)
     engine.say(f"Run summary: {run.write_summary(summary)}")
-    write_model_card(run, summary, config, model_dir)
+    complete_model_folder(run, summary, config, model_dir)
     if config.report:
         engine.say(f"Report: {write_report(run.path)}")

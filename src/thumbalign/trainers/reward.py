@@ -14,19 +14,19 @@ from ..analysis.metrics import (expected_calibration_error, fit_temperature, imp
                                 reliability_bins)
 from ..analysis.report import write_report
 from ..data.batching import collate, micro_batches
-from ..data.prepare import DataNeeds, PreparedData, prepare_data
+from ..data.prepare import DataNeeds, PreparedData, data_sources, prepare_data
 from ..engine.loop import Engine, MicroStep
 from ..engine.models import load_tokenizer
 from ..engine.reward_model import RewardScores, load_reward_model, score_examples
 from ..engine.rundir import RunDir
 from .common import (UDMWeights, count_steps, data_fingerprint, fit_udm, make_trainable, model_folder, require_inputs,
-                     save_dtype, udm_window_stats, write_model_card, final_results, describe_settings)
+                     save_dtype, udm_window_stats, complete_model_folder, final_results, describe_settings)
 
 REWARD_DATA = DataNeeds("reward")
 
 
 def train_reward_model(config, log=print) -> dict:
-    require_inputs(config.data, config.eval_data)
+    require_inputs(*data_sources(config))
     with RunDir.open(config) as run:  # the folder's lock lives as long as the run
         return _train(config, run, log)
 
@@ -62,7 +62,7 @@ def _train(config, run: RunDir, log) -> dict:
         run.save_folder("model", lambda folder: (final.save_pretrained(folder, safe_serialization=True),
                                                  tokenizer.save_pretrained(folder)))
         run.write_summary(summary)
-        write_model_card(run, summary, config, model_dir)
+        complete_model_folder(run, summary, config, model_dir)
         engine.say(f"Saved the reward model to {run.path / 'model'}; report: {write_report(run.path)}")
     engine.finish_tracking(final_results(engine.main_value(summary)))
     engine.wait()
