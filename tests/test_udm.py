@@ -56,3 +56,54 @@ def test_prompt_shift_auc_sees_shift_only_when_there_is_one():
     assert abs(prompt_shift_auc(same, labels) - 0.5) < 0.08
     shifted, labels, _, _ = _gaussians(300, 300, shift=2.5)
     assert prompt_shift_auc(shifted, labels) > 0.8
+
+
+def _sentence_folder(tmp_path, modes: dict, normalize: bool):
+    """A tiny BERT laid out as a sentence-transformers folder, with the given pooling settings."""
+    import shutil
+
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    from thumbalign.methods.udm import encoder_path
+
+    folder = tmp_path / "encoder"
+    minilm = encoder_path("minilm")
+    tokenizer = AutoTokenizer.from_pretrained(minilm)
+    torch.manual_seed(0)
+    BertModel(BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=32)).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+               {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]
+    if normalize:
+        modules.append({"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"})
+    (folder / "modules.json").write_text(json.dumps(modules))
+    (folder / "1_Pooling").mkdir()
+    (folder / "1_Pooling" / "config.json").write_text(json.dumps({"word_embedding_dimension": 16, **modes}))
+    shutil.copy(minilm / "sentence_bert_config.json", folder)
+    return folder
+
+
+def test_a_sentence_transformers_folder_pools_as_its_settings_say(tmp_path):
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    from thumbalign.methods.udm import embed_texts
+
+    texts = ["a short one", "a somewhat longer sentence, with more words in it"]
+    cls_folder = _sentence_folder(tmp_path / "a", {"pooling_mode_cls_token": True}, normalize=False)
+    model, tokenizer = AutoModel.from_pretrained(cls_folder).eval(), AutoTokenizer.from_pretrained(cls_folder)
+    with torch.no_grad():
+        enc = tokenizer(texts, padding=True, return_tensors="pt")
+        hidden = model(**enc).last_hidden_state
+    got = embed_texts(texts, str(cls_folder))
+    assert np.allclose(got, hidden[:, 0].numpy(), atol=1e-5)  # the CLS vector, not normalised
+    both = _sentence_folder(tmp_path / "b", {"pooling_mode_mean_tokens": True, "pooling_mode_max_tokens": True},
+                            normalize=True)
+    got = embed_texts(texts, str(both))
+    mask = enc["attention_mask"].unsqueeze(-1).float()
+    mean = (hidden * mask).sum(1) / mask.sum(1)
+    top = hidden.masked_fill(mask == 0, float("-inf")).max(1).values
+    expected = torch.nn.functional.normalize(torch.cat([mean, top], -1), dim=-1).numpy()
+    assert got.shape == (2, 32) and np.allclose(got, expected, atol=1e-5)

@@ -57,20 +57,21 @@ def implicit_classifier_report(scores: torch.Tensor, labels: torch.Tensor) -> di
     return metrics
 
 
-def bootstrap_interval(values, statistic=None, n_boot: int = 2000, level: float = 0.95, seed: int = 0):
-    """Percentile bootstrap: (point estimate, low, high) of `statistic` (default: the mean) over the rows of
-    `values` (resampled with replacement, seeded)."""
+def bootstrap_interval(values, n_boot: int = 9999, level: float = 0.95, seed: int = 0):
+    """(mean, low, high): the mean of `values` with its bias-corrected and accelerated (BCa) bootstrap interval,
+    scipy.stats.bootstrap, seeded. A paired difference is passed as one sample of differences. When every value is
+    the same there is no spread to resample (and BCa is undefined): the interval is the value itself."""
     import numpy as np
+    from scipy.stats import bootstrap
 
     values = np.asarray(values, dtype=float)
-    statistic = statistic or (lambda v: v.mean(axis=0))
-    point = float(statistic(values))
-    if len(values) < 2:
+    point = float(values.mean())
+    if len(values) < 2 or np.all(values == values[0]):
         return point, point, point
-    rng = np.random.default_rng(seed)
-    draws = np.array([statistic(values[rng.integers(0, len(values), len(values))]) for _ in range(n_boot)])
-    alpha = (1 - level) / 2
-    return point, float(np.quantile(draws, alpha)), float(np.quantile(draws, 1 - alpha))
+    result = bootstrap((values,), np.mean, n_resamples=n_boot, confidence_level=level, method="BCa",
+                       rng=np.random.default_rng(seed))
+    low, high = result.confidence_interval
+    return point, float(low), float(high)
 
 
 def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:

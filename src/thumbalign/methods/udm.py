@@ -40,32 +40,86 @@ def encoder_path(spec: str) -> Path:
     return Path(spec)
 
 
+@dataclass
+class Pooling:
+    """How a sentence-transformers folder turns token states into one vector (its modules.json and pooling config;
+    a plain transformers folder gets mean pooling and L2 normalisation)."""
+
+    modes: tuple[str, ...] = ("mean",)
+    normalize: bool = True
+    max_length: int = 256
+
+    @classmethod
+    def of(cls, folder: Path) -> "Pooling":
+        modules_file = folder / "modules.json"
+        if not modules_file.exists():
+            return cls()
+        modules = json.loads(modules_file.read_text())
+        kinds = [m["type"].rsplit(".", 1)[-1] for m in modules]
+        unsupported = [k for k in kinds if k not in ("Transformer", "Pooling", "Normalize")]
+        if unsupported:
+            raise ConfigError(f"{folder}: a sentence-transformers model with {', '.join(unsupported)} modules needs "
+                              "the sentence-transformers package (pip install sentence-transformers)")
+        pooling = next((m for m in modules if m["type"].endswith("Pooling")), None)
+        settings = json.loads((folder / pooling["path"] / "config.json").read_text()) if pooling else {}
+        names = {"pooling_mode_cls_token": "cls", "pooling_mode_mean_tokens": "mean",
+                 "pooling_mode_max_tokens": "max", "pooling_mode_mean_sqrt_len_tokens": "mean_sqrt_len",
+                 "pooling_mode_lasttoken": "last"}
+        modes = tuple(mode for key, mode in names.items() if settings.get(key)) or ("mean",)
+        config_file = folder / "sentence_bert_config.json"
+        max_length = json.loads(config_file.read_text()).get("max_seq_length", 256) if config_file.exists() else 256
+        return cls(modes, "Normalize" in kinds, max_length)
+
+    def __call__(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Each mode's vector, concatenated in the library's order, then L2-normalised when the folder says so."""
+        mask = mask.unsqueeze(-1).float()
+        counts = mask.sum(1).clamp(min=1)
+        last = mask.squeeze(-1).cumsum(1).argmax(1)
+        vectors = {"cls": hidden[:, 0], "mean": (hidden * mask).sum(1) / counts,
+                   "max": hidden.masked_fill(mask == 0, float("-inf")).max(1).values,
+                   "mean_sqrt_len": (hidden * mask).sum(1) / counts.sqrt(),
+                   "last": hidden[torch.arange(hidden.shape[0]), last]}
+        pooled = torch.cat([vectors[mode] for mode in self.modes], dim=-1)
+        return torch.nn.functional.normalize(pooled, dim=-1) if self.normalize else pooled
+
+
 @torch.no_grad()
 def embed_texts(texts: list[str], encoder: str = DEFAULT_ENCODER, batch_size: int = 64, cache_dir: Path | None = None,
                 disable_bar: bool = False) -> np.ndarray:
-    """Mean-pooled, L2-normalised sentence embeddings (the sentence-transformers recipe), cached on disk."""
-    from transformers import AutoModel, AutoTokenizer
-
+    """Sentence embeddings as the encoder folder defines them (sentence-transformers itself when it is installed;
+    else its pooling and normalisation settings, read here), cached on disk."""
     path = encoder_path(encoder)
     key = hashlib.sha256(("\x00".join(texts) + "|" + str(path.resolve())).encode()).hexdigest()[:32]
     cached = cache_dir / "embeddings" / f"{key}.safetensors" if cache_dir else None
     if cached and cached.exists():
         return load_file(str(cached))["embeddings"].numpy()
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModel.from_pretrained(path).eval()
-    out = []
-    for start in tqdm(range(0, len(texts), batch_size), desc="embedding prompts", unit="batch", disable=disable_bar):
-        enc = tokenizer(texts[start:start + batch_size], padding=True, truncation=True, max_length=256,
-                        return_tensors="pt")
-        hidden = model(**enc).last_hidden_state
-        mask = enc["attention_mask"].unsqueeze(-1).float()
-        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
-        out.append(torch.nn.functional.normalize(pooled, dim=-1))
-    embeddings = torch.cat(out).float()
+    embeddings = _encode(texts, path, batch_size, disable_bar)
     if cached:
         write_atomically(cached, lambda tmp: save_file({"embeddings": embeddings.contiguous()}, str(tmp)),
                          "the prompt-embeddings cache (--cache-dir chooses another place)")
     return embeddings.numpy()
+
+
+def _encode(texts: list[str], path: Path, batch_size: int, disable_bar: bool) -> torch.Tensor:
+    import importlib.util
+
+    if importlib.util.find_spec("sentence_transformers") and (path / "modules.json").exists():
+        from sentence_transformers import SentenceTransformer
+
+        model = SentenceTransformer(str(path), device="cpu")
+        vectors = model.encode(texts, batch_size=batch_size, convert_to_tensor=True, show_progress_bar=not disable_bar)
+        return vectors.float().cpu()
+    from transformers import AutoModel, AutoTokenizer
+
+    pooling = Pooling.of(path)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModel.from_pretrained(path).eval()
+    out = []
+    for start in tqdm(range(0, len(texts), batch_size), desc="embedding prompts", unit="batch", disable=disable_bar):
+        enc = tokenizer(texts[start:start + batch_size], padding=True, truncation=True, max_length=pooling.max_length,
+                        return_tensors="pt")
+        out.append(pooling(model(**enc).last_hidden_state, enc["attention_mask"]))
+    return torch.cat(out).float()
 
 
 @dataclass
