@@ -237,6 +237,9 @@ def test_a_hub_dataset_trains_with_its_splits_and_mapped_columns_then_offline(tm
     data = json.loads((tmp_path / "run" / "summary.json").read_text())["data"]
     assert data["train_examples"] == {"total": 8, "thumbs_up": 4, "thumbs_down": 4} and data["eval_examples"] == 4
     assert data["train_file"]["path"] == "acme/feedback [train]"
+    from huggingface_hub import ModelCard
+
+    assert ModelCard.load(tmp_path / "run" / "model" / "README.md").data.datasets == ["acme/feedback"]
     unknown = _thumbalign(*args, "--data", "acme/none", "--output-dir", tmp_path / "bad", env=env)
     assert unknown.returncode == 2
     assert "acme/none [train]: no such file or folder, nor a dataset on the Hub" in unknown.stderr.splitlines()[-1]

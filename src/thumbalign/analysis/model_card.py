@@ -26,14 +26,14 @@ CITATIONS = {
 CITATIONS["bco-pair"] = CITATIONS["bco"]
 
 
-def model_card(summary: dict, base_model: str, adapter: bool) -> str:
-    """Card text for a run's summary.json content."""
+def model_card(summary: dict, base_model: str, adapter: bool, datasets: list[str] | None = None) -> str:
+    """Card text for a run's summary.json content; `datasets`: the Hub datasets it was trained on, when known."""
     from huggingface_hub import ModelCard, ModelCardData
 
     method = summary.get("method") or ("reward-model" if summary.get("kind") == "reward_model" else "unknown")
     settings = summary.get("settings", {})
     data = ModelCardData(base_model=base_model, library_name="peft" if adapter else "transformers",
-                         tags=["thumbalign", "binary-feedback", method])
+                         tags=["thumbalign", "binary-feedback", method], datasets=datasets or None)
     lines = [f"# {base_model}, trained with thumbalign ({method})", "",
              f"Trained from [{base_model}](https://huggingface.co/{base_model}) with thumbalign {__version__} on "
              f"binary feedback (thumbs-up / thumbs-down), method `{method}`.", "", "## Training", "",

@@ -157,7 +157,8 @@ def complete_model_folder(run: RunDir, summary: dict, config, base_dir: Path) ->
     """model/README.md: the Hub's metadata (base model, library, tags) and what the run measured; then, with
     --push-to-hub, the folder goes to the Hub."""
     adapter = bool(getattr(config, "save_adapter", False) and config.use_lora)
-    card = model_card(summary, portable_name(config.model, base_dir), adapter)
+    hub_data = [p for p in (getattr(config, "data", None), getattr(config, "prompts", None)) if p and is_hub_dataset(p)]
+    card = model_card(summary, portable_name(config.model, base_dir), adapter, hub_data)
     write_text_atomically(run.path / "model" / "README.md", card, "the model card")
     if config.push_to_hub:
         push_folder(run.path / "model", config.hub_model_id, config.hub_private,
