@@ -136,3 +136,11 @@ def test_one_class_file_is_an_error_for_bco_with_counts(tmp_path):
     _, report = load_records(path)
     with pytest.raises(DataError, match="found 3 up and 0 down"):
         require_both_labels(report)
+
+
+def test_a_role_that_is_not_text_is_a_one_line_error(tmp_path):
+    """Found by the fuzzer: a list as a message's role used to raise TypeError (unhashable) instead of an error."""
+    path = write_jsonl(tmp_path / "f.jsonl", [{"prompt": "p", "chosen": [{"role": [], "content": "x"}],
+                                              "rejected": "r"}])
+    with pytest.raises(DataError, match=r"line 1: field 'chosen\[0\]\.role': unknown role \[\]"):
+        load_records(path)

@@ -52,7 +52,7 @@ def _message(value) -> dict:
         kwargs = value["kwargs"]
         role = LC_ROLES.get(str(value.get("id", [""])[-1])) or kwargs.get("role")
         value = {"role": role, "content": kwargs.get("content"), "tool_calls": kwargs.get("tool_calls")}
-    role = value.get("role") or {"human": "user", "ai": "assistant"}.get(value.get("type"))
+    role = value.get("role") or {"human": "user", "ai": "assistant"}.get(str(value.get("type")))
     if value.get("tool_calls") or value.get("function_call") or role in ("tool", "function"):
         raise Skip("tool calls")
     content = value.get("content")
@@ -388,6 +388,9 @@ def run_import(source: str, paths: list[str], out: str, options: Options, progre
                     rows = convert()
                 except Skip as reason:
                     report.skipped[str(reason)] += 1
+                    continue
+                except (TypeError, AttributeError, KeyError, IndexError) as err:  # a shape the format does not have
+                    report.skipped[f"malformed row ({type(err).__name__})"] += 1
                     continue
                 for row in rows:
                     key = _digest(row["prompt"], row["completion"], row["label"])

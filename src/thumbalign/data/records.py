@@ -104,7 +104,7 @@ def parse_messages(value, path, where, key) -> Messages:
         if not isinstance(message, dict):
             raise DataError(path, where, f"{key}[{i}]", f"expected a message object, got {type(message).__name__}")
         role, content = message.get("role"), message.get("content")
-        if role not in ROLES:
+        if not isinstance(role, str) or role not in ROLES:  # a list or an object is no role (and not hashable)
             raise DataError(path, where, f"{key}[{i}].role", f"unknown role {role!r}; expected one of {sorted(ROLES)}")
         if not isinstance(content, str):
             raise DataError(path, where, f"{key}[{i}].content",
