@@ -18,11 +18,14 @@ from ..files import write_atomically
 
 def best_of_n(policy: str, rm_path: str, prompts_file: str, out: str, n: int = 4, max_new_tokens: int = 64,
               temperature: float = 1.0, seed: int = 0, batch_size: int = 8) -> int:
-    """Returns the number of rows written (prompts whose every answer came out empty are skipped)."""
+    """Returns the number of rows written (prompts whose every answer came out empty are skipped). `rm_path` may
+    end with @principle for a principle-following reward model: the answer that best satisfies it is kept."""
+    rm_path, _, principle = rm_path.partition("@")
+    rm = RewardModel(rm_path)
+    rm.probabilities([], principle=principle or None)  # a missing or unwanted principle fails before generating
     model_dir = resolve_model(policy)
     tokenizer, model = load_tokenizer(model_dir), load_causal_lm(model_dir).eval()
     model.config.use_cache = True
-    rm = RewardModel(rm_path)
     written = 0
 
     def write(tmp):
@@ -39,7 +42,7 @@ def best_of_n(policy: str, rm_path: str, prompts_file: str, out: str, n: int = 4
                     continue
                 records = [Record(row.prompt, [{"role": "assistant", "content": a}] if isinstance(row.prompt, list)
                                   else a, True) for a in candidates]
-                probs = rm.probabilities(records)
+                probs = rm.probabilities(records, principle=principle or None)
                 best = int(np.argmax(probs))
                 handle.write(json.dumps({"prompt": row.prompt, "completion": records[best].completion, "label": True,
                                          "p_up": float(probs[best]), "n": len(candidates)}, ensure_ascii=False) + "\n")

@@ -31,8 +31,10 @@ def _done(path: Path) -> dict[tuple[str, int], dict]:
 
 
 def judged_generations(models: dict[str, Path], prompts_file: str, judge, out_file: Path, *, max_new_tokens: int = 64,
-                       temperature: float = 0.0, seed: int = 0, batch_size: int = 8, progress: bool = True) -> dict:
-    """Generate with each model in `models` (name -> folder), judge, append to `out_file`; return the comparison."""
+                       temperature: float = 0.0, seed: int = 0, batch_size: int = 8, progress: bool = True,
+                       condition: str | None = None) -> dict:
+    """Generate with each model in `models` (name -> folder), judge, append to `out_file`; return the comparison.
+    `condition` picks the reward token a reward-token model answers after (default: its template's, 👍)."""
     prompts = load_prompts(prompts_file)
     with file_operation("create the folder of", out_file):
         out_file.parent.mkdir(parents=True, exist_ok=True)
@@ -48,7 +50,7 @@ def judged_generations(models: dict[str, Path], prompts_file: str, judge, out_fi
                               disable=not progress):
                 batch = todo[start:start + batch_size]
                 answers = generate(model, tokenizer, [prompts[i].prompt for i in batch], max_new_tokens,
-                                   temperature, seed + batch[0])
+                                   temperature, seed + batch[0], condition=condition)
                 for i, answer in zip(batch, answers):
                     try:
                         verdict = apply_judge(judge, answer, prompts[i].row, f"{prompts[i].source} ({name})")

@@ -4,6 +4,7 @@
 * ``exact``: the answer, stripped, equals the row's reference (``--reference-field``, default ``answer``).
 * ``numeric``: the last number in the answer equals the reference as an exact value (sympy: 0.5 == 1/2).
 * ``rm:PATH``: a reward model trained with ``thumbalign reward train``; thumbs-up when P(👍) ≥ the threshold.
+  ``rm:PATH@principle``: a principle-following one (``--principle-field``), asked about that principle.
 * ``module:function``: any Python callable taking the answer text (and, if it accepts a second argument, the prompt
   row) and returning a bool, or a number that is compared with ``--judge-threshold``.
 """
@@ -104,16 +105,20 @@ def load_judge(spec: str, reference_field: str = "answer", threshold: float = 0.
     return judge
 
 
-def reward_model_judge(path: str, threshold: float = 0.5) -> Judge:
-    """`--judge rm:PATH`: thumbs-up when the reward model's calibrated P(👍) ≥ threshold."""
+def reward_model_judge(spec: str, threshold: float = 0.5) -> Judge:
+    """`--judge rm:PATH`: thumbs-up when the reward model's calibrated P(👍) ≥ threshold; `rm:PATH@principle` asks
+    a principle-following reward model (RLBFF) whether the answer satisfies that principle."""
     from ..engine.reward_model import RewardModel
 
+    path, _, principle = spec.partition("@")
     rm = RewardModel(path)
+    rm.probabilities([], principle=principle or None)  # a missing or unwanted principle fails here, before generating
 
     def judge(text, row):
         prompt = row.get("prompt", row.get("messages"))
         completion = [{"role": "assistant", "content": text}] if isinstance(prompt, list) else text
-        return bool(rm.probabilities([Record(prompt, completion, False)])[0] >= threshold)
+        p_up = rm.probabilities([Record(prompt, completion, False)], principle=principle or None)[0]
+        return bool(p_up >= threshold)
 
     return judge
 

@@ -8,7 +8,7 @@ def add_parser(commands) -> None:
                               description="Generate --n answers per prompt with --model, score them with the reward "
                                           "model --rm, and write the best of each as a thumbs-up training row.")
     bon.add_argument("--model", default="default", help="the policy that answers (default: the embedded model)")
-    bon.add_argument("--rm", required=True, help="reward model folder")
+    bon.add_argument("--rm", required=True, help="reward model folder; PATH@principle for one trained with --principle-field")
     bon.add_argument("--prompts", required=True, help="prompts file (a 'prompt' per row)")
     bon.add_argument("-o", "--output", required=True, help="JSONL file to write")
     bon.add_argument("--n", type=int, default=4, help="answers per prompt (default: 4)")

@@ -34,6 +34,9 @@ def add_parser(commands) -> None:
     ev.add_argument("--temperature", type=float, default=0.0, help="0: greedy; above: seeded sampling")
     ev.add_argument("--batch-size", type=int, default=8)
     ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--reward-token", choices=["up", "down", "none"], default=None,
+                    help="for a model trained with --method reward-token: answer after the 👍 token (its default), "
+                         "the 👎 token, or none")
     ev.add_argument("--output-dir", default="eval", help="where eval.json and generations.jsonl go (default: eval)")
     ev.set_defaults(run=run)
 
@@ -61,7 +64,7 @@ def run(args, argv: list[str]) -> int:
         result["judged"] = judged_generations({"model": model_dir, "baseline": resolve_model(args.baseline)},
                                               args.prompts, judge, out / "generations.jsonl",
                                               max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                                              seed=args.seed, batch_size=args.batch_size)
+                                              seed=args.seed, batch_size=args.batch_size, condition=args.reward_token)
         print(format_comparison(result["judged"]))
     write_text_atomically(out / "eval.json", json.dumps(result, indent=1, ensure_ascii=False), "the evaluation")
     print(f"wrote {out / 'eval.json'}")

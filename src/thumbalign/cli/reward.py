@@ -26,6 +26,8 @@ def add_parser(commands) -> None:
     rscore.add_argument("-o", "--output", required=True, help="JSONL file to write")
     rscore.add_argument("--max-length", type=int, default=512)
     rscore.add_argument("--batch-size", type=int, default=16)
+    rscore.add_argument("--principle", help="for a model trained with --principle-field: the principle to judge "
+                                            "each answer by (p_up is then P(the answer satisfies it))")
     rscore.set_defaults(run=run_score)
 
 
@@ -41,6 +43,6 @@ def run_train(args, argv: list[str]) -> int:
 def run_score(args, argv: list[str]) -> int:
     from ..analysis.scoring import score_file
 
-    n = score_file(args.model, args.data, args.output, args.max_length, args.batch_size)
+    n = score_file(args.model, args.data, args.output, args.max_length, args.batch_size, args.principle)
     print(f"wrote P(👍) of {n} rows to {args.output}")
     return 0

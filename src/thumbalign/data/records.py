@@ -41,6 +41,7 @@ class Record:
     label: bool
     source: str = ""  # "file, line N", for messages that point back at the input
     pair: int | None = None  # rows split from one preference pair share this id (chosen first)
+    fields: dict[str, Any] = field(default_factory=dict)  # further row fields a method asked for (rank, comment…)
 
     @property
     def conversational(self) -> bool:
@@ -138,8 +139,17 @@ def _common_prefix(a: Messages, b: Messages) -> int:
     return n
 
 
-def row_to_records(row, path, where) -> list[Record]:
-    """Turn one input row into one record (unpaired) or two (a pair split into thumbs-up and thumbs-down)."""
+def row_to_records(row, path, where, keep: tuple[str, ...] = ()) -> list[Record]:
+    """Turn one input row into one record (unpaired) or two (a pair split into thumbs-up and thumbs-down); the
+    row's fields named in `keep` travel with each record in ``record.fields``."""
+    made = _row_to_records(row, path, where)
+    kept = {name: row[name] for name in keep if row.get(name) is not None}
+    for record in made:
+        record.fields = dict(kept)
+    return made
+
+
+def _row_to_records(row, path, where) -> list[Record]:
     if not isinstance(row, dict):
         raise DataError(path, where, None, f"expected an object with fields, got {type(row).__name__}")
     source = f"{path}, {where}"
@@ -191,9 +201,11 @@ def skip_reason(err: DataError) -> str:
     return f"{err.field or 'row'}: {generic.split(';')[0]}"
 
 
-def load_records(source: str | Path | Source, skip_invalid: bool = False) -> tuple[list[Record], LoadReport]:
+def load_records(source: str | Path | Source, skip_invalid: bool = False,
+                 keep: tuple[str, ...] = ()) -> tuple[list[Record], LoadReport]:
     """Read every record of a feedback file (or Hub dataset). A bad row raises :class:`DataError`, or with
-    `skip_invalid` is skipped and counted by reason in ``report.skipped``."""
+    `skip_invalid` is skipped and counted by reason in ``report.skipped``. Row fields named in `keep` are kept in
+    ``record.fields``."""
     path = str(source)
     report = LoadReport(path)
     records: list[Record] = []
@@ -202,7 +214,7 @@ def load_records(source: str | Path | Source, skip_invalid: bool = False) -> tup
         try:
             if isinstance(row, DataError):
                 raise row
-            made = row_to_records(row, path, where)
+            made = row_to_records(row, path, where, keep)
         except DataError as err:
             if not skip_invalid or err.where is None:  # a file-level problem is never skippable
                 raise
@@ -259,3 +271,35 @@ def load_unlabelled(path: str | Path) -> tuple[list[dict], list[Record]]:
         records.append(row_to_unlabelled_record(row, path, where))
         rows.append(row)
     return rows, records
+
+
+def with_principle(record: Record, principle: str) -> Record:
+    """The record a principle-following reward model reads (RLBFF): the conversation, the answer, then the question
+    whether the answer satisfies `principle`, so that the score, read at the last token, is that yes/no."""
+    question = f"Does the response satisfy this principle: {principle}"
+    if record.conversational:
+        completion = list(record.completion) + [{"role": "user", "content": question}]
+    else:
+        completion = f"{record.completion}\n\n{question}"
+    return Record(record.prompt, completion, record.label, record.source, record.pair, record.fields)
+
+
+def principle_of(record: Record, field_name: str) -> str:
+    """The record's principle (a non-empty string in the row's `field_name`); anything else names the row."""
+    value = record.fields.get(field_name)
+    if not isinstance(value, str) or not value.strip():
+        raise DataError(record.source or "a row", None, field_name,
+                        "missing or empty: a principle-following reward model needs each row's principle"
+                        if value is None or isinstance(value, str) else f"expected text, got {type(value).__name__}")
+    return value.strip()
+
+
+def with_feedback(record: Record, comment: str) -> Record:
+    """The answer followed by the textual feedback it got (LeTI): what a 👎 row trains on when it has a comment."""
+    tail = f"\n\nFeedback: {comment.strip()}"
+    if record.conversational:
+        completion = [dict(m) for m in record.completion]
+        completion[-1]["content"] += tail
+    else:
+        completion = record.completion + tail
+    return Record(record.prompt, completion, record.label, record.source, record.pair, record.fields)

@@ -117,13 +117,18 @@ def fit_to_length(prompt_ids: list[int], completion_ids: list[int], max_length: 
     return prompt_ids[-budget:] if len(prompt_ids) > budget else prompt_ids
 
 
-def tokenize_records(tokenizer, records: list[Record], max_length: int) -> tuple[list[Example], TokenizeReport]:
+def tokenize_records(tokenizer, records: list[Record], max_length: int,
+                     condition=None) -> tuple[list[Example], TokenizeReport]:
+    """Examples of `records`; `condition(record)`, when given, returns token ids put between the prompt and the
+    completion (a reward token): part of the prompt, so conditioned on and never trained."""
     report = TokenizeReport(records=len(records))
     examples = []
     for index, record in enumerate(records):
         prompt_ids, completion_ids = encode_record(tokenizer, record)
         if not completion_ids:
             raise DataError(record.source, None, "completion", "tokenises to nothing")
+        if condition is not None:
+            prompt_ids = prompt_ids + list(condition(record))
         kept = fit_to_length(prompt_ids, completion_ids, max_length)
         if kept is None:
             report.dropped_completion_too_long += 1
@@ -132,3 +137,13 @@ def tokenize_records(tokenizer, records: list[Record], max_length: int) -> tuple
         examples.append(Example(kept + completion_ids, len(kept), record.label, index))
     report.kept = len(examples)
     return examples, report
+
+
+def condition_generation_on(tokenizer, token: str) -> None:
+    """Make `token` follow the generation prompt of the tokenizer's chat template, so that whoever serves the saved
+    folder (transformers, vLLM, TGI: all render the template) generates conditioned on it by default. A
+    tokenizer without a chat template is left alone (plain-text prompts must end with the token themselves)."""
+    template = getattr(tokenizer, "chat_template", None)
+    if not isinstance(template, str) or token in template:
+        return
+    tokenizer.chat_template = template + "{% if add_generation_prompt %}" + token + "{% endif %}"

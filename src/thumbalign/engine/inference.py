@@ -65,14 +65,26 @@ def render_prompt(tokenizer, prompt) -> str:
     return prompt
 
 
+def with_reward_token(model, text: str, condition: str | None) -> str:
+    """A rendered prompt for a model trained with reward tokens (``--method reward-token``): its saved template
+    already ends a chat prompt with the 👍 token; `condition` ('up', 'down' or 'none') puts the one asked for
+    there instead. Models without reward tokens, and condition None, leave the text as it is."""
+    tokens = getattr(model.config, "thumbalign_reward_tokens", None)
+    if not tokens or condition is None:
+        return text
+    for token in tokens.values():
+        text = text.removesuffix(token)
+    return text + tokens.get(condition, "")
+
+
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list, max_new_tokens: int, temperature: float, seed: int,
-             num_return_sequences: int = 1, top_k: int | None = None) -> list[str]:
+             num_return_sequences: int = 1, top_k: int | None = None, condition: str | None = None) -> list[str]:
     """One batch, left-padded, with the KV cache; greedy when temperature is 0, else seeded sampling (`top_k`:
     None keeps the model's generation config, 0 samples from the whole distribution). Returns
-    `num_return_sequences` answers per prompt, prompt by prompt."""
+    `num_return_sequences` answers per prompt, prompt by prompt. `condition`: see :func:`with_reward_token`."""
     tokenizer.padding_side = "left"
-    texts = [render_prompt(tokenizer, p) for p in prompts]
+    texts = [with_reward_token(model, render_prompt(tokenizer, p), condition) for p in prompts]
     enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=not isinstance(prompts[0], list))
     enc = {k: v.to(model.device) for k, v in enc.items()}
     torch.manual_seed(seed)

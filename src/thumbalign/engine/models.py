@@ -179,3 +179,25 @@ def bf16_available(device: torch.device) -> bool:
     except OSError:
         return False
     return any(f in flags for f in (" avx512_bf16", " amx_bf16", " bf16 "))  # x86 flags; " bf16 " on arm64
+
+
+@torch.no_grad()
+def grow_embeddings(model, tokenizer, meanings: dict[str, str]) -> None:
+    """Give the model rows for the tokens the tokenizer has just gained (a method's special tokens, the keys of
+    `meanings`). Each starts as the mean embedding (input and output) of the words `meanings` gives it, so a new
+    token means something before training, and the tokens differ from one another even where embeddings stay
+    frozen (LoRA)."""
+    if not meanings:
+        return
+    old = model.get_input_embeddings().num_embeddings
+    ids = tokenizer.convert_tokens_to_ids(list(meanings))
+    if max(ids) >= old:
+        model.resize_token_embeddings(max(len(tokenizer), max(ids) + 1), mean_resizing=False)
+    tables = [model.get_input_embeddings().weight]
+    output = model.get_output_embeddings()
+    if output is not None and output.weight is not tables[0]:
+        tables.append(output.weight)
+    for token_id, token in zip(ids, meanings):
+        words = [w for w in tokenizer(meanings[token], add_special_tokens=False)["input_ids"] if w not in ids]
+        for table in tables:
+            table[token_id] = table[words].mean(0)

@@ -12,9 +12,9 @@ import torch
 from tqdm.auto import tqdm
 
 from ..data.batching import collate
-from ..data.records import Record
+from ..data.records import Record, with_principle
 from ..data.tokens import Example, encode_record, fit_to_length
-from ..errors import DataError
+from ..errors import ConfigError, DataError
 from .models import load_tokenizer
 
 
@@ -85,7 +85,20 @@ class RewardModel:
                             f"{len(completion)} tokens: longer than the reward model's max_length {self.max_length}")
         return Example(kept + completion, len(kept), bool(record.label), -1)
 
-    def probabilities(self, records: list[Record], progress: bool = False) -> np.ndarray:
+    @property
+    def principled(self) -> bool:
+        """Trained with --principle-field: it judges an answer against a principle given at scoring time."""
+        return bool(getattr(self.model.config, "thumbalign_principled", False))
+
+    def probabilities(self, records: list[Record], progress: bool = False, principle: str | None = None) -> np.ndarray:
+        """Calibrated P(👍) of each record; for a principle-following model, P(the answer satisfies `principle`)."""
+        if self.principled and not (principle and principle.strip()):
+            raise ConfigError("this reward model was trained with principles (--principle-field): say which one "
+                              "to judge by (reward score --principle \"...\", or --judge rm:PATH@\"...\")")
+        if principle and not self.principled:
+            raise ConfigError("this reward model was trained without principles; it cannot take --principle")
+        if principle:
+            records = [with_principle(r, principle.strip()) for r in records]
         examples = [self.encode(r) for r in records]
         logits = score_examples(self.model, examples, self.tokenizer.pad_token_id, self.batch_size, progress)
         return torch.sigmoid(logits / self.temperature).numpy()

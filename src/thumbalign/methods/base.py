@@ -8,7 +8,7 @@ the method needs across steps (BCO's reward shift δ, KTO's reference point z_re
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Hashable
+from typing import Callable, ClassVar, Hashable
 
 import torch
 
@@ -33,6 +33,8 @@ class StepInputs:
     extra_policy_logps: torch.Tensor | None = None  # log-probs of the method's extra examples (no gradient)
     extra_ref_logps: torch.Tensor | None = None
     valid: torch.Tensor | None = None   # [n] bool: False for a placeholder row (a process with no data left)
+    groups: torch.Tensor | None = None  # [n] prompt of each row, for methods that learn within a prompt (grouped)
+    ranks: torch.Tensor | None = None   # [n] the row's 'rank' (1 = best), NaN where the row has none
 
     def rows(self, t: torch.Tensor) -> torch.Tensor:
         """The real rows of a per-row tensor, to gather into statistics (δ, z_ref) that placeholders must not
@@ -47,6 +49,7 @@ class Objective:
     summary = ""
     needs = DataNeeds("")
     uses_udm_weights = False  # takes --udm weights on its thumbs-down losses
+    token_meanings: ClassVar[dict[str, str]] = {}  # special tokens the method adds -> words their embeddings start from
 
     def __init__(self, config, n_up: int, n_down: int, log=print):
         self.beta = config.beta

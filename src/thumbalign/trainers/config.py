@@ -207,7 +207,10 @@ RewardConfig = derived_config(
     defaults={"output_dir": "runs/reward", "learning_rate": 2e-5, "eval_split": 0.1, "max_length": 512},
     extra=[("balance_classes", bool, _f(True, "Weight the classes so that 👍 and 👎 count equally in the loss.")),
            ("calibrate", bool, _f(True, "Fit a temperature on the held-out split so that scores are calibrated "
-                                        "probabilities."))],
+                                        "probabilities.")),
+           ("principle_field", str | None, _f(None, "Field holding each row's principle (RLBFF): the model learns "
+                                                   "whether an answer satisfies *that* principle, so one model "
+                                                   "serves many; score with `reward score --principle`."))],
     doc="Settings of `thumbalign reward train` (shared settings mean what they mean for `thumbalign train`).")
 
 

@@ -16,10 +16,11 @@ from ..analysis.metrics import implicit_classifier_report
 from ..analysis.report import write_report
 from ..data.batching import collate, collate_packed, micro_batches, step_groups
 from ..data.prepare import PreparedData, data_sources, prepare_data
+from ..data.tokens import condition_generation_on
 from ..engine.inference import batched_logps
 from ..engine.logprobs import CompletionLogps, completion_logps
 from ..engine.loop import Engine, MicroStep
-from ..engine.models import cache_root, load_causal_lm, load_tokenizer, resolve_model
+from ..engine.models import cache_root, grow_embeddings, load_causal_lm, load_tokenizer, resolve_model
 from ..engine.reference import ReferenceLogps
 from ..engine.rundir import RunDir
 from ..methods.base import Objective, StepInputs
@@ -57,7 +58,10 @@ def _train(config: TrainConfig, run: RunDir, log) -> dict:
     tokenizer = load_tokenizer(model_dir, config.trust_remote_code)
     method = get_method(config.method)
     data = prepare_data(config, tokenizer, method.needs, log=engine.say)
-    model = load_causal_lm(model_dir, config.trust_remote_code).to(engine.device)
+    model = load_causal_lm(model_dir, config.trust_remote_code)
+    added = data.report.get("added_tokens", [])
+    grow_embeddings(model, tokenizer, {t: method.token_meanings.get(t, t) for t in added})
+    model = model.to(engine.device)
     # The freshly loaded model is the reference: its log-probs are computed now, once, and cached on disk.
     reference = ReferenceLogps(engine, model, model_dir, tokenizer.pad_token_id, config.eval_batch_size,
                                config.logps_chunk_size, cache_root(config.cache_dir))
@@ -103,6 +107,11 @@ class PolicyTask:
         self.history: dict = {}
         self.extra_ref: dict = {}   # the method's extra examples: key -> reference log-prob
         self.seen: set[tuple[int, int]] = set()  # (step, example) this process trained on, for the summary
+        # grouped methods learn within a prompt: the unit (prompt) of each example, and its rank where given
+        self.unit_of = torch.zeros(len(data.train), dtype=torch.long)
+        for u, items in enumerate(data.units):
+            self.unit_of[items] = u
+        self.ranks = torch.tensor([float(f.get("rank", "nan")) for f in data.train_fields])  # checked in data/
 
     def _plan(self, step: int, rank: int) -> list[tuple[list[int], list[int], int]]:
         """(this process's micro-batch, the micro-batch of every process together, examples in the step) for each
@@ -153,7 +162,8 @@ class PolicyTask:
         inputs = StepInputs(
             policy_logps=policy, ref_logps=self.ref_logps[rows].to(device), labels=labels,
             weights=self.udm.weights[rows].to(device) if self.udm else None,
-            n_tokens=tensors["completion_lengths"].to(device), gather=self.engine.gather_rows, valid=valid)
+            n_tokens=tensors["completion_lengths"].to(device), gather=self.engine.gather_rows, valid=valid,
+            groups=self.unit_of[rows].to(device), ranks=self.ranks[rows].to(device))
         self._add_extra_logps(inputs, idx, group)
         result = self.objective.loss(inputs)
         stats = {"loss": result.losses, "reward": result.rewards, "label": labels}
@@ -243,6 +253,10 @@ def _summary(config, engine: Engine, task: PolicyTask, model_dir, ref_from_cache
 
 def _finish(config: TrainConfig, engine: Engine, run: RunDir, model, tokenizer, model_dir, summary: dict) -> None:
     """Main process: the final model folder, the judged comparison, summary.json and the report."""
+    tokens = get_method(config.method).needs.reward_tokens
+    if tokens:  # served models answer as 👍 answers: the template conditions on the 👍 token by default
+        condition_generation_on(tokenizer, tokens[0])
+        model.config.thumbalign_reward_tokens = {"up": tokens[0], "down": tokens[1]}
     run.save_folder("model", lambda folder: save_policy(model, tokenizer, folder, config, model_dir))
     engine.say(f"Saved the model to {run.path / 'model'}")
     if config.eval_prompts:

@@ -36,9 +36,11 @@ def _train(config, run: RunDir, log) -> dict:
     engine.say(describe_settings(config))
     model_dir = model_folder(engine, config)
     tokenizer = load_tokenizer(model_dir, config.trust_remote_code)
-    data = prepare_data(config, tokenizer, REWARD_DATA, log=engine.say)
+    needs = DataNeeds("reward", principle_field=config.principle_field) if config.principle_field else REWARD_DATA
+    data = prepare_data(config, tokenizer, needs, log=engine.say)
     model = load_reward_model(model_dir, config.trust_remote_code)
     model.config.pad_token_id = tokenizer.pad_token_id
+    model.config.thumbalign_principled = bool(config.principle_field)  # scoring then needs a principle
     udm = fit_udm(config, engine, run, data, model, tokenizer) if config.udm else None
     model = make_trainable(model, config)
     if config.use_lora:

@@ -1,0 +1,264 @@
+"""Learn the answer, not the prompt: alignment quality under *shifted* binary feedback, judged on generations.
+
+Two feedback sets built from the default model's own sampled answers, each shifted so that the kind of prompt
+predicts the label:
+
+* ``topic`` (sentiment): review/opinion prompts about 30 topics, labelled 👍 when VADER's compound score ≥ 0.5.
+  The topics are split in two pools; the training set keeps every 👍 of pool A and every 👎 of pool B but only a
+  share --keep-minor of the others, so "topic A is good" explains most labels (as in benchmarks/udm_shift.py).
+* ``constraints`` (verifiable): questions with an instruction of one of six kinds (one sentence, at most 20
+  words, no commas, all lowercase, end with "!", use a given word). A rule checker labels each answer; the base
+  passes the easy kinds and fails the hard ones, so the label correlates with the kind with no filtering at all.
+
+Every method is trained with the same seed, steps, batch, LoRA rank, learning rate and β. The evaluation prompts
+were never trained on (topic: new templates on the same topics, so each belongs to a pool; constraints: new
+topics), the base and every trained model answer each greedily, and the same gold judge (VADER / the rule
+checker) labels every answer. The table gives the 👍 rate with a BCa bootstrap interval, the paired difference
+from the base and from plain ``bco``, the rate per pool or instruction kind, and "worst fall where the base was
+good": the largest drop on a kind where the base passes ≥ 0.8.
+
+    .venv/bin/python benchmarks/shift_quality.py                          # both settings, every run (≈ 1 h, 2 cores)
+    .venv/bin/python benchmarks/shift_quality.py --settings constraints --runs bco "bco --udm"
+
+The sampled feedback and each trained model are kept under --work; a rerun reuses them (delete --work to redo).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import re
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+TOPICS = [
+    "a rainy Monday morning", "a crowded train", "a new coffee shop", "a long flight delay", "learning to cook",
+    "a birthday party", "a broken phone", "a walk in the park", "a job interview", "moving to a new city",
+    "a traffic jam", "a surprise gift", "a cold winter night", "a summer holiday", "a noisy neighbour",
+    "a first day at school", "a lost wallet", "a concert", "a dentist appointment", "a home-made pizza",
+    "an old friend calling", "a power cut", "a marathon", "a library", "a cancelled meeting",
+    "a puppy", "a failed exam", "a sunrise", "a slow internet connection", "a family dinner",
+]
+EVAL_TOPICS = [
+    "a thunderstorm", "a new bicycle", "a missed bus", "a board game night", "a flat tyre", "a museum visit",
+    "a burnt cake", "a wedding", "a hospital waiting room", "a garden in spring", "a lost umbrella", "a road trip",
+    "a picnic", "a long queue", "a snowy morning", "a football match", "a leaking roof", "a farmers' market",
+    "a late train", "a beach day",
+]
+
+# topic: training templates, and templates never trained on for the evaluation
+TOPIC_TRAIN_TEMPLATES = [
+    "Write a one-sentence review of {}.", "How do you feel about {}?", "Describe {} in two sentences.",
+    "What would you tell a friend about {}?", "Give me your honest opinion of {}.",
+    "Write a short note about {} for a newsletter.",
+]
+TOPIC_EVAL_TEMPLATES = [
+    "Write a short comment about {}.", "What do you think of {}?", "Tell me about {} in one sentence.",
+    "Share your thoughts on {}.", "Write a diary line about {}.", "Describe your reaction to {}.",
+    "Write a caption for a photo of {}.", "Say something about {}.",
+]
+
+# constraints: questions, and one rule checker per instruction kind
+QUESTIONS = ["Tell me about {}.", "What should I know about {}?"]
+CONSTRAINTS = {
+    "one_sentence": ("Answer in one sentence.",
+                     lambda t: len([s for s in re.split(r"(?<=[.!?])\s+", t.strip()) if s]) == 1),
+    "max_20_words": ("Answer in at most 20 words.", lambda t: len(t.split()) <= 20),
+    "no_commas": ("Do not use any commas.", lambda t: "," not in t),
+    "lowercase": ("Write your whole answer in lowercase letters.", lambda t: t == t.lower()),
+    "ends_exclaim": ("End your answer with an exclamation mark.", lambda t: t.rstrip().endswith("!")),
+    "use_word": ("Use the word 'wonderful' in your answer.", lambda t: "wonderful" in t.lower()),
+}
+
+
+def constraint_judge(text: str, row: dict) -> bool:
+    return bool(CONSTRAINTS[row["kind"]][1](text))
+
+
+def vader_judge():
+    from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+
+    analyzer = SentimentIntensityAnalyzer()
+    return lambda text, row: analyzer.polarity_scores(text)["compound"] >= 0.5
+
+
+def user(content: str) -> list[dict]:
+    return [{"role": "user", "content": content}]
+
+
+def setting_prompts(setting: str) -> tuple[list[dict], list[dict]]:
+    """(training prompt rows, evaluation prompt rows), each with a 'kind' (the pool or the instruction kind)."""
+    if setting == "topic":
+        pool = {t: ("pool_A" if i % 2 == 0 else "pool_B") for i, t in enumerate(TOPICS)}
+        train = [{"prompt": user(t.format(topic)), "kind": pool[topic]} for topic in TOPICS for t in TOPIC_TRAIN_TEMPLATES]
+        held = [{"prompt": user(t.format(topic)), "kind": pool[topic]} for topic in TOPICS for t in TOPIC_EVAL_TEMPLATES]
+        return train, held
+
+    def rows(topics):
+        return [{"prompt": user(f"{q.format(topic)} {instruction}"), "kind": kind}
+                for topic in topics for q in QUESTIONS for kind, (instruction, _) in CONSTRAINTS.items()]
+
+    return rows(TOPICS), rows(EVAL_TOPICS)
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def sample_feedback(args, setting: str, prompts: list[dict], judge) -> list[dict]:
+    """--answers sampled answers per training prompt from the default model, each labelled by the gold judge."""
+    from thumbalign.engine.inference import generate
+    from thumbalign.engine.models import load_causal_lm, load_tokenizer, resolve_model
+
+    folder = resolve_model("default")
+    tokenizer, model = load_tokenizer(folder), load_causal_lm(folder).eval()
+    rows = []
+    for start in range(0, len(prompts), args.batch_size):
+        batch = prompts[start:start + args.batch_size]
+        answers = generate(model, tokenizer, [p["prompt"] for p in batch], args.max_new_tokens, 1.0,
+                           args.seed * 1000 + start, num_return_sequences=args.answers)
+        for k, answer in enumerate(answers):
+            row = batch[k // args.answers]
+            if answer:
+                rows.append({"prompt": row["prompt"], "completion": [{"role": "assistant", "content": answer}],
+                             "label": bool(judge(answer, row)), "kind": row["kind"]})
+        print(f"  {setting}: sampled {start + len(batch)}/{len(prompts)} prompts", flush=True)
+    return rows
+
+
+def shift(setting: str, rows: list[dict], keep_minor: float, seed: int) -> list[dict]:
+    """topic: keep 👍 of pool A and 👎 of pool B, and only a share of the others. constraints: as sampled."""
+    if setting != "topic":
+        return rows
+    rng = random.Random(seed)
+    return [r for r in rows if r["label"] == (r["kind"] == "pool_A") or rng.random() < keep_minor]
+
+
+def feedback(args, setting: str, train_prompts: list[dict], judge) -> Path:
+    path = args.work / setting / "feedback.jsonl"
+    if not path.exists():
+        sampled = sample_feedback(args, setting, train_prompts, judge)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_jsonl(path, shift(setting, sampled, args.keep_minor, args.seed))
+    return path
+
+
+def train(args, setting: str, run: str, data: Path) -> tuple[Path, float]:
+    out = args.work / setting / run.replace(" ", "_").replace("--", "")
+    if (out / "model" / "config.json").exists():
+        return out / "model", 0.0
+    command = [str(args.thumbalign), "train", "--data", str(data), "--output-dir", str(out), "--overwrite",
+               "--use-lora", "--learning-rate", str(args.learning_rate), "--beta", str(args.beta),
+               "--max-steps", str(args.steps), "--per-device-train-batch-size", "8", "--seed", str(args.seed),
+               "--max-length", "256", "--save-steps", "1000", "--logging-steps", "10", "--no-report",
+               "--method", *shlex.split(run)]
+    start = time.perf_counter()
+    with open(out.with_suffix(".log"), "w") as log:
+        code = subprocess.call(command, stdout=log, stderr=subprocess.STDOUT)
+    if code:
+        sys.exit(f"failed ({code}): {shlex.join(command)}; see {out.with_suffix('.log')}")
+    return out / "model", time.perf_counter() - start
+
+
+def judged(args, setting: str, models: dict[str, Path], held: list[dict], judge) -> dict[str, list[dict]]:
+    """Greedy answers of every model to every evaluation prompt, judged; {model: [record per prompt]}."""
+    from thumbalign.analysis.judged import judged_generations
+
+    prompts_file = write_jsonl(args.work / setting / "eval_prompts.jsonl", held)
+    out_file = args.work / setting / "judged.jsonl"
+    judged_generations(models, str(prompts_file), judge, out_file, max_new_tokens=args.max_new_tokens,
+                       temperature=0.0, seed=args.seed, batch_size=args.batch_size, progress=False)
+    records: dict[str, list] = {name: [None] * len(held) for name in models}
+    for line in out_file.read_text(encoding="utf-8").splitlines():
+        r = json.loads(line)
+        if r["model"] in records:
+            records[r["model"]][r["i"]] = r
+    return records
+
+
+def interval(values) -> str:
+    from thumbalign.analysis.metrics import bootstrap_interval
+
+    mean, low, high = bootstrap_interval(values, n_boot=2000, seed=0)
+    return f"{mean:+.3f} [{low:+.3f}, {high:+.3f}]"
+
+
+def table(setting: str, held: list[dict], records: dict[str, list[dict]], seconds: dict[str, float]) -> str:
+    import numpy as np
+
+    from thumbalign.analysis.metrics import bootstrap_interval
+
+    verdicts = {m: np.array([float(r["verdict"]) for r in recs]) for m, recs in records.items()}
+    kinds = sorted({row["kind"] for row in held})
+    kind_of = np.array([row["kind"] for row in held])
+    rate = {m: {k: float(v[kind_of == k].mean()) for k in kinds} for m, v in verdicts.items()}
+    good = [k for k in kinds if rate["base"][k] >= 0.8]
+    lines = [f"### {setting}: {len(held)} held-out prompts, one greedy answer each", "",
+             "| model | train time | 👍 rate [95% CI] | vs base | vs bco | worst fall where base ≥ 0.8 |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for m, v in verdicts.items():
+        mean, low, high = bootstrap_interval(v, n_boot=2000, seed=0)
+        vs_base = interval(v - verdicts["base"]) if m != "base" else ""
+        vs_bco = interval(v - verdicts["bco"]) if m not in ("base", "bco") and "bco" in verdicts else ""
+        falls = [(rate[m][k] - rate["base"][k], k) for k in good]
+        worst = min(falls) if falls and m != "base" else None
+        worst_text = f"{worst[0]:+.3f} ({worst[1]})" if worst else ("no kind ≥ 0.8" if not good else "")
+        minutes = f"{seconds[m] / 60:.1f} min" if seconds.get(m) else ""
+        lines.append(f"| {m} | {minutes} | {mean:.3f} [{low:.3f}, {high:.3f}] | {vs_base} | {vs_bco} | {worst_text} |")
+    lines += ["", "| kind | prompts | " + " | ".join(verdicts) + " |", "| --- | --- |" + " --- |" * len(verdicts)]
+    for k in kinds:
+        lines.append(f"| {k} | {int((kind_of == k).sum())} | " + " | ".join(f"{rate[m][k]:.3f}" for m in verdicts) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--settings", nargs="+", default=["topic", "constraints"], choices=["topic", "constraints"])
+    parser.add_argument("--runs", nargs="+", default=["bco", "bco --udm", "kto"],
+                        help="each a --method value and its extra flags, e.g. 'bco --udm'; 'bco' is the yardstick")
+    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--learning-rate", type=float, default=1e-4)
+    parser.add_argument("--beta", type=float, default=0.1)
+    parser.add_argument("--answers", type=int, default=2, help="sampled answers per training prompt")
+    parser.add_argument("--max-new-tokens", type=int, default=48)
+    parser.add_argument("--keep-minor", type=float, default=0.15)
+    parser.add_argument("--batch-size", type=int, default=60)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--work", type=Path, default=ROOT / "runs" / "shift_quality")
+    parser.add_argument("--thumbalign", type=Path, default=Path(sys.executable).parent / "thumbalign")
+    args = parser.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from thumbalign.engine.models import resolve_model
+
+    tables = []
+    for setting in args.settings:
+        judge = vader_judge() if setting == "topic" else constraint_judge
+        train_prompts, held = setting_prompts(setting)
+        data = feedback(args, setting, train_prompts, judge)
+        rows = [json.loads(line) for line in data.read_text(encoding="utf-8").splitlines()]
+        by_kind = {}
+        for r in rows:
+            by_kind.setdefault(r["kind"], []).append(r["label"])
+        print(f"{setting}: {len(rows)} training rows, 👍 share per kind: "
+              + ", ".join(f"{k} {sum(v) / len(v):.2f} (n={len(v)})" for k, v in sorted(by_kind.items())), flush=True)
+        models, seconds = {"base": resolve_model("default")}, {}
+        for run in args.runs:
+            models[run], seconds[run] = train(args, setting, run, data)
+            print(f"  trained {run!r} in {seconds[run] / 60:.1f} min", flush=True)
+        tables.append(table(setting, held, judged(args, setting, models, held, judge), seconds))
+        print(tables[-1], flush=True)
+    print(f"\nsettings: {args.steps} steps × 8, LoRA r16, lr {args.learning_rate}, β {args.beta}, seed {args.seed}\n")
+    print("\n\n".join(tables))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,191 @@
+"""The rest of the offline binary-feedback family: AFT (within-prompt ranking with a boundary), LeTI-style reward
+tokens with textual feedback, and RLBFF principle-following reward models."""
+
+import json
+
+import pytest
+import torch
+from sklearn.metrics import roc_auc_score
+
+from conftest import write_jsonl
+from thumbalign.cli import main
+from thumbalign.data.prepare import prepare_data
+from thumbalign.data.records import Record
+from thumbalign.engine.inference import batched_logps
+from thumbalign.engine.models import load_causal_lm, load_tokenizer
+from thumbalign.engine.reward_model import RewardModel
+from thumbalign.errors import ConfigError
+from thumbalign.methods.registry import get_method
+from thumbalign.methods.reward_token import DOWN_TOKEN, UP_TOKEN, reward_token_loss
+from thumbalign.trainers.config import RewardConfig, TrainConfig
+from thumbalign.trainers.policy import train
+from thumbalign.trainers.reward import train_reward_model
+from thumbalign.data.tokens import Example
+
+QUIET = dict(log=lambda *a: None)
+
+
+# ------------------------------------------------------------------------------------------------ reward tokens
+
+def test_reward_token_loss_by_hand():
+    policy, ref = torch.tensor([-6.0, -9.0]), torch.tensor([-7.0, -8.0])
+    out = reward_token_loss(policy, ref, torch.tensor([True, False]), beta=0.5, n_tokens=torch.tensor([3, 4]))
+    assert out.losses.tolist() == pytest.approx([6.0 / 3, 9.0 / 4])  # every answer, 👍 and 👎, is learnt
+    assert out.rewards.tolist() == pytest.approx([0.5, -0.5])
+
+
+def _feedback_with_comments(path, n=24):
+    rows = []
+    for i in range(n):
+        good = i % 2 == 0
+        row = {"prompt": f"q{i % 4}?", "completion": "yay!" if good else "no.", "label": good}
+        if not good and i % 4 == 1:
+            row["comment"] = "too short"
+        rows.append(row)
+    return write_jsonl(path, rows)
+
+
+def test_reward_token_examples_put_the_label_token_after_the_prompt_and_feedback_after_the_answer(tmp_path,
+                                                                                                  tiny_llama):
+    data = _feedback_with_comments(tmp_path / "f.jsonl")
+    tokenizer = load_tokenizer(tiny_llama)
+    config = TrainConfig(data=str(data), eval_data=str(data), model=str(tiny_llama), method="reward-token")
+    prepared = prepare_data(config, tokenizer, get_method("reward-token").needs, **QUIET)
+    up, down = tokenizer.convert_tokens_to_ids([UP_TOKEN, DOWN_TOKEN])
+    assert prepared.report["added_tokens"] == [UP_TOKEN, DOWN_TOKEN]
+    assert prepared.report["thumbs_down_with_feedback"] == 6  # i = 1, 5, 9, 13, 17, 21
+    for e in prepared.train:
+        assert e.input_ids[e.prompt_len - 1] == (up if e.label else down)  # conditioned on, not trained
+        completion = tokenizer.decode(e.input_ids[e.prompt_len:])
+        assert UP_TOKEN not in completion and DOWN_TOKEN not in completion
+    with_feedback = [tokenizer.decode(e.input_ids[e.prompt_len:]) for e in prepared.train if not e.label]
+    assert sum("no.\n\nFeedback: too short" in text for text in with_feedback) == 6
+    # held-out answers are all read after the 👍 token: how likely is this answer from a 👍 model
+    assert {e.input_ids[e.prompt_len - 1] for e in prepared.eval} == {up}
+
+
+def test_reward_token_run_learns_the_condition_and_serves_with_the_thumbs_up_token(tmp_path, tiny_llama):
+    data = _feedback_with_comments(tmp_path / "f.jsonl")
+    config = TrainConfig(data=str(data), model=str(tiny_llama), method="reward-token", output_dir=str(tmp_path / "r"),
+                         learning_rate=5e-3, max_steps=80, warmup_ratio=0.0, per_device_train_batch_size=8,
+                         bf16="false", logging_steps=10, save_steps=100)
+    train(config, **QUIET)
+    folder = tmp_path / "r" / "model"
+    tokenizer, model = load_tokenizer(folder), load_causal_lm(folder).eval()
+    up, down = tokenizer.convert_tokens_to_ids([UP_TOKEN, DOWN_TOKEN])
+    assert model.get_input_embeddings().num_embeddings >= len(tokenizer) and up != down
+    assert model.config.thumbalign_reward_tokens == {"up": UP_TOKEN, "down": DOWN_TOKEN}
+    rendered = tokenizer.apply_chat_template([{"role": "user", "content": "q1?"}], tokenize=False,
+                                             add_generation_prompt=True)
+    assert rendered.endswith("<|im_start|>assistant\n" + UP_TOKEN)  # what a server renders: 👍-conditioned
+    assert not tokenizer.apply_chat_template([{"role": "user", "content": "q1?"}], tokenize=False).endswith(UP_TOKEN)
+
+    def logp(answer: str, token: int) -> float:
+        prompt = tokenizer("q1?")["input_ids"] + [token]
+        completion = tokenizer(answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        example = Example(prompt + completion, len(prompt), True, -1)
+        return float(batched_logps(model, [example], tokenizer.pad_token_id, 1, torch.device("cpu"))[0])
+
+    # the condition carries the label: each answer is more likely after its own token than after the other
+    assert logp("yay!", up) > logp("yay!", down) + 1.0
+    assert logp("no.", down) > logp("no.", up) + 1.0
+
+
+def test_eval_answers_after_the_token_asked_for(tmp_path, tiny_llama):
+    data = _feedback_with_comments(tmp_path / "f.jsonl")
+    assert main(["train", "--data", str(data), "--model", str(tiny_llama), "--method", "reward-token",
+                 "--max-steps", "2", "--output-dir", str(tmp_path / "r"), "--bf16", "false"]) == 0
+    prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": [{"role": "user", "content": "q1?"}]}])
+    from thumbalign.engine.inference import with_reward_token
+    model = load_causal_lm(tmp_path / "r" / "model")
+    tokenizer = load_tokenizer(tmp_path / "r" / "model")
+    rendered = tokenizer.apply_chat_template([{"role": "user", "content": "q1?"}], tokenize=False,
+                                             add_generation_prompt=True)
+    assert with_reward_token(model, rendered, "down").endswith("assistant\n" + DOWN_TOKEN)
+    assert with_reward_token(model, rendered, "none").endswith("assistant\n")
+    assert with_reward_token(model, rendered, None) == rendered
+    for condition in ("up", "down"):
+        assert main(["eval", "--model", str(tmp_path / "r" / "model"), "--baseline", str(tiny_llama), "--prompts",
+                     str(prompts), "--judge", "vader", "--max-new-tokens", "4", "--reward-token", condition,
+                     "--output-dir", str(tmp_path / condition)]) == 0
+        assert (tmp_path / condition / "eval.json").exists()
+
+
+# ------------------------------------------------------------------------------------------ principle reward models
+
+PRINCIPLES = {"the answer says something good": "great", "the answer says something bad": "awful"}
+
+
+def _principle_rows(items):
+    """The same answers under two principles that disagree: 'great' satisfies the first, 'awful' the second."""
+    rows = []
+    for i in items:
+        word = "great" if i % 2 else "awful"
+        for principle, wanted in PRINCIPLES.items():
+            rows.append({"prompt": f"Tell me about item {i}.", "completion": f"Item {i} is {word}",
+                         "principle": principle, "label": word == wanted})
+    return rows
+
+
+@pytest.fixture(scope="module")
+def principle_rm(tmp_path_factory, tiny_llama):
+    tmp = tmp_path_factory.mktemp("principles")
+    data = write_jsonl(tmp / "f.jsonl", _principle_rows(range(96)))
+    config = RewardConfig(data=str(data), model=str(tiny_llama), output_dir=str(tmp / "run"), eval_split=0.1,
+                          principle_field="principle", learning_rate=2e-3, max_steps=150,
+                          per_device_train_batch_size=16, bf16="false", logging_steps=50, save_steps=1000,
+                          warmup_ratio=0.0, cache_dir=str(tmp / "c"))
+    train_reward_model(config, **QUIET)
+    return tmp / "run" / "model"
+
+
+def test_one_reward_model_learns_two_principles_that_disagree(principle_rm):
+    rm = RewardModel(principle_rm)
+    held = [r for r in _principle_rows(range(200, 264))]
+    for principle, wanted in PRINCIPLES.items():
+        rows = [r for r in held if r["principle"] == principle]
+        records = [Record(r["prompt"], r["completion"], r["label"]) for r in rows]
+        p = rm.probabilities(records, principle=principle)
+        labels = [r["label"] for r in rows]
+        assert roc_auc_score(labels, p) >= 0.9, principle
+    # the same answer, judged by the two principles, gets opposite verdicts
+    answer = [Record("Tell me about item 301.", "Item 301 is great", True)]
+    p_good = rm.probabilities(answer, principle="the answer says something good")[0]
+    p_bad = rm.probabilities(answer, principle="the answer says something bad")[0]
+    assert p_good > 0.5 > p_bad
+
+
+def test_a_principle_model_needs_a_principle_and_a_plain_one_refuses_it(principle_rm, tmp_path, capsys):
+    with pytest.raises(ConfigError, match="trained with principles"):
+        RewardModel(principle_rm).probabilities([Record("q", "a", True)])
+    rows = write_jsonl(tmp_path / "s.jsonl", [{"prompt": "Tell me about item 5.", "completion": "Item 5 is awful"}])
+    assert main(["reward", "score", "--model", str(principle_rm), "--data", str(rows), "-o", str(tmp_path / "o.jsonl"),
+                 "--principle", "the answer says something bad"]) == 0
+    p_up = json.loads((tmp_path / "o.jsonl").read_text())["p_up"]
+    assert main(["reward", "score", "--model", str(principle_rm), "--data", str(rows), "-o",
+                 str(tmp_path / "o2.jsonl"), "--principle", "the answer says something good"]) == 0
+    assert p_up > json.loads((tmp_path / "o2.jsonl").read_text())["p_up"]
+    assert main(["reward", "score", "--model", str(principle_rm), "--data", str(rows), "-o",
+                 str(tmp_path / "o3.jsonl")]) == 2
+    assert "--principle" in capsys.readouterr().err
+
+
+def test_principle_judge_in_eval(principle_rm, tmp_path, tiny_llama):
+    from thumbalign.analysis.judges import load_judge
+
+    good = load_judge(f"rm:{principle_rm}@the answer says something good")
+    bad = load_judge(f"rm:{principle_rm}@the answer says something bad")
+    row = {"prompt": "Tell me about item 7."}
+    assert good("Item 7 is great", row) and not bad("Item 7 is great", row)
+    with pytest.raises(ConfigError, match="trained with principles"):
+        load_judge(f"rm:{principle_rm}")
+
+
+def test_a_row_without_its_principle_is_named(tmp_path, tiny_llama, capsys):
+    rows = _principle_rows(range(8))
+    del rows[5]["principle"]
+    data = write_jsonl(tmp_path / "f.jsonl", rows)
+    code = main(["reward", "train", "--data", str(data), "--model", str(tiny_llama), "--principle-field",
+                 "principle", "--output-dir", str(tmp_path / "run"), "--max-steps", "1"])
+    err = capsys.readouterr().err
+    assert code == 2 and "line 6" in err and "'principle'" in err
