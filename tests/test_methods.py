@@ -97,6 +97,8 @@ def test_gradient_raises_thumbs_up_and_lowers_thumbs_down(method):
     assert (grad[LABELS] < 0).all()
     if method == "sft-positive":
         assert (grad[~LABELS] == 0).all()  # negatives are discarded
+    elif method == "reward-token":
+        assert (grad[~LABELS] < 0).all()  # a 👎 answer is learnt too, after its own 👎 token
     else:
         assert (grad[~LABELS] > 0).all()
 
@@ -138,17 +140,24 @@ def _pairs_file(path, n=8):
 
 @pytest.mark.parametrize("method", list(METHODS))
 def test_tiny_model_overfits_with_every_method(tmp_path, tiny_llama, method):
-    paired = METHODS[method].needs.paired
-    data = _pairs_file(tmp_path / "pairs.jsonl") if paired else write_jsonl(tmp_path / "f.jsonl", toy_feedback(16))
-    lr = 3e-3 if method == "sft-positive" else 1e-3
+    paired, grouped = METHODS[method].needs.paired, METHODS[method].needs.grouped
+    if paired:
+        data = _pairs_file(tmp_path / "pairs.jsonl")
+    else:  # a grouped method learns within a prompt: every prompt gets a 👍 and a 👎 answer
+        rows = toy_feedback(16)
+        if grouped:
+            rows = [{**row, "prompt": f"q{(i // 2) % 4}?"} for i, row in enumerate(rows)]
+        data = write_jsonl(tmp_path / "f.jsonl", rows)
+    lr = 3e-3 if method in ("sft-positive", "reward-token") else 1e-3
     config = TrainConfig(data=str(data), eval_data=str(data), model=str(tiny_llama), method=method,
                          output_dir=str(tmp_path / "run"), learning_rate=lr, max_steps=30, warmup_ratio=0.0,
                          per_device_train_batch_size=4, bf16="false", logging_steps=10, save_steps=100)
     summary = train(config, log=lambda *a: None)
     after = summary["eval_after"]
-    if method == "sft-positive":
+    if method in ("sft-positive", "reward-token"):
         # SFT has no decision threshold: it never sees a 👎 and raises their likelihood too (shared tokens), so
-        # accuracy at r = 0 says little. What it must do is rank 👍 answers above 👎 ones.
+        # accuracy at r = 0 says little. What it must do is rank 👍 answers above 👎 ones. Reward tokens learn
+        # every answer (each after its own token); read after the 👍 token, 👍 answers must rank first.
         assert after["auc"] >= 0.9 and after["mean_score_up"] > after["mean_score_down"], after
     else:
         accuracy = after["pair_accuracy"] if paired else after["accuracy"]

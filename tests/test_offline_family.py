@@ -2,6 +2,7 @@
 tokens with textual feedback, and RLBFF principle-following reward models."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -14,7 +15,8 @@ from thumbalign.data.records import Record
 from thumbalign.engine.inference import batched_logps
 from thumbalign.engine.models import load_causal_lm, load_tokenizer
 from thumbalign.engine.reward_model import RewardModel
-from thumbalign.errors import ConfigError
+from thumbalign.errors import ConfigError, DataError
+from thumbalign.methods.aft import aft_group_loss, aft_loss
 from thumbalign.methods.registry import get_method
 from thumbalign.methods.reward_token import DOWN_TOKEN, UP_TOKEN, reward_token_loss
 from thumbalign.trainers.config import RewardConfig, TrainConfig
@@ -23,6 +25,99 @@ from thumbalign.trainers.reward import train_reward_model
 from thumbalign.data.tokens import Example
 
 QUIET = dict(log=lambda *a: None)
+
+
+# ------------------------------------------------------------------------------------------------------------ AFT
+
+def test_aft_group_loss_by_hand():
+    # scores s (length-normalised log-likelihoods): 👍 −1.0, −1.5; 👎 −2.0, −4.0; boundary b = 1
+    s = torch.tensor([-1.0, -1.5, -2.0, -4.0])
+    labels = torch.tensor([True, True, False, False])
+    floor = -1.5 - 1.0                                      # B = min 👍 − b
+    total = 1.0
+    for sp in (-1.0, -1.5):
+        t = 2 * floor - sp                                  # T_p = 2B − s_p
+        for sn in (-2.0, -4.0):
+            total += math.exp(sn - sp) + math.exp(t - sn)
+    assert aft_group_loss(s, labels, None, boundary=1.0).item() == pytest.approx(math.log(total), rel=1e-6)
+    # with the NLL of the 👍 answers alongside (λ = 0.5): + 0.5 · mean(1.0, 1.5)
+    assert aft_group_loss(s, labels, None, 1.0, sft_weight=0.5).item() == pytest.approx(
+        math.log(total) + 0.5 * 1.25, rel=1e-6)
+
+
+def test_aft_lowers_a_thumbs_down_score_down_to_the_boundary_and_no_further():
+    labels = torch.tensor([True, False])
+
+    def grad_of_negative(sn):
+        s = torch.tensor([-1.0, sn], requires_grad=True)
+        aft_group_loss(s, labels, None, boundary=0.5).backward()
+        return s.grad[1].item()
+
+    assert grad_of_negative(-1.2) > 0       # above the boundary B = −1.5: gradient descent lowers it
+    assert grad_of_negative(-2.5) < 0       # below it: pulled back up
+    assert abs(grad_of_negative(-1.5)) < 1e-6  # balanced exactly at B
+    s = torch.tensor([-1.0, -1.2], requires_grad=True)
+    aft_group_loss(s, labels, None, boundary=0.5).backward()
+    assert s.grad[0] < 0                    # the 👍 score is raised
+
+
+def test_aft_ranks_order_answers_of_the_same_label():
+    # three 👍 answers ranked 1, 2, 3: the ranking term alone (no 👎, so no boundary), pairs by rank
+    s = torch.tensor([-2.0, -1.0, -3.0], requires_grad=True)
+    ranks = torch.tensor([1.0, 2.0, 3.0])
+    loss = aft_group_loss(s, torch.tensor([True, True, True]), ranks, boundary=10.0)
+    expected = math.log(1 + math.exp(-1.0 + 2.0) + math.exp(-3.0 + 2.0) + math.exp(-3.0 + 1.0)
+                        + sum(math.exp(2 * (-3.0 - 10.0) - sp - sn) for sp, sn in ((-2.0, -1.0), (-2.0, -3.0),
+                                                                                     (-1.0, -3.0))))
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+    loss.backward()
+    assert s.grad[0] < 0 < s.grad[2]        # the best is raised, the worst lowered
+
+
+def test_aft_loss_keeps_prompts_apart():
+    logps = torch.tensor([-2.0, -4.0, -3.0, -6.0])
+    labels = torch.tensor([True, False, True, False])
+    groups = torch.tensor([0, 0, 1, 1])
+    out = aft_loss(logps, logps, labels, groups=groups, ranks=None, n_tokens=torch.tensor([2, 2, 3, 3]), beta=0.1,
+                   boundary=1.0)
+    first = aft_group_loss(torch.tensor([-1.0, -2.0]), labels[:2], None, 1.0)
+    second = aft_group_loss(torch.tensor([-1.0, -2.0]), labels[2:], None, 1.0)
+    assert out.losses.tolist() == pytest.approx([first.item()] * 2 + [second.item()] * 2)
+    mixed = aft_loss(logps, logps, labels, groups=None, ranks=None, n_tokens=torch.tensor([2, 2, 3, 3]), beta=0.1,
+                     boundary=1.0)
+    assert mixed.losses[0].item() != pytest.approx(first.item())  # one group of four is another loss
+
+
+def test_aft_trains_on_prompts_with_both_labels_and_counts_the_rest(tmp_path, tiny_llama):
+    rows = [{"prompt": f"q{(i // 2) % 4}?", "completion": "yay!" if i % 2 == 0 else "no.", "label": i % 2 == 0}
+            for i in range(16)]
+    rows += [{"prompt": "lonely?", "completion": "only one", "label": True},
+             {"prompt": "ranked?", "completion": "first", "label": True, "rank": 1},
+             {"prompt": "ranked?", "completion": "second", "label": True, "rank": 2}]
+    data = write_jsonl(tmp_path / "f.jsonl", rows)
+    tokenizer = load_tokenizer(tiny_llama)
+    config = TrainConfig(data=str(data), model=str(tiny_llama), method="aft")
+    prepared = prepare_data(config, tokenizer, get_method("aft").needs, **QUIET)
+    assert prepared.report["set_aside_unranked_prompts"] == 1   # "lonely?": one answer, nothing to rank
+    assert sorted(len(u) for u in prepared.units) == [2, 4, 4, 4, 4]
+    for unit in prepared.units:                                 # a unit is one prompt
+        assert len({prepared.train_prompts[i] for i in unit}) == 1
+    ranked = [u for u in prepared.units if prepared.train_prompts[u[0]] == "ranked?"][0]
+    assert sorted(prepared.train_fields[i]["rank"] for i in ranked) == [1, 2]
+    config = TrainConfig(data=str(data), eval_data=str(data), model=str(tiny_llama), method="aft",
+                         output_dir=str(tmp_path / "run"), learning_rate=1e-3, max_steps=20, warmup_ratio=0.0,
+                         per_device_train_batch_size=2, bf16="false", logging_steps=10, save_steps=100)
+    summary = train(config, **QUIET)
+    assert summary["eval_after"]["auc"] > summary["eval_before"]["auc"]
+
+
+def test_aft_names_a_rank_that_is_not_a_number(tmp_path, tiny_llama):
+    rows = [{"prompt": "q?", "completion": "a", "label": True, "rank": "first"},
+            {"prompt": "q?", "completion": "b", "label": False, "rank": 2}]
+    data = write_jsonl(tmp_path / "f.jsonl", rows)
+    config = TrainConfig(data=str(data), model=str(tiny_llama), method="aft")
+    with pytest.raises(DataError, match=r"line 1.*'rank'"):
+        prepare_data(config, load_tokenizer(tiny_llama), get_method("aft").needs, **QUIET)
 
 
 # ------------------------------------------------------------------------------------------------ reward tokens

@@ -71,6 +71,10 @@ class TrainConfig:
     udm_clip_min: float = _f(0.5, "Lower clip of the UDM weight.")
     udm_clip_max: float = _f(10.0, "Upper clip of the UDM weight.")
     udm_normalize: bool = _f(False, "Scale the UDM weights of the 👎 examples to mean 1.")
+    aft_boundary: float = _f(1.0, "AFT: how far (in length-normalised log-likelihood) a 👎 answer's score may fall "
+                                  "below the worst 👍 answer of its prompt before the constraint pulls it back.")
+    aft_sft_weight: float = _f(1.0, "AFT: weight λ of the NLL on the 👍 answers trained alongside the ranking "
+                                    "loss (AFT trains L_VFT + L_A); 0 for the ranking loss alone.")
     desirable_weight: float = _f(1.0, "KTO: weight of thumbs-up losses (w_D).")
     undesirable_weight: float = _f(1.0, "KTO: weight of thumbs-down losses (w_U).")
     auto_weights: bool = _f(False, "KTO: choose w_D, w_U from the class counts so that (w_D·n_D)/(w_U·n_U) = 1, "
@@ -147,6 +151,9 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
         if self.beta <= 0 or self.learning_rate <= 0:
             raise ConfigError("beta and learning_rate must be positive")
+        if self.aft_boundary < 0 or self.aft_sft_weight < 0:
+            raise ConfigError(f"aft_boundary and aft_sft_weight must be ≥ 0, got {self.aft_boundary}, "
+                              f"{self.aft_sft_weight}")
         if not 0 < self.udm_clip_min <= self.udm_clip_max:
             raise ConfigError(f"UDM clip range [{self.udm_clip_min}, {self.udm_clip_max}] is empty or not positive")
         from ..methods.registry import get_method  # here, not at import: the registry loads torch
