@@ -284,3 +284,76 @@ def test_a_row_without_its_principle_is_named(tmp_path, tiny_llama, capsys):
                  "principle", "--output-dir", str(tmp_path / "run"), "--max-steps", "1"])
     err = capsys.readouterr().err
     assert code == 2 and "line 6" in err and "'principle'" in err
+
+
+# ------------------------------------------------------------------------ BCO: prompt-conditional δ(x), SFT anchor
+
+def test_prompt_reward_shift_by_hand():
+    from thumbalign.methods.bco import PromptRewardShift
+
+    shift = PromptRewardShift(prior=2.0)
+    shift.update(torch.tensor([1.0, 3.0, -2.0]), torch.tensor([True, True, False]), torch.tensor([0, 0, 1]))
+    shift.update(torch.tensor([5.0]), torch.tensor([True]), torch.tensor([0]))
+    overall = (1 + 3 - 2 + 5) / 4                             # the global running mean δ
+    assert shift.value == pytest.approx(overall)
+    expected = [(3 * 3.0 + 2 * overall) / (3 + 2),            # cluster 0: 3 rewards, mean 3
+                (1 * -2.0 + 2 * overall) / (1 + 2),           # cluster 1: 1 reward, mean −2
+                overall]                                      # cluster 2: never seen, the global δ
+    assert shift.per_prompt(torch.tensor([0, 1, 2])).tolist() == pytest.approx(expected, rel=1e-6)
+    again = PromptRewardShift(prior=2.0)                      # one batch or two: the same means
+    again.update(torch.tensor([1.0, 3.0, -2.0, 5.0]), torch.tensor([True, True, False, True]),
+                 torch.tensor([0, 0, 1, 0]))
+    assert again.per_prompt(torch.tensor([0, 1])).tolist() == pytest.approx(expected[:2], rel=1e-9)
+    restored = PromptRewardShift(prior=2.0)
+    restored.load_state_dict(json.loads(json.dumps(shift.state_dict())))  # what a checkpoint holds
+    assert restored.per_prompt(torch.tensor([0, 1, 2])).tolist() == pytest.approx(expected, rel=1e-9)
+
+
+def _bco(**settings):
+    config = TrainConfig(data="x", beta=0.5, **settings)
+    return get_method("bco")(config, 2, 2, log=lambda *a: None)
+
+
+def test_bco_with_a_prompt_conditional_shift_and_an_sft_anchor_by_hand():
+    from thumbalign.methods.base import StepInputs
+
+    policy = torch.tensor([-4.0, -6.0, -5.0, -9.0], requires_grad=True)
+    ref = torch.tensor([-5.0, -5.0, -5.0, -8.0])              # r = βρ = 0.5, −0.5, 0, −0.5
+    labels = torch.tensor([True, False, True, False])
+    clusters = torch.tensor([0, 0, 1, 1])
+    inputs = StepInputs(policy, ref, labels, None, torch.tensor([2, 2, 4, 4]), gather=lambda t: t,
+                        clusters=clusters)
+    out = _bco(delta="prompt", delta_prior=1.0, sft_weight=0.3).loss(inputs)
+    overall = (0.5 - 0.5 + 0 - 0.5) / 4
+    delta = [(2 * 0.0 + overall) / 3] * 2 + [(2 * -0.25 + overall) / 3] * 2   # cluster means 0 and −0.25
+    r = [0.5, -0.5, 0.0, -0.5]
+    nll = [4.0 / 2, 0.0, 5.0 / 4, 0.0]
+
+    def log_sig(x):
+        return math.log(1 / (1 + math.exp(-x)))
+
+    expected = [-log_sig(r[i] - delta[i]) if labels[i] else -log_sig(-(r[i] - delta[i])) for i in range(4)]
+    expected = [e + 0.3 * n for e, n in zip(expected, nll)]
+    assert out.losses.tolist() == pytest.approx(expected, rel=1e-5)
+
+
+def test_sft_weight_and_prompt_delta_belong_to_bco():
+    with pytest.raises(ConfigError, match="belong to BCO"):
+        TrainConfig(data="x", method="kto", sft_weight=1.0).validate()
+    with pytest.raises(ConfigError, match="belong to BCO"):
+        TrainConfig(data="x", method="apo-zero", delta="prompt").validate()
+
+
+def test_bco_with_prompt_delta_trains_and_keeps_cluster_means(tmp_path, tiny_llama):
+    rows = [{"prompt": f"topic {'alpha' if i % 4 < 2 else 'omega'} {i % 5}?", "completion": "yay!" if i % 2 else "no.",
+             "label": bool(i % 2)} for i in range(24)]
+    data = write_jsonl(tmp_path / "f.jsonl", rows)
+    config = TrainConfig(data=str(data), eval_data=str(data), model=str(tiny_llama), delta="prompt", delta_clusters=3,
+                         udm_encoder="policy", sft_weight=0.5, output_dir=str(tmp_path / "run"), learning_rate=1e-3,
+                         max_steps=12, warmup_ratio=0.0, per_device_train_batch_size=4, bf16="false",
+                         logging_steps=4, save_steps=100)
+    summary = train(config, **QUIET)
+    state = summary["reward_shift"]["reward_shift"]
+    assert state["mode"] == "prompt" and len(state["cluster_count"]) == 3
+    assert sum(state["cluster_count"]) == pytest.approx(state["count"]["all"])  # every reward in one cluster
+    assert summary["eval_after"]["accuracy"] > 0.5

@@ -35,6 +35,7 @@ class StepInputs:
     valid: torch.Tensor | None = None   # [n] bool: False for a placeholder row (a process with no data left)
     groups: torch.Tensor | None = None  # [n] prompt of each row, for methods that learn within a prompt (grouped)
     ranks: torch.Tensor | None = None   # [n] the row's 'rank' (1 = best), NaN where the row has none
+    clusters: torch.Tensor | None = None  # [n] the prompt's cluster, for a prompt-conditional reward shift δ(x)
 
     def rows(self, t: torch.Tensor) -> torch.Tensor:
         """The real rows of a per-row tensor, to gather into statistics (δ, z_ref) that placeholders must not

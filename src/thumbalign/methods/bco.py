@@ -14,14 +14,15 @@ from .base import LossOutput, Objective
 
 
 def bco_loss(policy_logps: torch.Tensor, ref_logps: torch.Tensor, labels: torch.Tensor, *, beta: float,
-             delta: float, weights: torch.Tensor | None = None) -> LossOutput:
+             delta: float | torch.Tensor, weights: torch.Tensor | None = None) -> LossOutput:
     """A logistic classifier whose logit is the implicit reward shifted by δ::
 
         r = β·(log π_θ(y|x) − log π_ref(y|x))
         loss(thumbs-up)   = −log σ(r − δ)
         loss(thumbs-down) = −w(x)·log σ(−(r − δ))
 
-    δ (the reward shift) is a constant here: no gradient flows through it (see :class:`RewardShift`).
+    δ (the reward shift) is a constant here, one number or one per example (δ(x), see
+    :class:`PromptRewardShift`): no gradient flows through it (see :class:`RewardShift`).
     w(x) is the underlying-distribution-matching weight; it applies to thumbs-down examples only and is 1
     when ``weights`` is None. Returns per-example losses; the caller averages them over the batch.
     """
@@ -84,6 +85,60 @@ class RewardShift:
         self.count, self.mean = dict(state["count"]), dict(state["mean"])
 
 
+class PromptRewardShift(RewardShift):
+    """A prompt-conditional reward shift δ(x): the running mean reward of the prompt's cluster, shrunk towards the
+    global running mean δ by a prior of κ rewards::
+
+        δ(x) = (n_c · m_c + κ · δ) / (n_c + κ)        c = cluster of x's prompt embedding
+
+    What the prompt alone explains (users liked topic A, disliked topic B) is then absorbed by δ(x): moving every
+    answer of a cluster up or down together no longer lowers the loss, and the classifier must separate the answers
+    *within* a kind of prompt. Clusters are fixed before training (k-means on prompt embeddings); their running
+    means merge batch by batch like the global one, so the result does not depend on the batching."""
+
+    def __init__(self, prior: float):
+        super().__init__("running")
+        self.prior = prior
+        self.cluster_count: list[float] = []  # per cluster id, grown as clusters are seen
+        self.cluster_mean: list[float] = []
+
+    def update(self, rewards: torch.Tensor, labels: torch.Tensor, clusters: torch.Tensor | None = None) -> None:
+        super().update(rewards, labels)
+        rewards, clusters = rewards.detach().flatten().double().cpu(), clusters.flatten().cpu()
+        grow = int(clusters.max()) + 1 - len(self.cluster_count) if clusters.numel() else 0
+        self.cluster_count += [0.0] * max(grow, 0)
+        self.cluster_mean += [0.0] * max(grow, 0)
+        for c in torch.unique(clusters).tolist():
+            values = rewards[clusters == c]
+            total = self.cluster_count[c] + values.numel()
+            self.cluster_mean[c] += (float(values.mean()) - self.cluster_mean[c]) * values.numel() / total
+            self.cluster_count[c] = total
+
+    def per_prompt(self, clusters: torch.Tensor) -> torch.Tensor:
+        """δ(x) of each row, given its prompt's cluster (a cluster not seen yet has the global δ)."""
+        known = len(self.cluster_count)
+        padded = clusters.cpu().clamp(max=known)  # index `known` = an unseen cluster: count 0
+        count = torch.tensor(self.cluster_count + [0.0], dtype=torch.float64)[padded]
+        mean = torch.tensor(self.cluster_mean + [0.0], dtype=torch.float64)[padded]
+        return ((count * mean + self.prior * self.value) / (count + self.prior)).float().to(clusters.device)
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "mode": "prompt", "cluster_count": list(self.cluster_count),
+                "cluster_mean": list(self.cluster_mean), "prior": self.prior}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["mode"] != "prompt":
+            raise ValueError(f"checkpoint was trained with delta mode {state['mode']!r}, not 'prompt'")
+        self.count, self.mean = dict(state["count"]), dict(state["mean"])
+        self.cluster_count, self.cluster_mean = list(state["cluster_count"]), list(state["cluster_mean"])
+
+
+def positive_nll(policy_logps: torch.Tensor, labels: torch.Tensor, n_tokens: torch.Tensor) -> torch.Tensor:
+    """The anchor of ``--sft-weight``: mean token NLL −log π_θ(y|x)/|y| on 👍 rows, 0 on 👎 rows."""
+    nll = -policy_logps / n_tokens.clamp(min=1)
+    return torch.where(labels, nll, torch.zeros_like(nll))
+
+
 class BCO(Objective):
     name, summary = "bco", "Binary Classifier Optimization: BCE on the implicit reward minus a running shift δ"
     needs = DataNeeds("bco")
@@ -91,14 +146,23 @@ class BCO(Objective):
 
     def __init__(self, config, n_up, n_down, log=print):
         super().__init__(config, n_up, n_down, log)
-        self.shift = RewardShift(config.delta)
+        self.prompt_conditional = config.delta == "prompt"
+        self.shift = PromptRewardShift(config.delta_prior) if self.prompt_conditional else RewardShift(config.delta)
+        self.sft_weight = getattr(config, "sft_weight", 0.0)
 
     def loss(self, x):
         # δ is updated with this micro-batch's rewards from every process before the loss, as in the reference
         rewards = self.beta * (x.policy_logps.detach() - x.ref_logps)
-        self.shift.update(x.gather(x.rows(rewards)), x.gather(x.rows(x.labels)))
-        return bco_loss(x.policy_logps, x.ref_logps, x.labels, beta=self.beta, delta=self.shift.value,
-                        weights=x.weights)
+        if self.prompt_conditional:
+            self.shift.update(x.gather(x.rows(rewards)), x.gather(x.rows(x.labels)), x.gather(x.rows(x.clusters)))
+            delta = self.shift.per_prompt(x.clusters)
+        else:
+            self.shift.update(x.gather(x.rows(rewards)), x.gather(x.rows(x.labels)))
+            delta = self.shift.value
+        out = bco_loss(x.policy_logps, x.ref_logps, x.labels, beta=self.beta, delta=delta, weights=x.weights)
+        if self.sft_weight:
+            out.losses = out.losses + self.sft_weight * positive_nll(x.policy_logps, x.labels, x.n_tokens)
+        return out
 
     @property
     def threshold(self):

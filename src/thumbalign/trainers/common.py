@@ -83,15 +83,34 @@ class UDMWeights:
     stats: dict             # min / mean / max / share clipped of the 👎 weights, and their histogram
 
 
+def training_prompt_embeddings(config, engine: Engine, data: PreparedData, model, tokenizer) -> np.ndarray:
+    """One embedding per training example's prompt, by --udm-encoder (a sentence encoder, or the policy itself)."""
+    if config.udm_encoder == "policy":
+        return prompt_embeddings(model, data.train, tokenizer.pad_token_id, config.eval_batch_size, engine.device,
+                                 disable_bar=engine.quiet)
+    return embed_texts(data.train_prompts, config.udm_encoder, cache_dir=cache_root(config.cache_dir),
+                       disable_bar=engine.quiet)
+
+
+def prompt_clusters(config, engine: Engine, data: PreparedData, model, tokenizer) -> torch.Tensor:
+    """--delta prompt: the k-means cluster of each training example's prompt (seeded, so every process and every
+    resume computes the same clusters from the same data)."""
+    from sklearn.cluster import KMeans
+
+    embeddings = np.asarray(training_prompt_embeddings(config, engine, data, model, tokenizer), dtype=np.float64)
+    distinct = len({tuple(np.round(e, 6)) for e in embeddings})
+    k = max(1, min(config.delta_clusters, distinct))
+    clusters = KMeans(n_clusters=k, random_state=config.seed, n_init=10).fit_predict(embeddings)
+    sizes = np.bincount(clusters, minlength=k)
+    engine.say(f"--delta prompt: {k} prompt clusters ({config.udm_encoder} embeddings), sizes {sizes.min()}–"
+               f"{sizes.max()}; δ(x) = the cluster's running mean reward, shrunk towards δ by κ = {config.delta_prior}")
+    return torch.tensor(clusters, dtype=torch.long)
+
+
 def fit_udm(config, engine: Engine, run: RunDir, data: PreparedData, model, tokenizer) -> UDMWeights:
     """Fit (or, on resume, reload) the prompt density-ratio classifier and weigh every training example. The main
     process fits and saves the classifier as JSON; the others read its file."""
-    if config.udm_encoder == "policy":
-        embeddings = prompt_embeddings(model, data.train, tokenizer.pad_token_id, config.eval_batch_size,
-                                       engine.device, disable_bar=engine.quiet)
-    else:
-        embeddings = embed_texts(data.train_prompts, config.udm_encoder, cache_dir=cache_root(config.cache_dir),
-                                 disable_bar=engine.quiet)
+    embeddings = training_prompt_embeddings(config, engine, data, model, tokenizer)
     labels = np.array([e.label for e in data.train])
     path = run.path / "udm_classifier.json"
     resuming = run.resume_from is not None

@@ -59,8 +59,15 @@ class TrainConfig:
     method: str = _f("bco", "Training objective; `thumbalign methods` lists them with the data each takes.")
     beta: float = _f(0.1, "β: scale of the implicit reward r = β·(log π − log π_ref).")
     delta: str = _f("running", "BCO reward shift δ: 'running' = running mean of all rewards (the reference "
-                               "implementation), 'balanced' = midpoint of the thumbs-up and thumbs-down means.",
-                    choices=("running", "balanced"))
+                               "implementation), 'balanced' = midpoint of the thumbs-up and thumbs-down means, "
+                               "'prompt' = δ(x), the running mean reward of the prompt's cluster (k-means on "
+                               "--udm-encoder embeddings) shrunk towards the running mean, so that what the prompt "
+                               "alone explains is absorbed and the classifier must separate answers.",
+                    choices=("running", "balanced", "prompt"))
+    delta_clusters: int = _f(16, "--delta prompt: number of prompt clusters (fewer when there are fewer prompts).")
+    delta_prior: float = _f(8.0, "--delta prompt: weight κ, in rewards, of the global δ in each cluster's δ(x).")
+    sft_weight: float = _f(0.0, "BCO: add this weight × the mean token NLL of each 👍 answer to its loss, an "
+                                "anchor that keeps raising the likelihood of good answers.")
     udm: bool = _f(False, "Underlying distribution matching: reweight 👎 examples by the prompt density ratio "
                           "p_up(x)/p_down(x), when 👍 and 👎 prompts come from different distributions "
                           "(see `thumbalign inspect`).")
@@ -151,6 +158,11 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
         if self.beta <= 0 or self.learning_rate <= 0:
             raise ConfigError("beta and learning_rate must be positive")
+        if self.sft_weight < 0 or self.delta_prior <= 0 or self.delta_clusters < 1:
+            raise ConfigError("sft_weight must be ≥ 0, delta_prior > 0 and delta_clusters ≥ 1")
+        if (self.sft_weight or self.delta == "prompt") and self.method not in ("bco", "bco-pair"):
+            raise ConfigError(f"--sft-weight and --delta prompt belong to BCO; --method {self.method} does not "
+                              "use them")
         if self.aft_boundary < 0 or self.aft_sft_weight < 0:
             raise ConfigError(f"aft_boundary and aft_sft_weight must be ≥ 0, got {self.aft_boundary}, "
                               f"{self.aft_sft_weight}")

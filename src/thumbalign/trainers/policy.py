@@ -26,6 +26,7 @@ from ..engine.rundir import RunDir
 from ..methods.base import Objective, StepInputs
 from ..methods.registry import get_method
 from .common import (UDMWeights, compare_with_base, count_steps, data_fingerprint, fit_udm, make_trainable,
+                     prompt_clusters,
                      model_folder, require_inputs, save_policy, udm_window_stats, complete_model_folder,
                      final_results, describe_settings)
 from .config import TrainConfig
@@ -47,7 +48,8 @@ def dry_run(config: TrainConfig, log=print) -> dict:
     per_step = config.per_device_train_batch_size * config.gradient_accumulation_steps * config.num_processes
     steps, _ = count_steps(config, len(data.units), per_step)
     log(f"Dry run: {method.name} would train {steps} steps of {per_step} on {len(data.units)} "
-        f"{'pairs' if method.needs.paired else 'examples'}; nothing was trained or written")
+        f"{'pairs' if method.needs.paired else 'prompts' if method.needs.grouped else 'examples'}; nothing was "
+        "trained or written")
     return {"dry_run": True, "method": method.name, "steps": steps, "data": data.report}
 
 
@@ -68,10 +70,11 @@ def _train(config: TrainConfig, run: RunDir, log) -> dict:
     ref_train, ref_from_cache = reference(data.train, "training")
     ref_eval = reference(data.eval, "evaluation")[0] if data.eval else torch.zeros(0)
     udm = fit_udm(config, engine, run, data, model, tokenizer) if config.udm else None
+    clusters = prompt_clusters(config, engine, data, model, tokenizer) if config.delta == "prompt" else None
     model = make_trainable(model, config)
     n_up = sum(e.label for e in data.train)
     objective = method(config, n_up, len(data.train) - n_up, log=engine.say)
-    task = PolicyTask(config, engine, data, objective, model, ref_train, udm, tokenizer.pad_token_id)
+    task = PolicyTask(config, engine, data, objective, model, ref_train, udm, tokenizer.pad_token_id, clusters)
     task.precompute_extra_references(reference)
     engine.prepare(CompletionLogps(model, config.logps_chunk_size), model, task.total_steps)
     start = engine.start(run, task, config, task.units_per_step, data_fingerprint(config.data, data.train))
@@ -98,7 +101,8 @@ class PolicyTask:
     """A step of offline training: micro-batches of feedback examples, their log-probs, the method's loss."""
 
     def __init__(self, config: TrainConfig, engine: Engine, data: PreparedData, objective: Objective, model,
-                 ref_logps: torch.Tensor, udm: UDMWeights | None, pad_token_id: int):
+                 ref_logps: torch.Tensor, udm: UDMWeights | None, pad_token_id: int,
+                 clusters: torch.Tensor | None = None):
         self.config, self.engine, self.data, self.objective, self.model = config, engine, data, objective, model
         self.ref_logps, self.udm, self.pad_token_id = ref_logps, udm, pad_token_id
         self.micro, self.accumulation = config.per_device_train_batch_size, config.gradient_accumulation_steps
@@ -112,6 +116,7 @@ class PolicyTask:
         for u, items in enumerate(data.units):
             self.unit_of[items] = u
         self.ranks = torch.tensor([float(f.get("rank", "nan")) for f in data.train_fields])  # checked in data/
+        self.clusters = clusters  # --delta prompt: each example's prompt cluster
 
     def _plan(self, step: int, rank: int) -> list[tuple[list[int], list[int], int]]:
         """(this process's micro-batch, the micro-batch of every process together, examples in the step) for each
@@ -137,7 +142,7 @@ class PolicyTask:
 
     def announce(self) -> None:
         c, e = self.config, self.engine
-        unit = "pairs" if self.objective.paired else "examples"
+        unit = "pairs" if self.objective.paired else "prompts" if self.objective.needs.grouped else "examples"
         e.say(f"Training {self.objective.name} on {len(self.data.units)} {unit}: {self.total_steps} steps of "
               f"{self.units_per_step} ({self.micro} × {self.accumulation} accumulation × {e.world} processes), "
               f"{'LoRA' if c.use_lora else 'full fine-tune'}, {e.precision} on {e.device}")
@@ -163,7 +168,8 @@ class PolicyTask:
             policy_logps=policy, ref_logps=self.ref_logps[rows].to(device), labels=labels,
             weights=self.udm.weights[rows].to(device) if self.udm else None,
             n_tokens=tensors["completion_lengths"].to(device), gather=self.engine.gather_rows, valid=valid,
-            groups=self.unit_of[rows].to(device), ranks=self.ranks[rows].to(device))
+            groups=self.unit_of[rows].to(device), ranks=self.ranks[rows].to(device),
+            clusters=self.clusters[rows].to(device) if self.clusters is not None else None)
         self._add_extra_logps(inputs, idx, group)
         result = self.objective.loss(inputs)
         stats = {"loss": result.losses, "reward": result.rewards, "label": labels}
