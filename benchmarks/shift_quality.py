@@ -154,8 +154,9 @@ def feedback(args, setting: str, train_prompts: list[dict], judge) -> Path:
 
 def train(args, setting: str, run: str, data: Path) -> tuple[Path, float]:
     out = args.work / setting / run.replace(" ", "_").replace("--", "")
+    timing = out.with_suffix(".seconds")
     if (out / "model" / "config.json").exists():
-        return out / "model", 0.0
+        return out / "model", float(timing.read_text()) if timing.exists() else 0.0
     command = [str(args.thumbalign), "train", "--data", str(data), "--output-dir", str(out), "--overwrite",
                "--use-lora", "--learning-rate", str(args.learning_rate), "--beta", str(args.beta),
                "--max-steps", str(args.steps), "--per-device-train-batch-size", "8", "--seed", str(args.seed),
@@ -166,7 +167,9 @@ def train(args, setting: str, run: str, data: Path) -> tuple[Path, float]:
         code = subprocess.call(command, stdout=log, stderr=subprocess.STDOUT)
     if code:
         sys.exit(f"failed ({code}): {shlex.join(command)}; see {out.with_suffix('.log')}")
-    return out / "model", time.perf_counter() - start
+    seconds = time.perf_counter() - start
+    timing.write_text(f"{seconds:.1f}")
+    return out / "model", seconds
 
 
 def judged(args, setting: str, models: dict[str, Path], held: list[dict], judge) -> dict[str, list[dict]]:
