@@ -16,7 +16,7 @@ def run(args, argv: list[str]) -> int:
 
     print("thumbalign train --method:")
     for name, cls in methods().items():
-        kind = "paired (prompt, chosen, rejected)" if cls.needs.paired else "unpaired 👍/👎"
+        kind = data_kind(cls.needs)
         default = " (default)" if name == TrainConfig.method else ""
         print(f"  {name:<13} {kind:<36} {cls.summary}{default}")
     print("thumbalign online --objective (prompts, rewards on the model's own answers):")
@@ -24,3 +24,15 @@ def run(args, argv: list[str]) -> int:
         default = " (default)" if name == OnlineConfig.objective else ""
         print(f"  {name:<13} {cls.summary}{default}")
     return 0
+
+
+def data_kind(needs) -> str:
+    """What rows a method trains on, in a few words."""
+    if needs.paired:
+        return "paired (prompt, chosen, rejected)"
+    kind = "unpaired 👍 only" if needs.train_labels == (True,) else "unpaired 👍/👎"
+    if needs.grouped:
+        kind += ", ≥2 answers per prompt"
+    if needs.feedback_field:
+        kind += f" (+ {needs.feedback_field})"
+    return kind

@@ -2,7 +2,12 @@
 Interactions", arXiv 2305.10314): every answer, 👍 or 👎, is learnt with the LM objective *after a binary reward
 token*, and a 👎 answer that got textual feedback (the row's ``comment``) is followed by it, so the model learns
 what good and bad answers look like and why. Generation is then conditioned on the 👍 token: the saved folder's chat
-template puts it after the generation prompt, so a served model answers as a 👍 answer by default."""
+template puts it after the generation prompt, so a served model answers as a 👍 answer by default.
+
+Where things sit differs from LeTI's code (github.com/xingyaoww/LeTI), which puts the reward token first and the
+feedback before the problem, all trained with the LM loss: here the token sits between the prompt and the answer,
+where a chat template can put it when the model is served, and the feedback follows the answer it is about; the
+LM loss covers the answer and the feedback, never the prompt or the token."""
 
 from __future__ import annotations
 
