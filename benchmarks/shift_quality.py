@@ -99,7 +99,8 @@ def setting_prompts(setting: str) -> tuple[list[dict], list[dict]]:
     if setting == "topic":
         pool = {t: ("pool_A" if i % 2 == 0 else "pool_B") for i, t in enumerate(TOPICS)}
         train = [{"prompt": user(t.format(topic)), "kind": pool[topic]} for topic in TOPICS for t in TOPIC_TRAIN_TEMPLATES]
-        held = [{"prompt": user(t.format(topic)), "kind": pool[topic]} for topic in TOPICS for t in TOPIC_EVAL_TEMPLATES]
+        held = [{"prompt": user(t.format(topic)), "kind": pool[topic], "template": t}
+                for topic in TOPICS for t in TOPIC_EVAL_TEMPLATES]
         return train, held
 
     def rows(topics):
@@ -201,9 +202,12 @@ def table(setting: str, held: list[dict], records: dict[str, list[dict]], second
     from thumbalign.analysis.metrics import bootstrap_interval
 
     verdicts = {m: np.array([float(r["verdict"]) for r in recs]) for m, recs in records.items()}
-    kinds = sorted({row["kind"] for row in held})
-    kind_of = np.array([row["kind"] for row in held])
-    rate = {m: {k: float(v[kind_of == k].mean()) for k in kinds} for m, v in verdicts.items()}
+    # kinds: the pool or instruction kind, and for the topic setting also each prompt template
+    masks = {k: np.array([row["kind"] == k for row in held]) for k in sorted({row["kind"] for row in held})}
+    for t in sorted({row["template"] for row in held if "template" in row}):
+        masks[f"template “{t.format('…')}”"] = np.array([row.get("template") == t for row in held])
+    kinds = list(masks)
+    rate = {m: {k: float(v[masks[k]].mean()) for k in kinds} for m, v in verdicts.items()}
     good = [k for k in kinds if rate["base"][k] >= 0.8]
     lines = [f"### {setting}: {len(held)} held-out prompts, one greedy answer each", "",
              "| model | train time | 👍 rate [95% CI] | vs base | vs bco | worst fall where base ≥ 0.8 |",
@@ -219,7 +223,7 @@ def table(setting: str, held: list[dict], records: dict[str, list[dict]], second
         lines.append(f"| {m} | {minutes} | {mean:.3f} [{low:.3f}, {high:.3f}] | {vs_base} | {vs_bco} | {worst_text} |")
     lines += ["", "| kind | prompts | " + " | ".join(verdicts) + " |", "| --- | --- |" + " --- |" * len(verdicts)]
     for k in kinds:
-        lines.append(f"| {k} | {int((kind_of == k).sum())} | " + " | ".join(f"{rate[m][k]:.3f}" for m in verdicts) + " |")
+        lines.append(f"| {k} | {int(masks[k].sum())} | " + " | ".join(f"{rate[m][k]:.3f}" for m in verdicts) + " |")
     return "\n".join(lines)
 
 
