@@ -168,6 +168,7 @@ def _weights(run):
     ("--method", "bco"),
     ("--method", "kto"),
     ("--method", "bco", "--udm", "--udm-encoder", "policy"),
+    ("--method", "bco", "--delta", "prompt", "--delta-clusters", "2", "--udm-encoder", "policy"),
 ])
 def test_two_processes_equal_one_with_uneven_data_and_accumulation(tmp_path, tiny_llama, extra):
     """13 examples, 8 per step: every epoch ends with a step of 5, which two processes share unevenly."""
@@ -191,6 +192,48 @@ def test_two_processes_equal_one_with_uneven_data_and_accumulation(tmp_path, tin
     assert s2["threshold"] == pytest.approx(s1["threshold"], abs=1e-6)  # δ or z_ref saw the same rewards
     for x, y in zip(_metrics(tmp_path / "one"), _metrics(tmp_path / "two")):
         assert x["loss"] == pytest.approx(y["loss"], abs=1e-5) and x["accuracy"] == y["accuracy"]
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_two_machines_train_like_two_processes_on_one(tmp_path, tiny_llama):
+    """--num-machines 2: the same command started twice (here both "machines" are this host, over loopback), one
+    process each, must train exactly as two processes on one machine."""
+    data = write_jsonl(tmp_path / "f.jsonl", toy_feedback(13))
+    common = ("--max-steps", 3, "--per-device-train-batch-size", 2, "--gradient-accumulation-steps", 2)
+    one = _popen(_args(data, tiny_llama, tmp_path / "one", "--num-processes", 2, *common), tmp_path / "c1")
+    _, err = one.communicate(timeout=300)
+    assert one.returncode == 0, err
+    port = _free_port()
+    machines = [_popen(_args(data, tiny_llama, tmp_path / "two", "--num-machines", 2, "--machine-rank", rank,
+                             "--main-process-ip", "127.0.0.1", "--main-process-port", port, *common), tmp_path / "c2")
+                for rank in (0, 1)]
+    for machine in machines:
+        out, err = machine.communicate(timeout=300)
+        assert machine.returncode == 0, err
+    assert "on machine 1 of 2" in out
+    summary = json.loads((tmp_path / "two" / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["examples_on_several_processes"] == 0
+    a, b = _weights(tmp_path / "one"), _weights(tmp_path / "two")
+    for key in a:
+        assert torch.allclose(a[key], b[key], atol=1e-6), key
+
+
+@pytest.mark.parametrize("flags,message", [
+    (("--num-machines", "2"), "needs --main-process-ip"),
+    (("--num-machines", "2", "--machine-rank", "2", "--main-process-ip", "10.0.0.1"), "--machine-rank 2 is not"),
+])
+def test_a_multi_machine_run_names_what_it_lacks(tmp_path, tiny_llama, capsys, flags, message):
+    data = write_jsonl(tmp_path / "f.jsonl", toy_feedback(4))
+    assert main(_args(data, tiny_llama, tmp_path / "run", *flags)) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
 
 
 # --------------------------------------------------------------------------- fuzzing at the command line

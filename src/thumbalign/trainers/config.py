@@ -135,6 +135,13 @@ class TrainConfig:
                                "accelerate (GPU) or torch.distributed.run (CPU).", resumable=True)
     accelerate_config: str | None = _f(None, "With --num-processes on GPUs: ddp, zero2, zero3, fsdp (shipped configs) "
                                             "or an accelerate config file.", resumable=True)
+    num_machines: int = _f(1, "Machines the run spans; start the same command on each, with its --machine-rank "
+                              "(--num-processes then counts the processes of one machine).", resumable=True)
+    machine_rank: int = _f(0, "This machine's rank, 0 … --num-machines − 1; machine 0 hosts the rendezvous and writes "
+                              "the run folder (use a folder every machine sees to resume).", resumable=True)
+    main_process_ip: str | None = _f(None, "Address of machine 0, reachable from every machine (multi-machine runs).",
+                                     resumable=True)
+    main_process_port: int = _f(29500, "Port of the rendezvous on machine 0.", resumable=True)
     # --- logging and checkpoints
     logging_steps: int = _f(10, "Print and log metrics every N optimizer steps.", resumable=True)
     save_steps: int = _f(100, "Write a checkpoint every N optimizer steps (and at the end).", resumable=True)
@@ -217,7 +224,8 @@ REWARD_SHARED = ("data", "eval_data", "eval_split", "skip_invalid", "output_dir"
                  "gradient_accumulation_steps", "num_train_epochs", "max_steps", "warmup_ratio", "lr_scheduler_type",
                  "max_grad_norm", "bf16", "gradient_checkpointing", "seed", "logging_steps", "save_steps",
                  "save_total_limit", "resume", "cache_dir", "eval_batch_size", "skip_nonfinite", "num_processes",
-                 "accelerate_config", "revision", "save_dtype", "report_to", "data_config", "data_split",
+                 "accelerate_config", "num_machines", "machine_rank", "main_process_ip", "main_process_port",
+                 "revision", "save_dtype", "report_to", "data_config", "data_split",
                  "eval_data_split", "prompt_field", "completion_field", "label_field", "push_to_hub", "hub_model_id",
                  "hub_private")
 
@@ -255,7 +263,8 @@ ONLINE_SHARED = ("output_dir", "overwrite", "model", "trust_remote_code", "use_l
                  "lora_dropout", "lora_target_modules", "save_adapter", "learning_rate", "weight_decay",
                  "gradient_accumulation_steps", "num_train_epochs", "max_steps", "warmup_ratio", "lr_scheduler_type",
                  "max_grad_norm", "bf16", "gradient_checkpointing", "seed", "logps_chunk_size", "reference_field",
-                 "report", "skip_nonfinite", "skip_invalid", "num_processes", "accelerate_config", "logging_steps",
+                 "report", "skip_nonfinite", "skip_invalid", "num_processes", "accelerate_config",
+                 "num_machines", "machine_rank", "main_process_ip", "main_process_port", "logging_steps",
                  "save_steps", "save_total_limit", "resume", "cache_dir", "eval_batch_size", "revision", "save_dtype",
                  "report_to", "push_to_hub", "hub_model_id", "hub_private")
 
