@@ -91,3 +91,15 @@ def test_training_with_udm_logs_weights_and_reloads_the_classifier(tmp_path, tin
                   max_steps=4, save_steps=2, logging_steps=2, save_total_limit=5, resume="latest"),
           log=lambda *a: None)
     assert (run / "udm_classifier.json").stat().st_mtime_ns == before
+
+
+def test_inspect_counts_prompts_answered_both_ways_and_hints_at_aft(tmp_path):
+    # 100 prompts, each answered twice; in 60 of them one answer is 👍 and the other 👎
+    rows = [{"prompt": f"q{k}?", "completion": f"a{k}-{j}", "label": j == 0 or k >= 60} for k in range(100)
+            for j in range(2)]
+    report = inspect_file(str(write_jsonl(tmp_path / "f.jsonl", rows)), encoder=None, progress=False)
+    assert report["prompts"] == 100 and report["prompts_with_both_labels"] == 60
+    assert "--method aft" in report["method_hint"]
+    few = [r for r in rows if r["prompt"] not in {f"q{k}?" for k in range(20, 60)}]  # 20 of 60 prompts both ways
+    report = inspect_file(str(write_jsonl(tmp_path / "g.jsonl", few)), encoder=None, progress=False)
+    assert report["prompts_with_both_labels"] == 20 and report["method_hint"] is None
