@@ -18,7 +18,10 @@ from the base and from plain ``bco``, the rate per pool or instruction kind, and
 good": the largest drop on a kind where the base passes ≥ 0.8.
 
     .venv/bin/python benchmarks/shift_quality.py                          # both settings, every run (≈ 1 h, 2 cores)
-    .venv/bin/python benchmarks/shift_quality.py --settings constraints --runs bco "bco --udm"
+    .venv/bin/python benchmarks/shift_quality.py --settings constraints --runs "bco --sft-weight 0" "bco --udm"
+
+"bco --sft-weight 0" is the paper's BCO, the yardstick; "bco" alone is the default thumbalign run (BCO with the SFT
+anchor on 👍 answers).
 
 The sampled feedback and each trained model are kept under --work; a rerun reuses them (delete --work to redo).
 """
@@ -77,6 +80,11 @@ CONSTRAINTS = {
     "ends_exclaim": ("End your answer with an exclamation mark.", lambda t: t.rstrip().endswith("!")),
     "use_word": ("Use the word 'wonderful' in your answer.", lambda t: "wonderful" in t.lower()),
 }
+
+
+PLAIN_BCO = "bco --sft-weight 0"  # the paper's BCO: the yardstick
+RUNS = [PLAIN_BCO, "bco --udm --sft-weight 0", "bco --delta prompt --sft-weight 0", "kto", "sft-positive", "aft",
+        "reward-token", "bco", "bco --udm"]
 
 
 def constraint_judge(text: str, row: dict) -> bool:
@@ -196,7 +204,8 @@ def interval(values) -> str:
     return f"{mean:+.3f} [{low:+.3f}, {high:+.3f}]"
 
 
-def table(setting: str, held: list[dict], records: dict[str, list[dict]], seconds: dict[str, float]) -> str:
+def table(setting: str, held: list[dict], records: dict[str, list[dict]], seconds: dict[str, float],
+          yardstick: str = PLAIN_BCO) -> str:
     import numpy as np
 
     from thumbalign.analysis.metrics import bootstrap_interval
@@ -210,17 +219,18 @@ def table(setting: str, held: list[dict], records: dict[str, list[dict]], second
     rate = {m: {k: float(v[masks[k]].mean()) for k in kinds} for m, v in verdicts.items()}
     good = [k for k in kinds if rate["base"][k] >= 0.8]
     lines = [f"### {setting}: {len(held)} held-out prompts, one greedy answer each", "",
-             "| model | train time | 👍 rate [95% CI] | vs base | vs bco | worst fall where base ≥ 0.8 |",
+             f"| run | train time | 👍 rate [95% CI] | vs base | vs `{yardstick}` | worst fall where base ≥ 0.8 |",
              "| --- | --- | --- | --- | --- | --- |"]
     for m, v in verdicts.items():
         mean, low, high = bootstrap_interval(v, n_boot=2000, seed=0)
         vs_base = interval(v - verdicts["base"]) if m != "base" else ""
-        vs_bco = interval(v - verdicts["bco"]) if m not in ("base", "bco") and "bco" in verdicts else ""
+        vs_bco = interval(v - verdicts[yardstick]) if m not in ("base", yardstick) and yardstick in verdicts else ""
         falls = [(rate[m][k] - rate["base"][k], k) for k in good]
         worst = min(falls) if falls and m != "base" else None
         worst_text = f"{worst[0]:+.3f} ({worst[1]})" if worst else ("no kind ≥ 0.8" if not good else "")
         minutes = f"{seconds[m] / 60:.1f} min" if seconds.get(m) else ""
-        lines.append(f"| {m} | {minutes} | {mean:.3f} [{low:.3f}, {high:.3f}] | {vs_base} | {vs_bco} | {worst_text} |")
+        name = "base model" if m == "base" else f"`{m}`" + (" (default)" if m == "bco" else "")
+        lines.append(f"| {name} | {minutes} | {mean:.3f} [{low:.3f}, {high:.3f}] | {vs_base} | {vs_bco} | {worst_text} |")
     lines += ["", "| kind | prompts | " + " | ".join(verdicts) + " |", "| --- | --- |" + " --- |" * len(verdicts)]
     for k in kinds:
         lines.append(f"| {k} | {int(masks[k].sum())} | " + " | ".join(f"{rate[m][k]:.3f}" for m in verdicts) + " |")
@@ -230,8 +240,10 @@ def table(setting: str, held: list[dict], records: dict[str, list[dict]], second
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--settings", nargs="+", default=["topic", "constraints"], choices=["topic", "constraints"])
-    parser.add_argument("--runs", nargs="+", default=["bco", "bco --udm", "kto"],
-                        help="each a --method value and its extra flags, e.g. 'bco --udm'; 'bco' is the yardstick")
+    parser.add_argument("--runs", nargs="+", default=RUNS,
+                        help="each a --method value and its extra flags, e.g. 'bco --udm'; 'bco' alone is the "
+                             "default thumbalign run")
+    parser.add_argument("--yardstick", default=PLAIN_BCO, help="the run the 'vs' column compares with")
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--learning-rate", type=float, default=1e-4)
     parser.add_argument("--beta", type=float, default=0.1)
@@ -261,7 +273,7 @@ def main() -> None:
         for run in args.runs:
             models[run], seconds[run] = train(args, setting, run, data)
             print(f"  trained {run!r} in {seconds[run] / 60:.1f} min", flush=True)
-        tables.append(table(setting, held, judged(args, setting, models, held, judge), seconds))
+        tables.append(table(setting, held, judged(args, setting, models, held, judge), seconds, args.yardstick))
         print(tables[-1], flush=True)
     print(f"\nsettings: {args.steps} steps × 8, LoRA r16, lr {args.learning_rate}, β {args.beta}, seed {args.seed}\n")
     print("\n\n".join(tables))

@@ -66,8 +66,10 @@ class TrainConfig:
                     choices=("running", "balanced", "prompt"))
     delta_clusters: int = _f(16, "--delta prompt: number of prompt clusters (fewer when there are fewer prompts).")
     delta_prior: float = _f(8.0, "--delta prompt: weight κ, in rewards, of the global δ in each cluster's δ(x).")
-    sft_weight: float = _f(0.0, "BCO: add this weight × the mean token NLL of each 👍 answer to its loss, an "
-                                "anchor that keeps raising the likelihood of good answers.")
+    sft_weight: float | None = _f(None, "BCO: add this weight × the mean token NLL of each 👍 answer to its loss, "
+                                        "an anchor that keeps raising the likelihood of good answers. Default: 1 "
+                                        "for --method bco (the best setting on benchmarks/shift_quality.py), 0 for "
+                                        "bco-pair; 0 gives the paper's BCO.")
     udm: bool = _f(False, "Underlying distribution matching: reweight 👎 examples by the prompt density ratio "
                           "p_up(x)/p_down(x), when 👍 and 👎 prompts come from different distributions "
                           "(see `thumbalign inspect`).")
@@ -165,7 +167,7 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
         if self.beta <= 0 or self.learning_rate <= 0:
             raise ConfigError("beta and learning_rate must be positive")
-        if self.sft_weight < 0 or self.delta_prior <= 0 or self.delta_clusters < 1:
+        if (self.sft_weight or 0) < 0 or self.delta_prior <= 0 or self.delta_clusters < 1:
             raise ConfigError("sft_weight must be ≥ 0, delta_prior > 0 and delta_clusters ≥ 1")
         if (self.sft_weight or self.delta == "prompt") and self.method not in ("bco", "bco-pair"):
             raise ConfigError(f"--sft-weight and --delta prompt belong to BCO; --method {self.method} does not "
