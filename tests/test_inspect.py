@@ -41,7 +41,8 @@ def test_prompt_shift_auc_is_chance_for_one_pool_and_high_for_two(tmp_path):
     same = inspect_file(str(_file(tmp_path, shifted=False)), progress=False)
     shifted = inspect_file(str(_file(tmp_path, shifted=True)), progress=False)
     assert abs(same["prompt_shift_auc"] - 0.5) < 0.1
-    assert shifted["prompt_shift_auc"] > 0.8 and "train with --udm" in shifted["recommendation"]
+    assert shifted["prompt_shift_auc"] > 0.8 and "differ strongly" in shifted["recommendation"]
+    assert "--udm" in shifted["recommendation"]
     assert "not needed" in same["recommendation"]
 
 

@@ -5,7 +5,8 @@ distinct prompt, and a bounded reservoir of prompts per label for the prompt-shi
 themselves.
 
 The recommendations say what `benchmarks/shift_quality.py` measured (README, "Learning the answer, not the
-prompt"): --udm added +0.03 to +0.04 judged 👍 rate over plain bco on both shifted settings (intervals touching 0);
+prompt"): --udm added +0.03 to +0.04 judged 👍 rate to the paper's BCO on both shifted settings (intervals touching
+0) and nothing to the default BCO with its 👍 anchor;
 --method aft added +0.09 where a third of the prompts had both a 👍 and a 👎 answer, and lost 0.05 where 4% did.
 """
 
@@ -122,11 +123,13 @@ def inspect_file(path: str, tokenizer=None, max_length: int = 1024, encoder: str
 
 
 def recommend(auc: float) -> str:
-    measured = "measured on shifted feedback: +0.03 to +0.04 judged 👍 rate over plain bco, intervals touching 0"
+    measured = ("measured on shifted feedback: +0.03 to +0.04 judged 👍 rate over the paper's BCO, nothing on top of "
+                "the default 👍 anchor; benchmarks/shift_quality.py")
     if auc >= 0.7:
-        return f"prompts of 👍 and 👎 differ strongly (AUC {auc:.2f}): train with --udm ({measured})"
+        return (f"prompts of 👍 and 👎 differ strongly (AUC {auc:.2f}): the labels can be learnt from the prompt "
+                f"alone; --udm reweights for that ({measured})")
     if auc >= 0.6:
-        return f"prompts of 👍 and 👎 differ somewhat (AUC {auc:.2f}): consider --udm ({measured})"
+        return f"prompts of 👍 and 👎 differ somewhat (AUC {auc:.2f}): --udm may help ({measured})"
     return f"prompts of 👍 and 👎 look alike (AUC {auc:.2f}): --udm is not needed"
 
 
