@@ -29,6 +29,7 @@ The sampled feedback and each trained model are kept under --work; a rerun reuse
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import random
@@ -42,27 +43,20 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-TOPICS = [
-    "a rainy Monday morning", "a crowded train", "a new coffee shop", "a long flight delay", "learning to cook",
-    "a birthday party", "a broken phone", "a walk in the park", "a job interview", "moving to a new city",
-    "a traffic jam", "a surprise gift", "a cold winter night", "a summer holiday", "a noisy neighbour",
-    "a first day at school", "a lost wallet", "a concert", "a dentist appointment", "a home-made pizza",
-    "an old friend calling", "a power cut", "a marathon", "a library", "a cancelled meeting",
-    "a puppy", "a failed exam", "a sunrise", "a slow internet connection", "a family dinner",
-]
-EVAL_TOPICS = [
-    "a thunderstorm", "a new bicycle", "a missed bus", "a board game night", "a flat tyre", "a museum visit",
-    "a burnt cake", "a wedding", "a hospital waiting room", "a garden in spring", "a lost umbrella", "a road trip",
-    "a picnic", "a long queue", "a snowy morning", "a football match", "a leaking roof", "a farmers' market",
-    "a late train", "a beach day",
-]
+def _bundled_example_lists():
+    """The topics and templates of the bundled example feedback (examples/make_feedback.py)."""
+    spec = importlib.util.spec_from_file_location("make_feedback", ROOT / "examples" / "make_feedback.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.TOPICS, module.EVAL_TOPICS, module.TEMPLATES
+
+
+TOPICS, _EXAMPLE_EVAL_TOPICS, _EXAMPLE_TEMPLATES = _bundled_example_lists()
+EVAL_TOPICS = _EXAMPLE_EVAL_TOPICS + ["a picnic", "a long queue", "a snowy morning", "a football match",
+                                      "a leaking roof", "a farmers' market", "a late train", "a beach day"]
 
 # topic: training templates, and templates never trained on for the evaluation
-TOPIC_TRAIN_TEMPLATES = [
-    "Write a one-sentence review of {}.", "How do you feel about {}?", "Describe {} in two sentences.",
-    "What would you tell a friend about {}?", "Give me your honest opinion of {}.",
-    "Write a short note about {} for a newsletter.",
-]
+TOPIC_TRAIN_TEMPLATES = _EXAMPLE_TEMPLATES
 TOPIC_EVAL_TEMPLATES = [
     "Write a short comment about {}.", "What do you think of {}?", "Tell me about {} in one sentence.",
     "Share your thoughts on {}.", "Write a diary line about {}.", "Describe your reaction to {}.",
