@@ -170,9 +170,10 @@ def adapt_records(needs: DataNeeds, train: list[Record], held: list[Record], rep
     followed by its textual feedback (LeTI)."""
     if needs.principle_field:
         field_name = needs.principle_field
-        train = [with_principle(r, principle_of(r, field_name)) for r in train]
+        train_principles = [principle_of(r, field_name) for r in train]  # read (and checked) once per row
+        train = [with_principle(r, p) for r, p in zip(train, train_principles)]
         held = [with_principle(r, principle_of(r, field_name)) for r in held]
-        principles = sorted({principle_of(r, field_name) for r in train})
+        principles = sorted(set(train_principles))
         report["principles"] = len(principles)
         log(f"Principles ({field_name!r}): {len(principles)} distinct, e.g. {principles[0]!r}")
     if needs.feedback_field:

@@ -102,12 +102,12 @@ class PromptRewardShift(RewardShift):
         self.cluster_count: list[float] = []  # per cluster id, grown as clusters are seen
         self.cluster_mean: list[float] = []
 
-    def update(self, rewards: torch.Tensor, labels: torch.Tensor, clusters: torch.Tensor | None = None) -> None:
+    def update(self, rewards: torch.Tensor, labels: torch.Tensor, clusters: torch.Tensor) -> None:
         super().update(rewards, labels)
         rewards, clusters = rewards.detach().flatten().double().cpu(), clusters.flatten().cpu()
-        grow = int(clusters.max()) + 1 - len(self.cluster_count) if clusters.numel() else 0
-        self.cluster_count += [0.0] * max(grow, 0)
-        self.cluster_mean += [0.0] * max(grow, 0)
+        grow = max(int(clusters.max()) + 1 - len(self.cluster_count), 0) if clusters.numel() else 0
+        self.cluster_count += [0.0] * grow
+        self.cluster_mean += [0.0] * grow
         for c in torch.unique(clusters).tolist():
             values = rewards[clusters == c]
             total = self.cluster_count[c] + values.numel()
