@@ -312,11 +312,15 @@ class Engine:
                 bar.set_postfix(loss=f"{line['loss']:.4f}")
         return line
 
-    def finish_tracking(self, results: dict) -> None:
-        """The run's final numbers (held-out evaluations, judged rates) to the trackers, which are then closed."""
+    def finish(self, results: dict) -> None:
+        """The run's final numbers (held-out evaluations, judged rates) to the trackers, then the end of the run on
+        every process: trackers closed, and the process group torn down once all have arrived. A process group left
+        to the interpreter's exit can abort a process whose peer has already gone (gloo's threads meet a closed
+        socket: "terminate called without an active exception"), failing a run that finished its work."""
         if self.trackers:
             self.accelerator.log(scalars(results), step=self.total_steps)
-            self.accelerator.end_training()
+        self.accelerator.wait_for_everyone()
+        self.accelerator.end_training()
 
     def _save(self, task: Task, run: RunDir, done: int, units_per_step: int) -> None:
         failure = None

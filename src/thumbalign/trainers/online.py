@@ -81,8 +81,7 @@ def _train(config, run: RunDir, log) -> dict:
         complete_model_folder(run, summary, config, model_dir)
         if config.report:
             engine.say(f"Report: {write_report(run.path)}")
-    engine.finish_tracking(final_results(engine.main_value(summary)))
-    engine.wait()
+    engine.finish(final_results(engine.main_value(summary)))
     return summary
 
 

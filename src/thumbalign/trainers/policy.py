@@ -92,8 +92,7 @@ def _train(config: TrainConfig, run: RunDir, log) -> dict:
     summary = _summary(config, engine, task, model_dir, ref_from_cache, udm, last_line)
     if engine.is_main:
         _finish(config, engine, run, model, tokenizer, model_dir, summary)
-    engine.finish_tracking(final_results(engine.main_value(summary)))
-    engine.wait()
+    engine.finish(final_results(engine.main_value(summary)))
     return summary
 
 

@@ -66,8 +66,7 @@ def _train(config, run: RunDir, log) -> dict:
         run.write_summary(summary)
         complete_model_folder(run, summary, config, model_dir)
         engine.say(f"Saved the reward model to {run.path / 'model'}; report: {write_report(run.path)}")
-    engine.finish_tracking(final_results(engine.main_value(summary)))
-    engine.wait()
+    engine.finish(final_results(engine.main_value(summary)))
     return summary
 
 
