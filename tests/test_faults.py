@@ -4,7 +4,6 @@ write, uneven data over several processes, and fuzzed input at the command line.
 import errno
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -18,7 +17,6 @@ from safetensors.torch import load_file
 
 from conftest import toy_feedback, write_jsonl
 from thumbalign.cli import main
-from thumbalign.errors import ThumbalignError
 from thumbalign.trainers.config import TrainConfig
 from thumbalign.trainers.policy import train
 
@@ -223,6 +221,24 @@ def test_two_machines_train_like_two_processes_on_one(tmp_path, tiny_llama):
     a, b = _weights(tmp_path / "one"), _weights(tmp_path / "two")
     for key in a:
         assert torch.allclose(a[key], b[key], atol=1e-6), key
+
+
+@pytest.mark.parametrize("rank,message", [
+    (1, "machine 1 could not reach machine 0 at 127.0.0.1:{port} within 3 s (--rendezvous-timeout): start the same "
+        "command there with --machine-rank 0"),
+    (0, "only 1 of 2 machines joined the rendezvous at 127.0.0.1:{port} within 3 s (--rendezvous-timeout): start the "
+        "same command on every machine, each with its own --machine-rank"),
+])
+def test_a_machine_left_alone_at_the_rendezvous_says_so_in_one_line(tmp_path, tiny_llama, rank, message):
+    """Only one of two machines is started: after --rendezvous-timeout it ends with one line saying who is missing."""
+    data = write_jsonl(tmp_path / "f.jsonl", toy_feedback(8))
+    port = _free_port()
+    alone = _popen(_args(data, tiny_llama, tmp_path / "run", "--num-machines", 2, "--machine-rank", rank,
+                         "--main-process-ip", "127.0.0.1", "--main-process-port", port, "--rendezvous-timeout", 3),
+                   tmp_path / "cache")
+    _, err = alone.communicate(timeout=120)
+    assert alone.returncode == 2
+    assert err.strip().splitlines()[-1].startswith("thumbalign: error: " + message.format(port=port)), err[-3000:]
 
 
 @pytest.mark.parametrize("flags,message", [

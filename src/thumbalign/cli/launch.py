@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 from importlib import resources
+from pathlib import Path
 from typing import Callable
 
 from ..errors import ConfigError
@@ -13,7 +14,7 @@ from .options import build_config
 
 SHIPPED_ACCELERATE_CONFIGS = ("ddp", "zero2", "zero3", "fsdp")
 LAUNCHER_FLAGS = ("--num-processes", "--accelerate-config", "--num-machines", "--machine-rank", "--main-process-ip",
-                  "--main-process-port")
+                  "--main-process-port", "--rendezvous-timeout")
 
 
 def without_launcher_flags(argv: list[str]) -> list[str]:
@@ -29,6 +30,57 @@ def without_launcher_flags(argv: list[str]) -> list[str]:
     return rest
 
 
+def accelerate_config_path(choice: str):
+    if choice in SHIPPED_ACCELERATE_CONFIGS:
+        return resources.files("thumbalign") / "accelerate_configs" / f"{choice}.yaml"
+    return Path(choice)
+
+
+def check_accelerate_config(config, shardable: bool = True) -> None:
+    """What the accelerate config asks for must run here, said in one line naming the setting before any process
+    starts (afterwards a failure is N tracebacks from N processes)."""
+    import importlib.util
+
+    import yaml
+
+    if not config.accelerate_config:
+        return
+    where = f"--accelerate-config {config.accelerate_config}"
+    path = accelerate_config_path(config.accelerate_config)
+    try:
+        settings = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except OSError as err:
+        raise ConfigError(f"{where}: cannot read {path} ({err.strerror or err})") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{where}: {path} is not valid YAML ({str(err).splitlines()[0]})") from None
+    kind = str(settings.get("distributed_type", "NO")).upper()
+    if kind == "DEEPSPEED":
+        stage = (settings.get("deepspeed_config") or {}).get("zero_stage")
+        if stage == 3:
+            raise ConfigError(f"{where}: zero_stage 3 is not supported (thumbalign gathers sharded weights for "
+                              "checkpoints and evaluation through FSDP only); use --accelerate-config fsdp")
+        if not gpus_here():
+            raise ConfigError(f"{where}: distributed_type DEEPSPEED runs on GPUs, and this machine has none; use "
+                              "--accelerate-config fsdp or ddp on CPU processes")
+        if importlib.util.find_spec("deepspeed") is None:
+            raise ConfigError(f"{where}: distributed_type DEEPSPEED needs DeepSpeed (pip install deepspeed)")
+    elif kind == "FSDP":
+        version = str((settings.get("fsdp_config") or {}).get("fsdp_version", 1))
+        if version != "2":
+            raise ConfigError(f"{where}: fsdp_version {version} is not supported; set fsdp_version: 2 (FSDP2)")
+        if not shardable:
+            raise ConfigError(f"{where}: thumbalign online does not run under FSDP yet (sampling would need every "
+                              "process to gather each layer in step); use --accelerate-config ddp")
+    elif kind not in ("NO", "MULTI_GPU", "MULTI_CPU"):
+        raise ConfigError(f"{where}: distributed_type {kind} is not supported; use ddp, zero2 or fsdp")
+
+
+def gpus_here() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def launch_processes(argv: list[str], config) -> int:
     """Re-run this same command in `num_processes` linked processes.
 
@@ -42,27 +94,58 @@ def launch_processes(argv: list[str], config) -> int:
     if torch.cuda.is_available() or config.accelerate_config:
         # accelerate counts the processes of all machines together
         command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(n * machines)]
-        if config.accelerate_config in SHIPPED_ACCELERATE_CONFIGS:
-            path = resources.files("thumbalign") / "accelerate_configs" / f"{config.accelerate_config}.yaml"
-            command += ["--config_file", str(path)]
-        elif config.accelerate_config:
-            command += ["--config_file", config.accelerate_config]
+        if config.accelerate_config:
+            command += ["--config_file", str(accelerate_config_path(config.accelerate_config))]
         else:
             command += ["--multi_gpu"]
         if machines > 1:
             command += ["--num_machines", str(machines), "--machine_rank", str(config.machine_rank),
                         "--main_process_ip", config.main_process_ip, "--main_process_port",
-                        str(config.main_process_port)]
+                        str(config.main_process_port), "--rdzv_conf", f"timeout={config.rendezvous_timeout}"]
     elif machines > 1:
         command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", str(machines), "--node_rank",
                    str(config.machine_rank), "--master_addr", config.main_process_ip, "--master_port",
-                   str(config.main_process_port), "--nproc_per_node", str(n)]
+                   str(config.main_process_port), "--rdzv-conf", f"timeout={config.rendezvous_timeout}",
+                   "--nproc_per_node", str(n)]
     else:
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n)]
     command += ["-m", "thumbalign", *without_launcher_flags(argv), "--num-processes", "1"]
     where = f" on machine {config.machine_rank} of {machines}" if machines > 1 else ""
     print(f"Launching {n} processes{where}: {' '.join(command)}", flush=True)
-    return subprocess.call(command)
+    if machines == 1:
+        return subprocess.call(command)
+    code, tail = _call_watching_stderr(command)
+    failure = rendezvous_failure(tail, config) if code else None
+    if failure:
+        raise ConfigError(failure)
+    return code
+
+
+def _call_watching_stderr(command: list[str]) -> tuple[int, str]:
+    """Run `command` with its stderr passed through as it comes (progress bars included) and its last 64 KiB kept."""
+    proc = subprocess.Popen(command, stderr=subprocess.PIPE)
+    tail = b""
+    while chunk := os.read(proc.stderr.fileno(), 65536):
+        sys.stderr.buffer.write(chunk)
+        sys.stderr.buffer.flush()
+        tail = (tail + chunk)[-65536:]
+    return proc.wait(), tail.decode("utf-8", "replace")
+
+
+def rendezvous_failure(stderr_tail: str, config) -> str | None:
+    """The launcher's rendezvous timeout, as one line saying which machine is missing and what to check."""
+    import re
+
+    where = f"{config.main_process_ip}:{config.main_process_port}"
+    seconds = f"within {config.rendezvous_timeout} s (--rendezvous-timeout)"
+    joined = re.search(r"waiting for clients\. (\d+)/(\d+) clients joined", stderr_tail)
+    if joined:
+        return (f"only {joined.group(1)} of {joined.group(2)} machines joined the rendezvous at {where} {seconds}: "
+                "start the same command on every machine, each with its own --machine-rank")
+    if re.search(r"DistNetworkError: .*timed out .*trying to connect", stderr_tail):
+        return (f"machine {config.machine_rank} could not reach machine 0 at {where} {seconds}: start the same "
+                f"command there with --machine-rank 0, and check that {where} is reachable from this machine")
+    return None
 
 
 def check_machines(config) -> None:
@@ -76,17 +159,20 @@ def check_machines(config) -> None:
                           "reachable from every machine")
     if not 0 <= config.machine_rank < config.num_machines:
         raise ConfigError(f"--machine-rank {config.machine_rank} is not one of 0 … {config.num_machines - 1}")
+    if config.rendezvous_timeout <= 0:
+        raise ConfigError(f"--rendezvous-timeout must be positive, got {config.rendezvous_timeout}")
     if not 0 < config.main_process_port < 65536:
         raise ConfigError(f"--main-process-port {config.main_process_port} is not a port number")
 
 
-def run_training(args, argv: list[str], config_class, trainer: Callable[[], Callable]) -> int:
+def run_training(args, argv: list[str], config_class, trainer: Callable[[], Callable], shardable: bool = True) -> int:
     """Settings from the flags and the YAML file, then either the run in this process or, with --num-processes N
     (and not already one of N), the launch of N. `trainer()` imports the trainer only when it runs: the imports load
-    torch, which --help never needs."""
+    torch, which --help never needs. `shardable`: the trainer runs under FSDP."""
     config = build_config(args, config_class)
     check_machines(config)
     if (config.num_processes > 1 or config.num_machines > 1) and "WORLD_SIZE" not in os.environ:
+        check_accelerate_config(config, shardable)
         return launch_processes(argv, config)
     trainer()(config)
     return 0

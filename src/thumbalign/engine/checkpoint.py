@@ -3,6 +3,10 @@ disk, then renamed into place in one step. A kill at any moment leaves either th
 set plus one complete new one, never a half-written folder under a real name.
 
 No pickle anywhere: tensors go to safetensors, everything else to JSON.
+
+A sharded (FSDP) run writes its weights and optimizer moments with `torch.distributed.checkpoint`: every process its
+own shard, as safetensors files whose headers record where each piece lies (PyTorch's HuggingFace storage format), so
+any number of processes — or one unsharded process — can read them back, each taking the pieces it needs.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from safetensors.torch import load_file, save_file
 
 CHECKPOINT_RE = re.compile(r"^step-(\d+)$")
 STATE_FILE = "trainer_state.json"
+SHARDED_DIR = "sharded"
 
 
 def _fsync_dir(path: Path) -> None:
@@ -100,7 +105,6 @@ def set_rng_state(tensors: dict[str, torch.Tensor], plain: dict) -> None:
 def save_checkpoint(checkpoints_dir: Path, step: int, model, optimizer, scheduler, trainer_state: dict,
                     keep: int) -> Path:
     checkpoints_dir.mkdir(parents=True, exist_ok=True)
-    final = checkpoints_dir / f"step-{step:06d}"
     staging = checkpoints_dir / f".staging-step-{step:06d}-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
@@ -109,6 +113,12 @@ def save_checkpoint(checkpoints_dir: Path, step: int, model, optimizer, schedule
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)  # a failed save (disk full) leaves nothing half-written behind
         raise
+    return _publish(checkpoints_dir, staging, step, keep)
+
+
+def _publish(checkpoints_dir: Path, staging: Path, step: int, keep: int) -> Path:
+    """The complete staging folder renamed into place in one step, and the oldest checkpoints beyond `keep` gone."""
+    final = checkpoints_dir / f"step-{step:06d}"
     if final.exists():  # the same step saved again (a resumed run): move the old one out of the way first, so a
         retired = checkpoints_dir / f".staging-retired-{step:06d}-{os.getpid()}"  # kill never leaves a half folder
         os.replace(final, retired)
@@ -120,14 +130,22 @@ def save_checkpoint(checkpoints_dir: Path, step: int, model, optimizer, schedule
     return final
 
 
-def _write_checkpoint(staging: Path, model, optimizer, scheduler, trainer_state: dict) -> None:
-    _save_tensors(staging / "weights.safetensors", trainable_state(model))
+def _test_pause() -> None:
     if os.environ.get("THUMBALIGN_TEST_CHECKPOINT_PAUSE"):
         # fault injection for the kill tests: widen the window in which a kill lands inside a save
         time.sleep(float(os.environ["THUMBALIGN_TEST_CHECKPOINT_PAUSE"]))
+
+
+def _write_checkpoint(staging: Path, model, optimizer, scheduler, trainer_state: dict) -> None:
+    _save_tensors(staging / "weights.safetensors", trainable_state(model))
+    _test_pause()
     opt_tensors, opt_plain = _split_optimizer(optimizer.state_dict())
     _save_tensors(staging / "optimizer.safetensors", opt_tensors)
     _write_json(staging / "optimizer.json", opt_plain)
+    _write_rest(staging, scheduler, trainer_state)
+
+
+def _write_rest(staging: Path, scheduler, trainer_state: dict) -> None:
     _write_json(staging / "scheduler.json", scheduler.state_dict())
     rng_tensors, rng_plain = rng_state()
     _save_tensors(staging / "rng.safetensors", rng_tensors)
@@ -156,6 +174,20 @@ def remove_stale_staging(checkpoints_dir: Path) -> None:
 
 
 def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
+    """Restore `path` into the model, optimizer, scheduler and RNG; return the trainer state. A sharded checkpoint
+    loads into any number of processes, sharded or not; an unsharded one into an unsharded model."""
+    from .sharding import is_sharded
+
+    if (path / SHARDED_DIR).is_dir():
+        _load_sharded(path, model, optimizer)
+    elif is_sharded(model):
+        _load_unsharded_into_sharded(path, model, optimizer)
+    else:
+        _load_unsharded(path, model, optimizer)
+    return _load_rest(path, scheduler)
+
+
+def _load_unsharded(path: Path, model, optimizer) -> None:
     weights = load_file(str(path / "weights.safetensors"))
     params = trainable_state(model)
     if set(weights) != set(params):
@@ -166,6 +198,101 @@ def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
             params[name].copy_(tensor)
     opt_plain = json.loads((path / "optimizer.json").read_text())
     optimizer.load_state_dict(_join_optimizer(load_file(str(path / "optimizer.safetensors")), opt_plain))
+
+
+def _load_rest(path: Path, scheduler) -> dict:
     scheduler.load_state_dict(json.loads((path / "scheduler.json").read_text()))
     set_rng_state(load_file(str(path / "rng.safetensors")), json.loads((path / "rng.json").read_text()))
     return json.loads((path / STATE_FILE).read_text())
+
+
+# --------------------------------------------------------------------------- sharded (FSDP) checkpoints
+
+def _sharded_state(model, optimizer) -> tuple[dict, dict, dict[str, torch.Tensor]]:
+    """The model's trainable weights and the optimizer's state keyed by parameter name (PyTorch's distributed state
+    dict: each process's tensors are its shards), and one flat name → tensor view of both that shares their storage,
+    so that loading into the view restores them in place."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    weights, optim = get_state_dict(model, optimizer, options=StateDictOptions(ignore_frozen_params=True))
+    once = {name for name, _ in model.named_parameters()}  # tied weights (input and output embeddings) once
+    flat = {f"model/{name}": t for name, t in weights.items() if name in once}
+    for name, values in optim["state"].items():
+        flat.update({f"optim/{name}/{key}": v for key, v in values.items() if torch.is_tensor(v)})
+    return weights, optim, flat
+
+
+def save_sharded_checkpoint(checkpoints_dir: Path, step: int, model, optimizer, scheduler, trainer_state: dict,
+                            keep: int, is_main: bool, barrier) -> None:
+    """Called by every process: each writes its shard into the staging folder; then the main process adds the small
+    JSON files (the trainer state last) and renames the folder into place. Nothing is gathered onto one process."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import HuggingFaceStorageWriter
+
+    staging = checkpoints_dir / f".staging-step-{step:06d}-sharded"  # one name every process agrees on
+    if is_main:
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+    barrier()
+    _, optim, flat = _sharded_state(model, optimizer)
+    dcp.save(flat, storage_writer=HuggingFaceStorageWriter(str(staging / SHARDED_DIR), save_distributed=True))
+    if not is_main:
+        return
+    try:
+        _test_pause()
+        groups = {"param_groups": optim["param_groups"],
+                  "state": {name: {k: v for k, v in values.items() if not torch.is_tensor(v)}
+                            for name, values in optim["state"].items()}}
+        _write_json(staging / "optimizer.json", groups)
+        _write_rest(staging, scheduler, trainer_state)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    _publish(checkpoints_dir, staging, step, keep)
+
+
+def _load_sharded(path: Path, model, optimizer) -> None:
+    """Every process reads the pieces of its own shards (DCP reshards when the number of processes changed)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import HuggingFaceStorageReader
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+    weights, optim, flat = _sharded_state(model, optimizer)
+    reader = HuggingFaceStorageReader(str(path / SHARDED_DIR))
+    saved = reader.read_metadata().state_dict_metadata
+    missing, extra = sorted(set(flat) - set(saved)), sorted(set(saved) - set(flat))
+    if missing or extra:
+        raise ValueError(f"{path} holds other weights than the model being trained (not in the checkpoint: "
+                         f"{missing[:2]}; not in the model: {extra[:2]}); resume with the model and --use-lora "
+                         "settings it was written with")
+    shapes = [(name, tuple(saved[name].size), tuple(t.shape)) for name, t in flat.items()
+              if hasattr(saved[name], "size") and tuple(saved[name].size) != tuple(t.shape)]
+    if shapes:
+        name, was, now = shapes[0]
+        raise ValueError(f"{path}: {name} was saved with shape {was}, the model being trained has {now}")
+    dcp.load(flat, storage_reader=reader)
+    plain = json.loads((path / "optimizer.json").read_text())
+    optim["param_groups"] = plain["param_groups"]
+    for name, values in plain["state"].items():
+        optim["state"][name].update(values)
+    set_state_dict(model, optimizer, model_state_dict=weights, optim_state_dict=optim,
+                   options=StateDictOptions(ignore_frozen_params=True))
+
+
+def _load_unsharded_into_sharded(path: Path, model, optimizer) -> None:
+    """An unsharded run's checkpoint continued by a sharded one: every process reads the whole tensors and keeps its
+    shard of them. The optimizer's entries, numbered by parameter there, are named here."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+    weights = load_file(str(path / "weights.safetensors"))
+    names = list(trainable_state(model))
+    if set(weights) != set(names):
+        raise ValueError(f"{path}: checkpoint weights do not match the model being trained "
+                         f"({len(weights)} tensors saved, {len(names)} trainable)")
+    numbered = _join_optimizer(load_file(str(path / "optimizer.safetensors")),
+                               json.loads((path / "optimizer.json").read_text()))
+    optim = {"state": {names[pid]: values for pid, values in numbered["state"].items()},
+             "param_groups": [{**group, "params": [names[i] for i in group["params"]]}
+                              for group in numbered["param_groups"]]}
+    set_state_dict(model, optimizer, model_state_dict=weights, optim_state_dict=optim,
+                   options=StateDictOptions(full_state_dict=True, ignore_frozen_params=True))

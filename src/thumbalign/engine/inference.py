@@ -14,23 +14,30 @@ from tqdm.auto import tqdm
 
 from ..data.batching import collate
 from ..data.tokens import Example
-from .logprobs import completion_logps
+from .logprobs import CompletionLogps, completion_logps
 
 
 @torch.no_grad()
 def batched_logps(model, examples: list[Example], pad_token_id: int, batch_size: int, device, autocast=nullcontext,
                   chunk_size: int = 2048, desc: str = "log-probs", disable_bar: bool = False) -> torch.Tensor:
-    """log π(y|x) for each example, in input order. Examples are sorted by length so batches carry little padding."""
+    """log π(y|x) for each example, in input order. Examples are sorted by length so batches carry little padding.
+    `model` is a causal LM, or the engine's :class:`CompletionLogps` (a sharded model is only whole inside its
+    forward)."""
     was_training = model.training
     model.eval()
+    if isinstance(model, CompletionLogps):
+        scorer = model
+    else:
+        def scorer(input_ids, attention_mask, completion_mask):
+            return completion_logps(model, input_ids, attention_mask, completion_mask, chunk_size)
     order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))
     out = torch.zeros(len(examples), dtype=torch.float32)
     for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch", disable=disable_bar):
         idx = order[start:start + batch_size]
         batch = collate([examples[i] for i in idx], pad_token_id)
         with autocast():
-            logps = completion_logps(model, batch["input_ids"].to(device), batch["attention_mask"].to(device),
-                                     batch["completion_mask"].to(device), chunk_size)
+            logps = scorer(batch["input_ids"].to(device), batch["attention_mask"].to(device),
+                           batch["completion_mask"].to(device))
         out[idx] = logps.float().cpu()
     model.train(was_training)
     return out

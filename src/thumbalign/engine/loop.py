@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from ..errors import ConfigError, ThumbalignError
 from . import checkpoint as ckpt
+from . import sharding
 from .models import bf16_available
 from .rundir import RunDir
 from .window import MetricsWindow
@@ -116,6 +117,7 @@ class Engine:
         has_accelerator = (torch.accelerator.is_available() if hasattr(torch, "accelerator")
                            else torch.cuda.is_available())
         _forget_single_process_state()
+        sharding.load_whole_models_everywhere()
         self.trackers = trackers_to_use(config)
         self.accelerator = Accelerator(mixed_precision="bf16" if self.bf16 else "no", cpu=not has_accelerator,
                                        log_with=self.trackers or None,
@@ -127,6 +129,7 @@ class Engine:
         self.quiet = not self.is_main
         self.autocast = self.accelerator.autocast
         self.nonfinite = 0
+        self.sharded = False
         self.data_fingerprint: dict = {}
         set_seed(config.seed)
 
@@ -167,6 +170,11 @@ class Engine:
         """The main process's `obj`, on every process (so that every process takes the same branch)."""
         return self.gather_objects(obj)[0]
 
+    def scorer(self, model):
+        """What evaluates `model` between training steps: the model itself, or — sharded — the engine's root unit,
+        whose forward gathers the weights (every process must then evaluate the same batches)."""
+        return self.module if self.sharded else model
+
     def wait(self) -> None:
         self.accelerator.wait_for_everyone()
 
@@ -186,10 +194,23 @@ class Engine:
                                        num_warmup_steps=int(round(config.warmup_ratio * total_steps)),
                                        num_training_steps=total_steps)
         kind = self.accelerator.distributed_type
-        if kind == DistributedType.FSDP or (kind == DistributedType.DEEPSPEED
-                                            and self.accelerator.state.deepspeed_plugin.zero_stage >= 3):
-            raise ConfigError("ZeRO-3 and FSDP shard the weights, and thumbalign's checkpoints and evaluation do not "
-                              "gather them yet: use --accelerate-config ddp or zero2")
+        if kind == DistributedType.DEEPSPEED and self.accelerator.state.deepspeed_plugin.zero_stage >= 3:
+            raise ConfigError("ZeRO-3 shards the weights, and thumbalign's checkpoints and evaluation gather sharded "
+                              "weights through FSDP only: use --accelerate-config fsdp (or ddp / zero2)")
+        self.sharded = sharding.fsdp_requested(self.accelerator)
+        if self.sharded:
+            if not torch.distributed.is_initialized():
+                raise ConfigError("FSDP needs a distributed launch: start the run with --accelerate-config fsdp "
+                                  "(and --num-processes N)")
+            # the optimizer must hold the sharded parameters, which only exist once the model is sharded
+            sharding.shard(module, model, self.device, self.bf16)
+            self.params = [p for p in model.parameters() if p.requires_grad]
+            optimizer = torch.optim.AdamW(self.params, lr=config.learning_rate, weight_decay=config.weight_decay)
+            self.scheduler = get_scheduler(config.lr_scheduler_type, optimizer,
+                                           num_warmup_steps=int(round(config.warmup_ratio * total_steps)),
+                                           num_training_steps=total_steps)
+            self.module, self.optimizer = module, optimizer
+            return
         self.module, self.optimizer = self.accelerator.prepare(module, optimizer)
 
     def start(self, run: RunDir, task: Task, config, units_per_step: int,
@@ -272,7 +293,10 @@ class Engine:
             window.add(out.stats, out.tokens, out.samples, self.device)
         # the norm is taken over the synchronised gradients, so every process sees the same verdict
         max_norm = self.config.max_grad_norm if self.config.max_grad_norm > 0 else math.inf
-        grad_norm = float(accelerator.clip_grad_norm_(self.params, max_norm))
+        if self.sharded:  # the norm over every shard, reduced by the DTensors themselves
+            grad_norm = float(sharding.local_value(torch.nn.utils.clip_grad_norm_(self.params, max_norm)))
+        else:
+            grad_norm = float(accelerator.clip_grad_norm_(self.params, max_norm))
         if finite and math.isfinite(grad_norm):
             self.optimizer.step()
         else:
@@ -312,6 +336,14 @@ class Engine:
                 bar.set_postfix(loss=f"{line['loss']:.4f}")
         return line
 
+    def final_model(self):
+        """The trained model, whole, on the main process (None on the others; every process must call this). A
+        sharded model is gathered once into a new unsharded copy."""
+        if not self.sharded:
+            return self.model if self.is_main else None
+        weights = sharding.full_weights(self.model)
+        return sharding.plain_copy(self.model, weights) if self.is_main else None
+
     def finish(self, results: dict) -> None:
         """The run's final numbers (held-out evaluations, judged rates) to the trackers, then the end of the run on
         every process: trackers closed, and the process group torn down once all have arrived. A process group left
@@ -323,17 +355,27 @@ class Engine:
         self.accelerator.end_training()
 
     def _save(self, task: Task, run: RunDir, done: int, units_per_step: int) -> None:
+        from torch.distributed.checkpoint.api import CheckpointException
+
+        state = {"step": done, "task": task.state_dict(), "total_steps": self.total_steps, "nonfinite": self.nonfinite,
+                 "global_batch": units_per_step, "world_size": self.world, "sharded": self.sharded,
+                 "data": self.data_fingerprint}
         failure = None
-        if self.is_main:
-            try:
-                ckpt.save_checkpoint(run.checkpoints, done, self.model, self.optimizer, self.scheduler,
-                                     {"step": done, "task": task.state_dict(), "total_steps": self.total_steps,
-                                      "nonfinite": self.nonfinite, "global_batch": units_per_step,
-                                      "world_size": self.world, "data": self.data_fingerprint},
+        try:
+            if self.sharded:  # every process writes its own shard
+                ckpt.save_sharded_checkpoint(run.checkpoints, done, self.model, self.optimizer, self.scheduler, state,
+                                             self.config.save_total_limit, self.is_main, self.wait)
+            elif self.is_main:
+                ckpt.save_checkpoint(run.checkpoints, done, self.model, self.optimizer, self.scheduler, state,
                                      self.config.save_total_limit)
-            except OSError as err:
-                failure = str(err.strerror or err)
-        failure = self.main_value(failure)  # every process learns of a failed save, instead of waiting forever
+        except OSError as err:
+            failure = str(err.strerror or err)
+        except CheckpointException as err:  # a shard's write failed on some process; every process is told
+            rank, cause = next(iter(err.failures.items()))
+            cause = cause[0] if isinstance(cause, tuple) else cause  # (exception, its frames)
+            failure = f"process {rank}: {getattr(cause, 'strerror', None) or cause}"
+        # every process learns of a failed save, instead of waiting forever
+        failure = next((f for f in self.gather_objects(failure) if f), None)
         if failure:
             raise ThumbalignError(f"could not write the checkpoint of step {done} ({failure}); "
                                   f"the earlier checkpoints in {run.checkpoints} are intact")

@@ -94,8 +94,10 @@ class TrainConfig:
     learning_rate: float = _f(5e-6, "Peak AdamW learning rate. 5e-7 is the paper's value for billion-scale full "
                                     "fine-tunes; small models and LoRA want more (LoRA: try 1e-4).")
     weight_decay: float = _f(0.0, "AdamW weight decay.")
-    per_device_train_batch_size: int = _f(8, "Examples per micro-batch on each process.")
-    gradient_accumulation_steps: int = _f(1, "Micro-batches per optimizer step.")
+    # both may change on --resume (with another number of processes) as long as their product with the number of
+    # processes, the examples of one step, stays the same: the engine checks that
+    per_device_train_batch_size: int = _f(8, "Examples per micro-batch on each process.", resumable=True)
+    gradient_accumulation_steps: int = _f(1, "Micro-batches per optimizer step.", resumable=True)
     num_train_epochs: float = _f(1.0, "Passes over the training data (ignored when --max-steps is set).")
     max_steps: int = _f(-1, "Optimizer steps to run; overrides --num-train-epochs when > 0.")
     warmup_ratio: float = _f(0.1, "Share of the steps spent warming the learning rate up from 0.")
@@ -135,8 +137,8 @@ class TrainConfig:
     # --- scale-out (handled by the CLI before training starts)
     num_processes: int = _f(1, "Processes to train with (one per GPU; on a CPU, gloo processes). Launched through "
                                "accelerate (GPU) or torch.distributed.run (CPU).", resumable=True)
-    accelerate_config: str | None = _f(None, "With --num-processes on GPUs: ddp, zero2, zero3, fsdp (shipped configs) "
-                                            "or an accelerate config file.", resumable=True)
+    accelerate_config: str | None = _f(None, "With --num-processes: ddp, zero2 (GPUs), fsdp (sharded weights, GPUs or "
+                                            "CPUs) — shipped configs — or an accelerate config file.", resumable=True)
     num_machines: int = _f(1, "Machines the run spans; start the same command on each, with its --machine-rank "
                               "(--num-processes then counts the processes of one machine).", resumable=True)
     machine_rank: int = _f(0, "This machine's rank, 0 … --num-machines − 1; machine 0 hosts the rendezvous and writes "
@@ -144,6 +146,8 @@ class TrainConfig:
     main_process_ip: str | None = _f(None, "Address of machine 0, reachable from every machine (multi-machine runs).",
                                      resumable=True)
     main_process_port: int = _f(29500, "Port of the rendezvous on machine 0.", resumable=True)
+    rendezvous_timeout: int = _f(600, "Seconds the machines of a multi-machine run wait for each other; then one line "
+                                      "says which could not be reached or did not join.", resumable=True)
     # --- logging and checkpoints
     logging_steps: int = _f(10, "Print and log metrics every N optimizer steps.", resumable=True)
     save_steps: int = _f(100, "Write a checkpoint every N optimizer steps (and at the end).", resumable=True)
@@ -227,7 +231,7 @@ REWARD_SHARED = ("data", "eval_data", "eval_split", "skip_invalid", "output_dir"
                  "max_grad_norm", "bf16", "gradient_checkpointing", "seed", "logging_steps", "save_steps",
                  "save_total_limit", "resume", "cache_dir", "eval_batch_size", "skip_nonfinite", "num_processes",
                  "accelerate_config", "num_machines", "machine_rank", "main_process_ip", "main_process_port",
-                 "revision", "save_dtype", "report_to", "data_config", "data_split",
+                 "rendezvous_timeout", "revision", "save_dtype", "report_to", "data_config", "data_split",
                  "eval_data_split", "prompt_field", "completion_field", "label_field", "push_to_hub", "hub_model_id",
                  "hub_private")
 
@@ -266,8 +270,9 @@ ONLINE_SHARED = ("output_dir", "overwrite", "model", "trust_remote_code", "use_l
                  "gradient_accumulation_steps", "num_train_epochs", "max_steps", "warmup_ratio", "lr_scheduler_type",
                  "max_grad_norm", "bf16", "gradient_checkpointing", "seed", "logps_chunk_size", "reference_field",
                  "report", "skip_nonfinite", "skip_invalid", "num_processes", "accelerate_config",
-                 "num_machines", "machine_rank", "main_process_ip", "main_process_port", "logging_steps",
-                 "save_steps", "save_total_limit", "resume", "cache_dir", "eval_batch_size", "revision", "save_dtype",
+                 "num_machines", "machine_rank", "main_process_ip", "main_process_port", "rendezvous_timeout",
+                 "logging_steps", "save_steps", "save_total_limit", "resume", "cache_dir", "eval_batch_size",
+                 "revision", "save_dtype",
                  "report_to", "push_to_hub", "hub_model_id", "hub_private")
 
 OnlineConfig = derived_config(

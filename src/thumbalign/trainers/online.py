@@ -32,6 +32,7 @@ from ..engine.loop import Engine, MicroStep
 from ..engine.models import cache_root, load_causal_lm, load_tokenizer
 from ..engine.reference import model_fingerprint
 from ..engine.rundir import RunDir
+from ..engine.sharding import fsdp_requested
 from ..errors import ConfigError
 from ..files import content_digest, write_text_atomically
 from ..methods.online_base import GroupBatch, OnlineObjective, group_statistics, k3_kl, reduce_token_losses
@@ -49,6 +50,10 @@ def train_online(config, log=print) -> dict:
 
 def _train(config, run: RunDir, log) -> dict:
     engine = Engine(config, log, tracking_dir=run.path / "tracking")
+    if fsdp_requested(engine.accelerator):
+        # each process samples answers of its own lengths, while sharded layers need every process's forward in step
+        raise ConfigError("thumbalign online does not run under FSDP yet: sampling would need every process to "
+                          "gather each layer in step; use --accelerate-config ddp or zero2")
     engine.say(describe_settings(config))
     model_dir = model_folder(engine, config)
     tokenizer = load_tokenizer(model_dir, config.trust_remote_code)

@@ -80,18 +80,19 @@ def _train(config: TrainConfig, run: RunDir, log) -> dict:
     start = engine.start(run, task, config, task.units_per_step, data_fingerprint(config.data, data.train))
     if not run.resume_from and data.eval:
         # measured, not assumed: the policy is still the reference, so every reward must come out exactly 0
-        task.history["eval_before"] = held_out_classifier(model, data.eval, ref_eval, objective,
+        task.history["eval_before"] = held_out_classifier(engine.scorer(model), data.eval, ref_eval, objective,
                                                           tokenizer.pad_token_id, config, engine)
         engine.say(f"Held-out implicit-reward classifier before training: {format_eval(task.history['eval_before'])}")
     task.announce()
     last_line = engine.run(task, run, start, task.units_per_step, task.steps_per_epoch)
     if data.eval:
-        task.history["eval_after"] = held_out_classifier(model, data.eval, ref_eval, objective, tokenizer.pad_token_id,
+        task.history["eval_after"] = held_out_classifier(engine.scorer(model), data.eval, ref_eval, objective, tokenizer.pad_token_id,
                                                             config, engine)
         engine.say(f"Held-out implicit-reward classifier after training:  {format_eval(task.history['eval_after'])}")
     summary = _summary(config, engine, task, model_dir, ref_from_cache, udm, last_line)
+    final = engine.final_model()  # every process takes part: a sharded model is gathered here
     if engine.is_main:
-        _finish(config, engine, run, model, tokenizer, model_dir, summary)
+        _finish(config, engine, run, final, tokenizer, model_dir, summary)
     engine.finish(final_results(engine.main_value(summary)))
     return summary
 

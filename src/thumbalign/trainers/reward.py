@@ -56,8 +56,9 @@ def _train(config, run: RunDir, log) -> dict:
     engine.run(task, run, start, task.units_per_step, task.steps_per_epoch)
     summary = {"kind": "reward_model", "steps": task.total_steps, "world_size": engine.world, "data": data.report,
                "settings": config.to_dict(), **({"udm": udm.stats} if udm else {})}
+    trained = engine.final_model()  # every process takes part: a sharded model is gathered here
     if engine.is_main:
-        final = model.merge_and_unload() if config.use_lora else model
+        final = trained.merge_and_unload() if config.use_lora else trained
         if data.eval:
             summary["eval"] = calibrate(final, data, tokenizer.pad_token_id, config, engine.say)
         final.to(save_dtype(config.save_dtype, model_dir))

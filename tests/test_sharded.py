@@ -1,0 +1,235 @@
+"""FSDP2 on this machine's CPU: two gloo processes, each holding half of every weight, gradient and optimizer moment.
+They must train as one process does, write sharded checkpoints that survive SIGKILL, and resume with another number
+of processes (the checkpoint's pieces are redistributed on load)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import toy_feedback, write_jsonl
+from thumbalign.engine import checkpoint as ckpt
+
+FSDP = ("--num-processes", 2, "--accelerate-config", "fsdp")
+
+
+def _args(command, data, model, out, *extra):
+    return [*command, "--data", str(data), "--model", str(model), "--output-dir", str(out), "--learning-rate", "1e-3",
+            "--bf16", "false", "--warmup-ratio", "0", "--logging-steps", "1", *map(str, extra)]
+
+
+def _start(args, tmp_path, log_name, env=None):
+    """A run, its output in a file (a pipe nobody reads could fill and stall it)."""
+    log = open(tmp_path / log_name, "w")
+    env = {**os.environ, "THUMBALIGN_CACHE": str(tmp_path / "cache"), "PYTHONUNBUFFERED": "1", **(env or {})}
+    proc = subprocess.Popen([sys.executable, "-m", "thumbalign", *args], stdout=log, stderr=subprocess.STDOUT,
+                            text=True, env=env)
+    proc.log = tmp_path / log_name
+    return proc
+
+
+def _finish(proc, timeout=300):
+    assert proc.wait(timeout=timeout) == 0, proc.log.read_text()[-4000:]
+    return proc.log.read_text()
+
+
+def _kill_all(proc):
+    """SIGKILL to the launcher and every process under it (torchrun starts its workers in sessions of their own),
+    as when the machine dies; returns once all are gone."""
+    import psutil
+
+    root = psutil.Process(proc.pid)
+    everyone = [root, *root.children(recursive=True)]
+    for p in everyone:
+        try:
+            p.send_signal(signal.SIGKILL)
+        except psutil.NoSuchProcess:
+            pass
+    proc.wait()
+    psutil.wait_procs(everyone, timeout=30)
+
+
+def _weights(run):
+    return load_file(str(run / "model" / "model.safetensors"))
+
+
+def _metrics(run):
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.endswith("}")]
+
+
+def _close(a: dict, b: dict, atol: float):
+    assert sorted(a) == sorted(b)
+    for key in a:
+        assert torch.allclose(a[key].float(), b[key].float(), atol=atol), (key, (a[key] - b[key]).abs().max())
+
+
+def _same_losses(one, two):
+    for x, y in zip(_metrics(one), _metrics(two), strict=True):
+        assert x["step"] == y["step"] and x["loss"] == pytest.approx(y["loss"], abs=1e-5)
+
+
+def _sharded_state(checkpoint):
+    """Every tensor of a sharded checkpoint, whole (read the way a one-process resume reads it)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import HuggingFaceStorageReader
+
+    reader = HuggingFaceStorageReader(str(checkpoint / ckpt.SHARDED_DIR))
+    meta = reader.read_metadata().state_dict_metadata
+    state = {name: torch.empty(tuple(m.size), dtype=m.properties.dtype) for name, m in meta.items()}
+    dcp.load(state, storage_reader=reader)
+    return state
+
+
+STEPS = ("--max-steps", 6, "--gradient-accumulation-steps", 2, "--save-steps", 2)  # 16 examples: 2 steps an epoch
+ONE, TWO = ("--per-device-train-batch-size", 4), ("--per-device-train-batch-size", 2, *FSDP)
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory, tiny_llama):
+    """The same 6 steps in one process and in two FSDP processes, uninterrupted: the yardsticks of this file."""
+    root = tmp_path_factory.mktemp("straight")
+    data = write_jsonl(root / "f.jsonl", toy_feedback(16))
+    for name, processes in (("one", ONE), ("two", TWO)):
+        _finish(_start(_args(["train"], data, tiny_llama, root / name, *STEPS, *processes), root, f"{name}.log"))
+    return root
+
+
+def test_two_fsdp_processes_train_like_one(straight):
+    one, two = straight / "one", straight / "two"
+    _close(_weights(one), _weights(two), atol=1e-5)
+    _same_losses(one, two)
+    assert json.loads((two / "summary.json").read_text())["world_size"] == 2
+    checkpoint = two / "checkpoints" / "step-000006"
+    shards = sorted(p.name for p in (checkpoint / ckpt.SHARDED_DIR).glob("*.safetensors"))
+    assert len(shards) == 2 and not (checkpoint / "weights.safetensors").exists()  # each process wrote its own
+    unsharded = load_file(str(one / "checkpoints" / "step-000006" / "weights.safetensors"))
+    restored = {k.removeprefix("model/"): v for k, v in _sharded_state(checkpoint).items() if k.startswith("model/")}
+    _close(unsharded, restored, atol=1e-5)  # the shards put together are the one-process checkpoint's weights
+
+
+def test_fsdp_with_lora_udm_and_held_out_evaluation_trains_like_one_process(tmp_path, tiny_llama):
+    data = write_jsonl(tmp_path / "f.jsonl", toy_feedback(13))
+    common = ("--max-steps", 2, "--gradient-accumulation-steps", 2, "--use-lora", "--eval-split", "0.3", "--udm",
+              "--udm-encoder", "policy")
+    for name, processes in (("one", ONE), ("two", TWO)):
+        _finish(_start(_args(["train"], data, tiny_llama, tmp_path / name, *common, *processes), tmp_path,
+                       f"{name}.log"))
+    _close(_weights(tmp_path / "one"), _weights(tmp_path / "two"), atol=1e-5)
+    s1, s2 = (json.loads((tmp_path / r / "summary.json").read_text()) for r in ("one", "two"))
+    for when in ("eval_before", "eval_after"):  # the held-out evaluation ran on the sharded model
+        assert s2[when]["accuracy"] == s1[when]["accuracy"]
+        assert s2[when]["auc"] == pytest.approx(s1[when]["auc"], abs=1e-6)
+
+
+def test_two_fsdp_processes_train_a_reward_model_like_one(tmp_path, tiny_llama):
+    data = write_jsonl(tmp_path / "f.jsonl", toy_feedback(13))
+    common = ("--max-steps", 3, "--gradient-accumulation-steps", 2, "--eval-split", "0.3")
+    for name, processes in (("one", ONE), ("two", TWO)):
+        _finish(_start(_args(["reward", "train"], data, tiny_llama, tmp_path / name, *common, *processes), tmp_path,
+                       f"{name}.log"))
+    _close(_weights(tmp_path / "one"), _weights(tmp_path / "two"), atol=1e-5)
+    s1, s2 = (json.loads((tmp_path / r / "summary.json").read_text()) for r in ("one", "two"))
+    assert s2["eval"]["auc"] == pytest.approx(s1["eval"]["auc"], abs=1e-6)
+
+
+def _steps_done(run):
+    return [int(p.name.split("-")[1]) for p in ckpt.list_checkpoints(run / "checkpoints")]
+
+
+def _wait_for(predicate, proc, timeout=180):
+    deadline = time.time() + timeout
+    while not predicate():
+        assert proc.poll() is None, f"the run ended before the kill point: {proc.log.read_text()[-3000:]}"
+        assert time.time() < deadline, "the kill point was never reached"
+        time.sleep(0.01)
+
+
+def test_sigkill_inside_a_sharded_checkpoint_then_resume_equals_an_uninterrupted_run(tmp_path, tiny_llama, straight):
+    data, run = straight / "f.jsonl", tmp_path / "killed"
+    killed = _start(_args(["train"], data, tiny_llama, run, *STEPS, *TWO), tmp_path, "killed.log",
+                    env={"THUMBALIGN_TEST_CHECKPOINT_PAUSE": "2"})
+
+    def inside_a_later_save():  # step 2 is complete, and both processes have written their shards of step 4
+        staging = list((run / "checkpoints").glob(".staging-step-000004-*"))
+        return _steps_done(run) == [2] and staging and len(list(staging[0].rglob("*.safetensors"))) == 2
+
+    _wait_for(inside_a_later_save, killed)
+    _kill_all(killed)
+    assert _steps_done(run) == [2]  # the interrupted save left no checkpoint under a real name
+    resumed = _start(_args(["train"], data, tiny_llama, run, *STEPS, *TWO, "--resume"), tmp_path, "resumed.log")
+    assert "Resumed from" in _finish(resumed)
+    uninterrupted = straight / "two"
+    _close(_weights(uninterrupted), _weights(run), atol=1e-6)
+    last = "checkpoints/step-000006"
+    _close(_sharded_state(uninterrupted / last), _sharded_state(run / last), atol=1e-6)  # weights, Adam moments
+    for name in ("scheduler.json", "optimizer.json"):
+        assert json.loads((run / last / name).read_text()) == json.loads((uninterrupted / last / name).read_text())
+    a, b = (json.loads((r / "summary.json").read_text()) for r in (uninterrupted, run))
+    shift_a, shift_b = a["reward_shift"]["reward_shift"], b["reward_shift"]["reward_shift"]  # δ's running mean
+    assert shift_b["count"] == shift_a["count"] and shift_b["mean"] == pytest.approx(shift_a["mean"], abs=1e-7)
+    _same_losses(uninterrupted, run)
+
+
+def test_resume_into_another_number_of_processes_equals_one_uninterrupted_process(tmp_path, tiny_llama, straight):
+    """1 process, killed after its step-2 checkpoint; resumed by 2 FSDP processes, killed after their step-4
+    checkpoint; finished by 1 process. The checkpoints change hands between unsharded and sharded both ways."""
+    data, run = straight / "f.jsonl", tmp_path / "run"
+    for processes, done, resume in ((ONE, 2, ()), (TWO, 4, ("--resume",))):
+        killed = _start(_args(["train"], data, tiny_llama, run, *STEPS, *processes, *resume), tmp_path,
+                        f"to-{done}.log", env={"THUMBALIGN_TEST_CHECKPOINT_PAUSE": "2"})
+        _wait_for(lambda done=done: max(_steps_done(run), default=0) == done, killed)  # the run reports it saved
+        _kill_all(killed)
+    assert (run / "checkpoints" / "step-000004" / ckpt.SHARDED_DIR).is_dir()
+    resumed = _start(_args(["train"], data, tiny_llama, run, *STEPS, *ONE, "--resume"), tmp_path, "last.log")
+    assert "Resumed from" in _finish(resumed) and _steps_done(run)[-1] == 6
+    _close(_weights(straight / "one"), _weights(run), atol=1e-5)
+    _same_losses(straight / "one", run)
+
+
+def _one_line(capsys) -> str:
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("thumbalign: error:")]
+    assert len(errors) == 1 and "Traceback" not in err, err[-2000:]
+    return errors[0]
+
+
+def _user_config(tmp_path, text):
+    path = tmp_path / "accelerate.yaml"
+    path.write_text(text)
+    return str(path)
+
+
+@pytest.mark.parametrize("make_config,message", [
+    (lambda tmp: "zero3", "--accelerate-config zero3: zero_stage 3 is not supported"),
+    (lambda tmp: "zero2", "distributed_type DEEPSPEED runs on GPUs, and this machine has none"),
+    (lambda tmp: _user_config(tmp, "distributed_type: FSDP\nfsdp_config:\n  fsdp_version: 1\n"),
+     "fsdp_version 1 is not supported; set fsdp_version: 2"),
+    (lambda tmp: _user_config(tmp, "distributed_type: XLA\n"), "distributed_type XLA is not supported"),
+    (lambda tmp: _user_config(tmp, "distributed_type: [FSDP\n"), "is not valid YAML"),
+    (lambda tmp: str(tmp / "missing.yaml"), "missing.yaml (No such file or directory)"),
+])
+def test_an_accelerate_config_that_cannot_run_here_is_one_line_before_any_process_starts(tmp_path, tiny_llama, capsys,
+                                                                                         make_config, message):
+    from thumbalign.cli import main
+
+    data = write_jsonl(tmp_path / "f.jsonl", toy_feedback(8))
+    args = _args(["train"], data, tiny_llama, tmp_path / "run", "--num-processes", 2, "--accelerate-config",
+                 make_config(tmp_path))
+    assert main(args) == 2
+    assert message in _one_line(capsys)
+    assert not (tmp_path / "run").exists()  # refused before anything was launched or written
+
+
+def test_online_under_fsdp_is_refused_in_one_line(tmp_path, tiny_llama, capsys):
+    from thumbalign.cli import main
+
+    prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "2+2?", "reference": "4"}])
+    assert main(["online", "--prompts", str(prompts), "--model", str(tiny_llama), "--output-dir", str(tmp_path / "o"),
+                 "--reward", "contains_reference", *map(str, FSDP)]) == 2
+    assert "thumbalign online does not run under FSDP yet" in _one_line(capsys)
