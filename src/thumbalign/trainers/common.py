@@ -18,7 +18,8 @@ from ..data.readers import Source, is_hub_dataset, load_hub_dataset
 from ..data.tokens import Example, examples_digest
 from ..engine.inference import prompt_embeddings
 from ..engine.loop import Engine
-from ..engine.models import add_lora, cache_root, portable_name, resolve_model
+from ..engine.models import (add_lora, cache_root, load_causal_lm, portable_name, quantized_layers, resolve_model,
+                             wants_gradient_checkpointing)
 from ..engine.rundir import RunDir
 from ..errors import DataError, ThumbalignError
 from ..files import content_digest, write_text_atomically
@@ -67,13 +68,44 @@ def count_steps(config, n_units: int, units_per_step: int) -> tuple[int, int]:
     return total, steps_per_epoch
 
 
+def load_policy(model_dir: Path, config, engine: Engine):
+    """The model to train, on the engine's device: float32 weights, or with --load-in-4bit / --load-in-8bit a base
+    whose linear layers bitsandbytes holds in 4 or 8 bits (QLoRA)."""
+    bits = 4 if getattr(config, "load_in_4bit", False) else 8 if getattr(config, "load_in_8bit", False) else None
+    model = load_causal_lm(model_dir, config.trust_remote_code, bits, engine.device,
+                           torch.bfloat16 if engine.bf16 else torch.float32)
+    if bits:
+        engine.say(f"Loaded {quantized_layers(model)} linear layers in {bits} bits (bitsandbytes); LoRA trains on "
+                   "top of them")
+        return model  # placed on the device by the loader; a quantised model refuses .to()
+    return model.to(engine.device)
+
+
 def make_trainable(model, config):
-    """LoRA adapters (when asked) and gradient checkpointing (when asked); returns the model to train."""
+    """LoRA adapters (when asked) and gradient checkpointing (asked, or by model size); returns the model to
+    train. A quantised base is first prepared as peft prescribes (norms in float32, inputs that carry gradients)."""
+    checkpointing = wants_gradient_checkpointing(model, config.gradient_checkpointing)
+    if quantized_layers(model):
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing,
+                                                gradient_checkpointing_kwargs={"use_reentrant": False})
+        checkpointing = False  # switched on just now, if wanted
     if config.use_lora:
         model = add_lora(model, config.lora_r, config.lora_alpha, config.lora_dropout, config.lora_target_modules)
-    if config.gradient_checkpointing:
+    if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model
+
+
+def merged_at_full_precision(model, base_dir: Path, config):
+    """A QLoRA run's adapter merged into its base reloaded unquantised: merging into the 4-/8-bit weights would bake
+    their rounding into every saved weight."""
+    from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+
+    full = get_peft_model(load_causal_lm(base_dir, config.trust_remote_code), model.peft_config["default"])
+    set_peft_model_state_dict(full, get_peft_model_state_dict(model))
+    return full.merge_and_unload()
 
 
 @dataclass
@@ -151,7 +183,9 @@ def save_policy(model, tokenizer, folder, config, base_dir: Path) -> None:
             adapter.base_model_name_or_path = portable_name(config.model, base_dir)
         model.save_pretrained(folder)
     else:
-        if config.use_lora:
+        if config.use_lora and quantized_layers(model):
+            model = merged_at_full_precision(model, base_dir, config)
+        elif config.use_lora:
             # in place: training is over, and a merged copy would add a whole model to the run's peak memory
             model = model.merge_and_unload()
         model.to(save_dtype(config.save_dtype, base_dir))  # training is over: no float32 copy is needed any more

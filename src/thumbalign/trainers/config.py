@@ -52,6 +52,10 @@ class TrainConfig:
     lora_dropout: float = _f(0.0, "Dropout on the LoRA branch.")
     lora_target_modules: str = _f("all-linear", "Modules that get an adapter: 'all-linear' or comma-separated names.")
     save_adapter: bool = _f(False, "With --use-lora: save the adapter alone instead of the merged model.")
+    load_in_4bit: bool = _f(False, "QLoRA: hold the base model's linear layers in 4 bits (NF4, bitsandbytes) and "
+                                   "train LoRA adapters on top (needs --use-lora); a 7-8B model then fits a 24 GB "
+                                   "GPU. The saved model is the adapter merged into the full-precision base.")
+    load_in_8bit: bool = _f(False, "Like --load-in-4bit, with 8-bit linear layers (LLM.int8).")
     save_dtype: str = _f("auto", "Precision of the saved model: auto (the base model's, from its config.json), "
                                  "bfloat16, float16 or float32.",
                          choices=("auto", "bfloat16", "float16", "float32"))
@@ -106,7 +110,8 @@ class TrainConfig:
     max_grad_norm: float = _f(1.0, "Clip the gradient norm to this (0 turns clipping off).")
     bf16: str = _f("auto", "bfloat16 autocast: 'auto' (on where the hardware supports it), 'true' or 'false'.",
                    choices=("auto", "true", "false"))
-    gradient_checkpointing: bool = _f(False, "Recompute activations in the backward pass: less memory, ~30% slower.")
+    gradient_checkpointing: bool | None = _f(None, "Recompute activations in the backward pass: less memory, ~30% "
+                                                   "slower. Unset: on for models of 1B parameters or more.")
     packing: bool = _f(False, "Padding-free batches: the examples of a micro-batch back to back in one row, with "
                               "per-example positions and attention (no compute spent on padding).")
     seed: int = _f(42, "Seed for shuffling, the eval split and initialisation of new weights.")
@@ -188,6 +193,10 @@ class TrainConfig:
             raise ConfigError(f"--udm weights BCO's thumbs-down losses; --method {self.method} does not use them")
         if self.save_adapter and not self.use_lora:
             raise ConfigError("--save-adapter needs --use-lora")
+        check_quantized_loading(self)
+        if (self.load_in_4bit or self.load_in_8bit) and method.needs.reward_tokens:
+            raise ConfigError(f"--method {self.method} adds tokens, whose new embeddings would have to train inside "
+                              "a quantised model: drop --load-in-4bit / --load-in-8bit")
         check_trackers(self.report_to)
         check_hub_push(self)
 
@@ -202,6 +211,20 @@ def check_trackers(report_to: list[str] | None) -> None:
     unknown = [t for t in report_to or [] if t not in TRACKERS]
     if unknown:
         raise ConfigError(f"--report-to {', '.join(unknown)}: not one of {', '.join(TRACKERS)}")
+
+
+def check_quantized_loading(config) -> None:
+    """4-/8-bit weights are frozen: only LoRA adapters can train on them, and bitsandbytes must be there."""
+    import importlib.util
+
+    if config.load_in_4bit and config.load_in_8bit:
+        raise ConfigError("--load-in-4bit and --load-in-8bit exclude each other: choose one")
+    flag = "--load-in-4bit" if config.load_in_4bit else "--load-in-8bit" if config.load_in_8bit else None
+    if flag and not config.use_lora:
+        raise ConfigError(f"{flag} freezes the base weights in low precision: add --use-lora to train adapters on "
+                          "them")
+    if flag and importlib.util.find_spec("bitsandbytes") is None:
+        raise ConfigError(f"{flag} needs bitsandbytes: pip install 'thumbalign[qlora]' (or bitsandbytes)")
 
 
 def check_hub_push(config) -> None:
@@ -266,7 +289,8 @@ RewardConfig.validate = _validate_reward
 
 
 ONLINE_SHARED = ("output_dir", "overwrite", "model", "trust_remote_code", "use_lora", "lora_r", "lora_alpha",
-                 "lora_dropout", "lora_target_modules", "save_adapter", "learning_rate", "weight_decay",
+                 "lora_dropout", "lora_target_modules", "save_adapter", "load_in_4bit", "load_in_8bit",
+                 "learning_rate", "weight_decay",
                  "gradient_accumulation_steps", "num_train_epochs", "max_steps", "warmup_ratio", "lr_scheduler_type",
                  "max_grad_norm", "bf16", "gradient_checkpointing", "seed", "logps_chunk_size", "reference_field",
                  "report", "skip_nonfinite", "skip_invalid", "num_processes", "accelerate_config",
@@ -346,6 +370,7 @@ def _validate_online(self) -> None:
         raise ConfigError("beta must be ≥ 0 and learning_rate positive")
     if self.save_adapter and not self.use_lora:
         raise ConfigError("--save-adapter needs --use-lora")
+    check_quantized_loading(self)
     if self.filter_prompts is not None:
         band = filter_band(self.filter_prompts)
         if not 0 <= band[0] <= band[1] <= 1:

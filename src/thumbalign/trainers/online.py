@@ -37,7 +37,8 @@ from ..errors import ConfigError
 from ..files import content_digest, write_text_atomically
 from ..methods.online_base import GroupBatch, OnlineObjective, group_statistics, k3_kl, reduce_token_losses
 from ..methods.registry import get_online_objective
-from .common import (compare_with_base, count_steps, make_trainable, model_folder, require_inputs, save_policy,
+from .common import (compare_with_base, count_steps, load_policy, make_trainable, model_folder, require_inputs,
+                     save_policy,
                      complete_model_folder, final_results, describe_settings)
 from .config import filter_band
 
@@ -59,7 +60,7 @@ def _train(config, run: RunDir, log) -> dict:
     tokenizer = load_tokenizer(model_dir, config.trust_remote_code)
     prompts = load_prompts(config.prompts)
     rewards = RewardSet(config.reward, config.reward_weights, config.reference_field, config.pass_threshold)
-    model = load_causal_lm(model_dir, config.trust_remote_code).to(engine.device)
+    model = load_policy(model_dir, config, engine)
     sampler = Sampler(model, tokenizer, config, engine)
     if config.filter_prompts:
         prompts = keep_learnable_prompts(prompts, sampler, rewards, config, engine, model_dir)

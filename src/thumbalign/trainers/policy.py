@@ -20,13 +20,13 @@ from ..data.tokens import condition_generation_on
 from ..engine.inference import batched_logps
 from ..engine.logprobs import CompletionLogps, completion_logps
 from ..engine.loop import Engine, MicroStep
-from ..engine.models import cache_root, grow_embeddings, load_causal_lm, load_tokenizer, resolve_model
+from ..engine.models import cache_root, grow_embeddings, load_tokenizer, resolve_model
 from ..engine.reference import ReferenceLogps
 from ..engine.rundir import RunDir
 from ..methods.base import Objective, StepInputs
 from ..methods.registry import get_method
-from .common import (UDMWeights, compare_with_base, count_steps, data_fingerprint, fit_udm, make_trainable,
-                     prompt_clusters,
+from .common import (UDMWeights, compare_with_base, count_steps, data_fingerprint, fit_udm, load_policy,
+                     make_trainable, prompt_clusters,
                      model_folder, require_inputs, save_policy, udm_window_stats, complete_model_folder,
                      final_results, describe_settings)
 from .config import TrainConfig
@@ -60,10 +60,9 @@ def _train(config: TrainConfig, run: RunDir, log) -> dict:
     tokenizer = load_tokenizer(model_dir, config.trust_remote_code)
     method = get_method(config.method)
     data = prepare_data(config, tokenizer, method.needs, log=engine.say)
-    model = load_causal_lm(model_dir, config.trust_remote_code)
+    model = load_policy(model_dir, config, engine)
     added = data.report.get("added_tokens", [])
     grow_embeddings(model, tokenizer, {t: method.token_meanings.get(t, t) for t in added})
-    model = model.to(engine.device)
     # The freshly loaded model is the reference: its log-probs are computed now, once, and cached on disk.
     reference = ReferenceLogps(engine, model, model_dir, tokenizer.pad_token_id, config.eval_batch_size,
                                config.logps_chunk_size, cache_root(config.cache_dir))

@@ -1,0 +1,36 @@
+"""Checks that need a CUDA GPU (marked `gpu`, skipped elsewhere); `benchmarks/gpu_check.sh` runs them. They repeat,
+on the GPU, what the CPU tests establish: bf16 training moves the weights sanely, and QLoRA's gradients are those of
+LoRA on the dequantised weights."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import toy_feedback, write_jsonl
+from thumbalign.cli import main
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_bf16_training_on_the_gpu_learns_and_saves_a_float_folder(tmp_path, tiny_llama, lora):
+    data = write_jsonl(tmp_path / "f.jsonl", toy_feedback(32))
+    out = tmp_path / "run"
+    assert main(["train", "--data", str(data), "--model", str(tiny_llama), "--output-dir", str(out), "--bf16", "true",
+                 "--learning-rate", "1e-3", "--max-steps", "8", "--per-device-train-batch-size", "4",
+                 "--logging-steps", "1", "--no-report", *(["--use-lora"] if lora else [])]) == 0
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all(torch.isfinite(torch.tensor(m["loss"])) for m in lines)
+    assert lines[-1]["accuracy"] >= lines[0]["accuracy"]
+    trained, base = load_file(str(out / "model" / "model.safetensors")), load_file(
+        str(tiny_llama / "model.safetensors"))
+    assert any(not torch.equal(trained[k], base[k]) for k in base)  # bf16 updates were not rounded away
+
+
+def test_qlora_gradients_on_the_gpu(tiny_llama_wide):
+    from test_qlora import check_qlora_gradients
+
+    check_qlora_gradients(tiny_llama_wide, "cuda")
