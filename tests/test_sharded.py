@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import toy_feedback, write_jsonl
+from test_faults import _one_line
 from thumbalign.engine import checkpoint as ckpt
 
 FSDP = ("--num-processes", 2, "--accelerate-config", "fsdp")
@@ -63,10 +64,10 @@ def _metrics(run):
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.endswith("}")]
 
 
-def _close(a: dict, b: dict, atol: float):
+def _close(a: dict, b: dict, atol: float, rtol: float = 0.0):
     assert sorted(a) == sorted(b)
     for key in a:
-        assert torch.allclose(a[key].float(), b[key].float(), atol=atol), (key, (a[key] - b[key]).abs().max())
+        assert torch.allclose(a[key].float(), b[key].float(), atol=atol, rtol=rtol), (key, (a[key] - b[key]).abs().max())
 
 
 def _same_losses(one, two):
@@ -86,7 +87,9 @@ def _sharded_state(checkpoint):
     return state
 
 
-STEPS = ("--max-steps", 6, "--gradient-accumulation-steps", 2, "--save-steps", 2)  # 16 examples: 2 steps an epoch
+STEPS = ("--max-steps", 6, "--gradient-accumulation-steps", 2, "--save-steps", 2)
+# 16 rows, 5 held out: 11 examples, 8 per step; UDM's prompt classifier runs on the policy's own embeddings
+SETTINGS = (*STEPS, "--eval-split", "0.3", "--udm", "--udm-encoder", "policy")
 ONE, TWO = ("--per-device-train-batch-size", 4), ("--per-device-train-batch-size", 2, *FSDP)
 
 
@@ -96,15 +99,20 @@ def straight(tmp_path_factory, tiny_llama):
     root = tmp_path_factory.mktemp("straight")
     data = write_jsonl(root / "f.jsonl", toy_feedback(16))
     for name, processes in (("one", ONE), ("two", TWO)):
-        _finish(_start(_args(["train"], data, tiny_llama, root / name, *STEPS, *processes), root, f"{name}.log"))
+        _finish(_start(_args(["train"], data, tiny_llama, root / name, *SETTINGS, *processes), root, f"{name}.log"))
     return root
 
 
 def test_two_fsdp_processes_train_like_one(straight):
+    """Full fine-tuning (tied input and output embeddings), with UDM and a held-out evaluation before and after."""
     one, two = straight / "one", straight / "two"
     _close(_weights(one), _weights(two), atol=1e-5)
     _same_losses(one, two)
-    assert json.loads((two / "summary.json").read_text())["world_size"] == 2
+    s1, s2 = (json.loads((r / "summary.json").read_text()) for r in (one, two))
+    assert s2["world_size"] == 2
+    for when in ("eval_before", "eval_after"):  # the held-out evaluation ran on the sharded model
+        assert s2[when]["accuracy"] == s1[when]["accuracy"]
+        assert s2[when]["auc"] == pytest.approx(s1[when]["auc"], abs=1e-6)
     checkpoint = two / "checkpoints" / "step-000006"
     shards = sorted(p.name for p in (checkpoint / ckpt.SHARDED_DIR).glob("*.safetensors"))
     assert len(shards) == 2 and not (checkpoint / "weights.safetensors").exists()  # each process wrote its own
@@ -113,27 +121,18 @@ def test_two_fsdp_processes_train_like_one(straight):
     _close(unsharded, restored, atol=1e-5)  # the shards put together are the one-process checkpoint's weights
 
 
-def test_fsdp_with_lora_udm_and_held_out_evaluation_trains_like_one_process(tmp_path, tiny_llama):
+def test_two_fsdp_processes_train_a_lora_reward_model_like_one(tmp_path, tiny_llama):
+    """LoRA under FSDP: frozen and trained weights share each sharded unit."""
     data = write_jsonl(tmp_path / "f.jsonl", toy_feedback(13))
-    common = ("--max-steps", 2, "--gradient-accumulation-steps", 2, "--use-lora", "--eval-split", "0.3", "--udm",
-              "--udm-encoder", "policy")
-    for name, processes in (("one", ONE), ("two", TWO)):
-        _finish(_start(_args(["train"], data, tiny_llama, tmp_path / name, *common, *processes), tmp_path,
-                       f"{name}.log"))
-    _close(_weights(tmp_path / "one"), _weights(tmp_path / "two"), atol=1e-5)
-    s1, s2 = (json.loads((tmp_path / r / "summary.json").read_text()) for r in ("one", "two"))
-    for when in ("eval_before", "eval_after"):  # the held-out evaluation ran on the sharded model
-        assert s2[when]["accuracy"] == s1[when]["accuracy"]
-        assert s2[when]["auc"] == pytest.approx(s1[when]["auc"], abs=1e-6)
-
-
-def test_two_fsdp_processes_train_a_reward_model_like_one(tmp_path, tiny_llama):
-    data = write_jsonl(tmp_path / "f.jsonl", toy_feedback(13))
-    common = ("--max-steps", 3, "--gradient-accumulation-steps", 2, "--eval-split", "0.3")
+    common = ("--max-steps", 3, "--gradient-accumulation-steps", 2, "--eval-split", "0.3", "--use-lora",
+              "--learning-rate", "1e-2")
     for name, processes in (("one", ONE), ("two", TWO)):
         _finish(_start(_args(["reward", "train"], data, tiny_llama, tmp_path / name, *common, *processes), tmp_path,
                        f"{name}.log"))
-    _close(_weights(tmp_path / "one"), _weights(tmp_path / "two"), atol=1e-5)
+    base = load_file(str(tiny_llama / "model.safetensors"))
+    one, two = _weights(tmp_path / "one"), _weights(tmp_path / "two")
+    _close(one, two, atol=1e-5)
+    assert any(not torch.equal(one[k], base[k]) for k in base if k in one)  # the merged adapters moved weights
     s1, s2 = (json.loads((tmp_path / r / "summary.json").read_text()) for r in ("one", "two"))
     assert s2["eval"]["auc"] == pytest.approx(s1["eval"]["auc"], abs=1e-6)
 
@@ -150,53 +149,39 @@ def _wait_for(predicate, proc, timeout=180):
         time.sleep(0.01)
 
 
-def test_sigkill_inside_a_sharded_checkpoint_then_resume_equals_an_uninterrupted_run(tmp_path, tiny_llama, straight):
-    data, run = straight / "f.jsonl", tmp_path / "killed"
-    killed = _start(_args(["train"], data, tiny_llama, run, *STEPS, *TWO), tmp_path, "killed.log",
-                    env={"THUMBALIGN_TEST_CHECKPOINT_PAUSE": "2"})
+def test_sigkill_inside_a_sharded_save_then_resumes_by_other_process_counts_equal_an_uninterrupted_run(
+        tmp_path, tiny_llama, straight):
+    """2 FSDP processes, SIGKILLed inside their step-4 save (both shards written, the folder not yet in place);
+    resumed by 1 process from step 2 and killed once it has saved step 4; finished by 2 FSDP processes. The
+    checkpoints change hands between sharded and unsharded both ways, and the end is the uninterrupted run's."""
+    data, run = straight / "f.jsonl", tmp_path / "run"
+    slow = {"THUMBALIGN_TEST_CHECKPOINT_PAUSE": "2"}
+    killed = _start(_args(["train"], data, tiny_llama, run, *SETTINGS, *TWO), tmp_path, "first.log", env=slow)
 
-    def inside_a_later_save():  # step 2 is complete, and both processes have written their shards of step 4
+    def inside_the_step_4_save():  # step 2 is complete, and both processes have written their shards of step 4
         staging = list((run / "checkpoints").glob(".staging-step-000004-*"))
         return _steps_done(run) == [2] and staging and len(list(staging[0].rglob("*.safetensors"))) == 2
 
-    _wait_for(inside_a_later_save, killed)
+    _wait_for(inside_the_step_4_save, killed)
     _kill_all(killed)
     assert _steps_done(run) == [2]  # the interrupted save left no checkpoint under a real name
-    resumed = _start(_args(["train"], data, tiny_llama, run, *STEPS, *TWO, "--resume"), tmp_path, "resumed.log")
-    assert "Resumed from" in _finish(resumed)
-    uninterrupted = straight / "two"
-    _close(_weights(uninterrupted), _weights(run), atol=1e-6)
-    last = "checkpoints/step-000006"
-    _close(_sharded_state(uninterrupted / last), _sharded_state(run / last), atol=1e-6)  # weights, Adam moments
+    killed = _start(_args(["train"], data, tiny_llama, run, *SETTINGS, *ONE, "--resume"), tmp_path, "second.log",
+                    env=slow)
+    _wait_for(lambda: max(_steps_done(run), default=0) == 4, killed)  # the run reports step 4 saved
+    _kill_all(killed)
+    assert (run / "checkpoints" / "step-000004" / "weights.safetensors").exists()  # written unsharded
+    resumed = _start(_args(["train"], data, tiny_llama, run, *SETTINGS, *TWO, "--resume"), tmp_path, "last.log")
+    assert "Resumed from" in _finish(resumed) and _steps_done(run)[-1] == 6
+    uninterrupted, last = straight / "two", "checkpoints/step-000006"
+    _close(_weights(uninterrupted), _weights(run), atol=1e-5)
+    # weights and Adam moments, shard by shard; the moments are tiny, so they are compared relatively
+    _close(_sharded_state(uninterrupted / last), _sharded_state(run / last), atol=1e-9, rtol=1e-3)
     for name in ("scheduler.json", "optimizer.json"):
         assert json.loads((run / last / name).read_text()) == json.loads((uninterrupted / last / name).read_text())
     a, b = (json.loads((r / "summary.json").read_text()) for r in (uninterrupted, run))
     shift_a, shift_b = a["reward_shift"]["reward_shift"], b["reward_shift"]["reward_shift"]  # δ's running mean
-    assert shift_b["count"] == shift_a["count"] and shift_b["mean"] == pytest.approx(shift_a["mean"], abs=1e-7)
+    assert shift_b["count"] == shift_a["count"] and shift_b["mean"] == pytest.approx(shift_a["mean"], abs=1e-6)
     _same_losses(uninterrupted, run)
-
-
-def test_resume_into_another_number_of_processes_equals_one_uninterrupted_process(tmp_path, tiny_llama, straight):
-    """1 process, killed after its step-2 checkpoint; resumed by 2 FSDP processes, killed after their step-4
-    checkpoint; finished by 1 process. The checkpoints change hands between unsharded and sharded both ways."""
-    data, run = straight / "f.jsonl", tmp_path / "run"
-    for processes, done, resume in ((ONE, 2, ()), (TWO, 4, ("--resume",))):
-        killed = _start(_args(["train"], data, tiny_llama, run, *STEPS, *processes, *resume), tmp_path,
-                        f"to-{done}.log", env={"THUMBALIGN_TEST_CHECKPOINT_PAUSE": "2"})
-        _wait_for(lambda done=done: max(_steps_done(run), default=0) == done, killed)  # the run reports it saved
-        _kill_all(killed)
-    assert (run / "checkpoints" / "step-000004" / ckpt.SHARDED_DIR).is_dir()
-    resumed = _start(_args(["train"], data, tiny_llama, run, *STEPS, *ONE, "--resume"), tmp_path, "last.log")
-    assert "Resumed from" in _finish(resumed) and _steps_done(run)[-1] == 6
-    _close(_weights(straight / "one"), _weights(run), atol=1e-5)
-    _same_losses(straight / "one", run)
-
-
-def _one_line(capsys) -> str:
-    err = capsys.readouterr().err
-    errors = [line for line in err.splitlines() if line.startswith("thumbalign: error:")]
-    assert len(errors) == 1 and "Traceback" not in err, err[-2000:]
-    return errors[0]
 
 
 def _user_config(tmp_path, text):

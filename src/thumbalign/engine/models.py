@@ -193,11 +193,12 @@ def wants_gradient_checkpointing(model, choice: bool | None) -> bool:
     return choice if choice is not None else model.num_parameters() >= 1_000_000_000
 
 
-def add_lora(model, r: int, alpha: int, dropout: float, target_modules: str):
+def add_lora(model, r: int, alpha: int, dropout: float, target_modules: str, task_type: str = "CAUSAL_LM"):
+    """LoRA adapters; `task_type` SEQ_CLS (a reward model) also trains the classification head whole."""
     from peft import LoraConfig, get_peft_model
 
     targets = target_modules if target_modules == "all-linear" else [t.strip() for t in target_modules.split(",")]
-    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, task_type="CAUSAL_LM")
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, task_type=task_type)
     return get_peft_model(model, config)
 
 

@@ -81,7 +81,7 @@ def load_policy(model_dir: Path, config, engine: Engine):
     return model.to(engine.device)
 
 
-def make_trainable(model, config):
+def make_trainable(model, config, task_type: str = "CAUSAL_LM"):
     """LoRA adapters (when asked) and gradient checkpointing (asked, or by model size); returns the model to
     train. A quantised base is first prepared as peft prescribes (norms in float32, inputs that carry gradients)."""
     checkpointing = wants_gradient_checkpointing(model, config.gradient_checkpointing)
@@ -92,7 +92,8 @@ def make_trainable(model, config):
                                                 gradient_checkpointing_kwargs={"use_reentrant": False})
         checkpointing = False  # switched on just now, if wanted
     if config.use_lora:
-        model = add_lora(model, config.lora_r, config.lora_alpha, config.lora_dropout, config.lora_target_modules)
+        model = add_lora(model, config.lora_r, config.lora_alpha, config.lora_dropout, config.lora_target_modules,
+                         task_type)
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model

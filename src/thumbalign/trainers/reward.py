@@ -42,11 +42,7 @@ def _train(config, run: RunDir, log) -> dict:
     model.config.pad_token_id = tokenizer.pad_token_id
     model.config.thumbalign_principled = bool(config.principle_field)  # scoring then needs a principle
     udm = fit_udm(config, engine, run, data, model, tokenizer) if config.udm else None
-    model = make_trainable(model, config)
-    if config.use_lora:
-        for name, p in model.named_parameters():  # the new head always trains
-            if "score" in name:
-                p.requires_grad_(True)
+    model = make_trainable(model, config, task_type="SEQ_CLS")  # with LoRA, peft trains the new head whole
     task = RewardTask(config, engine, data, udm, tokenizer.pad_token_id)
     core = model.get_base_model() if config.use_lora else model
     engine.prepare(RewardScores(core), model, task.total_steps)
