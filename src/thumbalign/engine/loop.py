@@ -355,6 +355,10 @@ class Engine:
         if self.trackers:
             self.accelerator.log(scalars(results), step=self.total_steps)
         self.accelerator.wait_for_everyone()
+        # the wrapped model (DDP's reducer) holds the process group: let go of it first, so that the group really
+        # ends here and not in the interpreter's teardown
+        self.module = self.optimizer = None
+        self.accelerator.free_memory()
         self.accelerator.end_training()
 
     def _save(self, task: Task, run: RunDir, done: int, units_per_step: int) -> None:

@@ -105,13 +105,14 @@ def plain_copy(model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> torc
             from peft import get_peft_model
 
             copy = get_peft_model(copy, model.peft_config["default"])
-    missing, unexpected = copy.load_state_dict(weights, strict=False, assign=True)
-    for name, buffer in model.named_buffers():  # buffers are never sharded; the non-persistent ones (rotary
-        parent, _, leaf = name.rpartition(".")  # frequencies) are not in the state dict
+    _, unexpected = copy.load_state_dict(weights, strict=False, assign=True)
+    for name, buffer in model.named_buffers():
+        # buffers are never sharded; those still on the meta device were not in the state dict, so they are the
+        # non-persistent ones (rotary frequencies): taken from the trained model as they are
+        parent, _, leaf = name.rpartition(".")
         owner = copy.get_submodule(parent) if parent else copy
         if getattr(owner, leaf, None) is not None and getattr(owner, leaf).is_meta:
-            owner.register_buffer(leaf, buffer.detach().cpu().clone(), persistent=leaf not in
-                                  owner._non_persistent_buffers_set)
+            owner.register_buffer(leaf, buffer.detach().cpu().clone(), persistent=False)
     if hasattr(copy, "tie_weights"):
         copy.tie_weights()
     left = [n for n, p in [*copy.named_parameters(), *copy.named_buffers()] if p.is_meta]
