@@ -63,7 +63,7 @@ for name in ("bf16-full", "bf16-lora", "qlora-4bit"):
         continue
     rates = [l["samples_per_s"] for l in lines if l.get("samples_per_s")]
     rate = sorted(rates)[len(rates) // 2] if rates else float("nan")
-    peak = summary.get("peak_gpu_memory_gib", float("nan"))
+    peak = summary.get("peak_gpu_memory_gib") or float("nan")  # this process's, on the main GPU
     before, after = summary.get("eval_before", {}), summary.get("eval_after", {})
     print(f"{name:<12} {8 / rate:>7.3f} {rate:>9.1f} {peak:>12.2f} "
           f"{before.get('accuracy', float('nan')):>13.3f} → {after.get('accuracy', float('nan')):.3f}")

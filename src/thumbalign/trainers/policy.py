@@ -253,6 +253,7 @@ def _summary(config, engine: Engine, task: PolicyTask, model_dir, ref_from_cache
         **({"udm": udm.stats} if udm else {}),
         "reward_shift": task.objective.state_dict(), "threshold": task.objective.threshold,
         "final_metrics": last_line, **task.history, "settings": config.to_dict(),
+        **({"peak_gpu_memory_gib": torch.cuda.max_memory_allocated() / 2**30} if torch.cuda.is_available() else {}),
     }
 
 
