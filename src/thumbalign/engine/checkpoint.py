@@ -187,17 +187,25 @@ def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
     return _load_rest(path, scheduler)
 
 
-def _load_unsharded(path: Path, model, optimizer) -> None:
+def _read_unsharded(path: Path, model) -> tuple[dict[str, torch.Tensor], dict]:
+    """An unsharded checkpoint's weights (checked against `model`'s trainable ones) and optimizer state."""
     weights = load_file(str(path / "weights.safetensors"))
     params = trainable_state(model)
     if set(weights) != set(params):
         raise ValueError(f"{path}: checkpoint weights do not match the model being trained "
                          f"({len(weights)} tensors saved, {len(params)} trainable)")
+    optim = _join_optimizer(load_file(str(path / "optimizer.safetensors")),
+                            json.loads((path / "optimizer.json").read_text()))
+    return weights, optim
+
+
+def _load_unsharded(path: Path, model, optimizer) -> None:
+    weights, optim = _read_unsharded(path, model)
+    params = trainable_state(model)
     with torch.no_grad():
         for name, tensor in weights.items():
             params[name].copy_(tensor)
-    opt_plain = json.loads((path / "optimizer.json").read_text())
-    optimizer.load_state_dict(_join_optimizer(load_file(str(path / "optimizer.safetensors")), opt_plain))
+    optimizer.load_state_dict(optim)
 
 
 def _load_rest(path: Path, scheduler) -> dict:
@@ -284,13 +292,8 @@ def _load_unsharded_into_sharded(path: Path, model, optimizer) -> None:
     shard of them. The optimizer's entries, numbered by parameter there, are named here."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
-    weights = load_file(str(path / "weights.safetensors"))
+    weights, numbered = _read_unsharded(path, model)
     names = list(trainable_state(model))
-    if set(weights) != set(names):
-        raise ValueError(f"{path}: checkpoint weights do not match the model being trained "
-                         f"({len(weights)} tensors saved, {len(names)} trainable)")
-    numbered = _join_optimizer(load_file(str(path / "optimizer.safetensors")),
-                               json.loads((path / "optimizer.json").read_text()))
     optim = {"state": {names[pid]: values for pid, values in numbered["state"].items()},
              "param_groups": [{**group, "params": [names[i] for i in group["params"]]}
                               for group in numbered["param_groups"]]}

@@ -188,11 +188,6 @@ class Engine:
 
         config = self.config
         self.model, self.total_steps = model, total_steps
-        self.params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(self.params, lr=config.learning_rate, weight_decay=config.weight_decay)
-        self.scheduler = get_scheduler(config.lr_scheduler_type, optimizer,
-                                       num_warmup_steps=int(round(config.warmup_ratio * total_steps)),
-                                       num_training_steps=total_steps)
         kind = self.accelerator.distributed_type
         if kind == DistributedType.DEEPSPEED and self.accelerator.state.deepspeed_plugin.zero_stage >= 3:
             raise ConfigError("ZeRO-3 shards the weights, and thumbalign's checkpoints and evaluation gather sharded "
@@ -205,16 +200,16 @@ class Engine:
             if not torch.distributed.is_initialized():
                 raise ConfigError("FSDP needs a distributed launch: start the run with --accelerate-config fsdp "
                                   "(and --num-processes N)")
-            # the optimizer must hold the sharded parameters, which only exist once the model is sharded
+            # before the optimizer: it must hold the sharded parameters, which only exist once the model is sharded
             sharding.shard(module, model, self.device, self.bf16)
-            self.params = [p for p in model.parameters() if p.requires_grad]
-            optimizer = torch.optim.AdamW(self.params, lr=config.learning_rate, weight_decay=config.weight_decay)
-            self.scheduler = get_scheduler(config.lr_scheduler_type, optimizer,
-                                           num_warmup_steps=int(round(config.warmup_ratio * total_steps)),
-                                           num_training_steps=total_steps)
-            self.module, self.optimizer = module, optimizer
-            return
-        self.module, self.optimizer = self.accelerator.prepare(module, optimizer)
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(self.params, lr=config.learning_rate, weight_decay=config.weight_decay)
+        self.scheduler = get_scheduler(config.lr_scheduler_type, optimizer,
+                                       num_warmup_steps=int(round(config.warmup_ratio * total_steps)),
+                                       num_training_steps=total_steps)
+        # sharded, the module is already what trains; otherwise accelerate wraps it (DDP, DeepSpeed)
+        self.module, self.optimizer = ((module, optimizer) if self.sharded
+                                       else self.accelerator.prepare(module, optimizer))
 
     def start(self, run: RunDir, task: Task, config, units_per_step: int,
               data_fingerprint: dict | None = None) -> int:
