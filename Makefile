@@ -5,6 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 QLORA  := $(VENV)/qlora-site
+DEEPSPEED := $(VENV)/ds-site
 
 .PHONY: install test demo examples clean
 
@@ -19,6 +20,10 @@ $(STAMP): pyproject.toml Makefile
 	# bitsandbytes for the QLoRA tests, in a folder of its own: peft imports it whenever it can (2.6 s in every
 	# process), which would slow every other test's subprocesses
 	$(BIN)/python -m pip install --quiet --no-deps --target $(QLORA) 'bitsandbytes>=0.46,<0.51'
+	# DeepSpeed for the ZeRO-2/3 tests, likewise in a folder of its own (only the processes those tests launch load
+	# it), with the dependencies the environment lacks; DS_BUILD_OPS=0: no kernels are compiled (CPU runs need none)
+	DS_BUILD_OPS=0 $(BIN)/python -m pip install --quiet --no-deps --target $(DEEPSPEED) 'deepspeed==0.19.8' \
+		'hjson==3.1.0' 'ninja==1.13.2' 'py-cpuinfo==9.0.0' 'msgpack==1.2.4' 'einops==0.8.2'
 	touch $(STAMP)
 
 install: $(STAMP)

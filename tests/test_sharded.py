@@ -1,6 +1,7 @@
-"""FSDP2 on this machine's CPU: two gloo processes, each holding half of every weight, gradient and optimizer moment.
-They must train as one process does, write sharded checkpoints that survive SIGKILL, and resume with another number
-of processes (the checkpoint's pieces are redistributed on load)."""
+"""Sharded training on this machine's CPU: two gloo processes under FSDP2 or DeepSpeed ZeRO-3, each holding half of
+every weight, gradient and optimizer moment (ZeRO-2: of every optimizer moment). They must train as one process
+does, write sharded checkpoints that survive SIGKILL, and resume with another number of processes or another engine
+(the checkpoint's pieces are redistributed on load)."""
 
 import json
 import os
@@ -8,6 +9,8 @@ import signal
 import subprocess
 import sys
 import time
+
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,6 +21,9 @@ from test_faults import _one_line
 from thumbalign.engine import checkpoint as ckpt
 
 FSDP = ("--num-processes", 2, "--accelerate-config", "fsdp")
+# DeepSpeed is installed beside the virtual environment (the Makefile), for the processes that use it only
+DEEPSPEED_SITE = Path(__file__).resolve().parents[1] / ".venv" / "ds-site"
+DEEPSPEED = {"PYTHONPATH": os.pathsep.join(filter(None, [str(DEEPSPEED_SITE), os.environ.get("PYTHONPATH")]))}
 
 
 def _args(command, data, model, out, *extra):
@@ -91,15 +97,20 @@ STEPS = ("--max-steps", 6, "--gradient-accumulation-steps", 2, "--save-steps", 2
 # 16 rows, 5 held out: 11 examples, 8 per step; UDM's prompt classifier runs on the policy's own embeddings
 SETTINGS = (*STEPS, "--eval-split", "0.3", "--udm", "--udm-encoder", "policy")
 ONE, TWO = ("--per-device-train-batch-size", 4), ("--per-device-train-batch-size", 2, *FSDP)
+ZERO3 = ("--per-device-train-batch-size", 2, "--num-processes", 2, "--accelerate-config", "zero3")
+ZERO2 = ("--per-device-train-batch-size", 2, "--num-processes", 2, "--accelerate-config", "zero2")
 
 
 @pytest.fixture(scope="module")
 def straight(tmp_path_factory, tiny_llama):
-    """The same 6 steps in one process and in two FSDP processes, uninterrupted: the yardsticks of this file."""
+    """The same 6 steps in one process, in two FSDP processes and in two DeepSpeed ZeRO-3 and ZeRO-2 processes,
+    uninterrupted: the yardsticks of this file."""
     root = tmp_path_factory.mktemp("straight")
     data = write_jsonl(root / "f.jsonl", toy_feedback(16))
-    for name, processes in (("one", ONE), ("two", TWO)):
-        _finish(_start(_args(["train"], data, tiny_llama, root / name, *SETTINGS, *processes), root, f"{name}.log"))
+    for name, processes, env in (("one", ONE, None), ("two", TWO, None), ("zero3", ZERO3, DEEPSPEED),
+                                 ("zero2", ZERO2, DEEPSPEED)):
+        _finish(_start(_args(["train"], data, tiny_llama, root / name, *SETTINGS, *processes), root, f"{name}.log",
+                       env))
     return root
 
 
@@ -121,20 +132,50 @@ def test_two_fsdp_processes_train_like_one(straight):
     _close(unsharded, restored, atol=1e-5)  # the shards put together are the one-process checkpoint's weights
 
 
-def test_two_fsdp_processes_train_a_lora_reward_model_like_one(tmp_path, tiny_llama):
-    """LoRA under FSDP: frozen and trained weights share each sharded unit."""
+def test_two_deepspeed_processes_train_like_one(straight):
+    """DeepSpeed on CPU processes (gloo): ZeRO-3 shards the weights, ZeRO-2 the optimizer's master weights and
+    moments. Both train as one process does, with UDM and the held-out evaluation before and after."""
+    one = straight / "one"
+    s1 = json.loads((one / "summary.json").read_text())
+    for name in ("zero3", "zero2"):
+        run = straight / name
+        _close(_weights(one), _weights(run), atol=1e-5)
+        _same_losses(one, run)
+        summary = json.loads((run / "summary.json").read_text())
+        assert summary["world_size"] == 2
+        for when in ("eval_before", "eval_after"):  # under ZeRO-3 the evaluation ran on the sharded model
+            assert summary[when]["accuracy"] == s1[when]["accuracy"]
+            assert summary[when]["auc"] == pytest.approx(s1[when]["auc"], abs=1e-6)
+    last = "checkpoints/step-000006"
+    unsharded = load_file(str(one / last / "weights.safetensors"))
+    # ZeRO-3: each process wrote its own shard (the flattened parameter's half); put together, they are the weights
+    shards = sorted((straight / "zero3" / last / ckpt.SHARDED_DIR).glob("*.safetensors"))
+    assert len(shards) == 2 and not (straight / "zero3" / last / "weights.safetensors").exists()
+    flat = {k.removeprefix("model/"): v for k, v in _sharded_state(straight / "zero3" / last).items()
+            if k.startswith("model/")}
+    _close({k: v.reshape(-1) for k, v in unsharded.items()}, flat, atol=1e-5)
+    # ZeRO-2: the pieces of the master weights and Adam moments, gathered, are the one-process checkpoint's
+    _close(unsharded, load_file(str(straight / "zero2" / last / "weights.safetensors")), atol=1e-5)
+    _close(load_file(str(one / last / "optimizer.safetensors")),
+           load_file(str(straight / "zero2" / last / "optimizer.safetensors")), atol=1e-9, rtol=1e-3)
+
+
+def test_two_sharded_processes_train_a_lora_reward_model_like_one(tmp_path, tiny_llama):
+    """LoRA under FSDP and under ZeRO-3: frozen and trained weights share each sharded unit."""
     data = write_jsonl(tmp_path / "f.jsonl", toy_feedback(13))
     common = ("--max-steps", 3, "--gradient-accumulation-steps", 2, "--eval-split", "0.3", "--use-lora",
               "--learning-rate", "1e-2")
-    for name, processes in (("one", ONE), ("two", TWO)):
+    for name, processes, env in (("one", ONE, None), ("two", TWO, None), ("zero3", ZERO3, DEEPSPEED)):
         _finish(_start(_args(["reward", "train"], data, tiny_llama, tmp_path / name, *common, *processes), tmp_path,
-                       f"{name}.log"))
+                       f"{name}.log", env))
     base = load_file(str(tiny_llama / "model.safetensors"))
-    one, two = _weights(tmp_path / "one"), _weights(tmp_path / "two")
-    _close(one, two, atol=1e-5)
+    one = _weights(tmp_path / "one")
     assert any(not torch.equal(one[k], base[k]) for k in base if k in one)  # the merged adapters moved weights
-    s1, s2 = (json.loads((tmp_path / r / "summary.json").read_text()) for r in ("one", "two"))
-    assert s2["eval"]["auc"] == pytest.approx(s1["eval"]["auc"], abs=1e-6)
+    s1 = json.loads((tmp_path / "one" / "summary.json").read_text())
+    for name in ("two", "zero3"):
+        _close(one, _weights(tmp_path / name), atol=1e-5)
+        s2 = json.loads((tmp_path / name / "summary.json").read_text())
+        assert s2["eval"]["auc"] == pytest.approx(s1["eval"]["auc"], abs=1e-6)
 
 
 def _steps_done(run):
@@ -172,9 +213,59 @@ def test_sigkill_inside_a_sharded_save_then_resumes_by_other_process_counts_equa
     assert (run / "checkpoints" / "step-000004" / "weights.safetensors").exists()  # written unsharded
     resumed = _start(_args(["train"], data, tiny_llama, run, *SETTINGS, *TWO, "--resume"), tmp_path, "last.log")
     assert "Resumed from" in _finish(resumed) and _steps_done(run)[-1] == 6
-    uninterrupted, last = straight / "two", "checkpoints/step-000006"
+    _same_end(straight / "two", run)
+
+
+def test_sigkill_inside_a_zero3_save_then_resumes_by_zero2_and_zero3_equal_an_uninterrupted_run(
+        tmp_path, tiny_llama, straight):
+    """Two ZeRO-3 processes, SIGKILLed inside their step-4 save (both shards written, the folder not yet in place);
+    resumed from step 2 by two ZeRO-2 processes (the flattened shards put back into whole weights) and killed once
+    they have saved step 4 (the optimizer's pieces gathered into an unsharded checkpoint); finished by two ZeRO-3
+    processes, which cut the whole tensors into their shards. The end is the uninterrupted ZeRO-3 run's."""
+    data, run = straight / "f.jsonl", tmp_path / "run"
+    slow = {"THUMBALIGN_TEST_CHECKPOINT_PAUSE": "2", **DEEPSPEED}
+    killed = _start(_args(["train"], data, tiny_llama, run, *SETTINGS, *ZERO3), tmp_path, "first.log", env=slow)
+
+    def inside_the_step_4_save():  # step 2 is complete, and both processes have written their shards of step 4
+        staging = list((run / "checkpoints").glob(".staging-step-000004-*"))
+        return _steps_done(run) == [2] and staging and len(list(staging[0].rglob("*.safetensors"))) == 2
+
+    _wait_for(inside_the_step_4_save, killed)
+    _kill_all(killed)
+    assert _steps_done(run) == [2]  # the interrupted save left no checkpoint under a real name
+    killed = _start(_args(["train"], data, tiny_llama, run, *SETTINGS, *ZERO2, "--resume"), tmp_path, "second.log",
+                    env=slow)
+    _wait_for(lambda: max(_steps_done(run), default=0) == 4, killed)  # the run reports step 4 saved
+    _kill_all(killed)
+    assert (run / "checkpoints" / "step-000004" / "weights.safetensors").exists()  # written unsharded
+    resumed = _start(_args(["train"], data, tiny_llama, run, *SETTINGS, *ZERO3, "--resume"), tmp_path, "last.log",
+                     env=DEEPSPEED)
+    assert "Resumed from" in _finish(resumed) and _steps_done(run)[-1] == 6
+    _same_end(straight / "zero3", run)
+
+
+def test_zero3_shards_of_two_processes_resume_in_four(tmp_path, tiny_llama, straight):
+    """Four ZeRO-3 processes continue two processes' step-4 checkpoint: DCP hands each its quarter of every flattened
+    parameter, cut from the writers' halves (parameters whose size 4 does not divide end in padding)."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(straight / "zero3", run)
+    for written_later in (run / "checkpoints" / "step-000006", run / "model"):
+        shutil.rmtree(written_later)
+    four = ("--per-device-train-batch-size", 1, "--num-processes", 4, "--accelerate-config", "zero3")
+    resumed = _start(_args(["train"], straight / "f.jsonl", tiny_llama, run, *SETTINGS, *four, "--resume"), tmp_path,
+                     "four.log", env=DEEPSPEED)
+    assert "Resumed from" in _finish(resumed)
+    assert json.loads((run / "summary.json").read_text())["world_size"] == 4
+    _same_end(straight / "zero3", run)
+
+
+def _same_end(uninterrupted, run):
+    """Weights, the Adam moments shard by shard, scheduler, optimizer settings, δ and every metrics line."""
+    last = "checkpoints/step-000006"
     _close(_weights(uninterrupted), _weights(run), atol=1e-5)
-    # weights and Adam moments, shard by shard; the moments are tiny, so they are compared relatively
+    # the moments are tiny, so they are compared relatively
     _close(_sharded_state(uninterrupted / last), _sharded_state(run / last), atol=1e-9, rtol=1e-3)
     for name in ("scheduler.json", "optimizer.json"):
         assert json.loads((run / last / name).read_text()) == json.loads((uninterrupted / last / name).read_text())
@@ -191,8 +282,10 @@ def _user_config(tmp_path, text):
 
 
 @pytest.mark.parametrize("make_config,message", [
-    (lambda tmp: "zero3", "--accelerate-config zero3: zero_stage 3 is not supported"),
-    (lambda tmp: "zero2", "distributed_type DEEPSPEED runs on GPUs, and this machine has none"),
+    # this test process runs without the DeepSpeed folder the launched processes get (DEEPSPEED)
+    (lambda tmp: "zero2", "--accelerate-config zero2: distributed_type DEEPSPEED needs DeepSpeed (pip install deepspeed)"),
+    (lambda tmp: _user_config(tmp, "distributed_type: DEEPSPEED\ndeepspeed_config:\n  zero_stage: 3\n"
+                                   "  offload_param_device: nvme\n"), "offload_param_device: nvme is not supported"),
     (lambda tmp: _user_config(tmp, "distributed_type: FSDP\nfsdp_config:\n  fsdp_version: 1\n"),
      "fsdp_version 1 is not supported; set fsdp_version: 2"),
     (lambda tmp: _user_config(tmp, "distributed_type: XLA\n"), "distributed_type XLA is not supported"),
@@ -211,10 +304,13 @@ def test_an_accelerate_config_that_cannot_run_here_is_one_line_before_any_proces
     assert not (tmp_path / "run").exists()  # refused before anything was launched or written
 
 
-def test_online_under_fsdp_is_refused_in_one_line(tmp_path, tiny_llama, capsys):
+def test_online_under_fsdp_or_zero3_is_refused_in_one_line(tmp_path, tiny_llama, capsys):
     from thumbalign.cli import main
 
     prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "2+2?", "reference": "4"}])
     assert main(["online", "--prompts", str(prompts), "--model", str(tiny_llama), "--output-dir", str(tmp_path / "o"),
                  "--reward", "contains_reference", *map(str, FSDP)]) == 2
     assert "thumbalign online does not run under FSDP yet" in _one_line(capsys)
+    assert main(["online", "--prompts", str(prompts), "--model", str(tiny_llama), "--output-dir", str(tmp_path / "o"),
+                 "--reward", "contains_reference", "--num-processes", "2", "--accelerate-config", "zero3"]) == 2
+    assert "thumbalign online does not run with sharded weights (zero_stage 3) yet" in _one_line(capsys)

@@ -56,12 +56,15 @@ def check_accelerate_config(config, shardable: bool = True) -> None:
     kind = str(settings.get("distributed_type", "NO")).upper()
     if kind == "DEEPSPEED":
         stage = (settings.get("deepspeed_config") or {}).get("zero_stage")
-        if stage == 3:
-            raise ConfigError(f"{where}: zero_stage 3 is not supported (thumbalign gathers sharded weights for "
-                              "checkpoints and evaluation through FSDP only); use --accelerate-config fsdp")
-        if not gpus_here():
-            raise ConfigError(f"{where}: distributed_type DEEPSPEED runs on GPUs, and this machine has none; use "
-                              "--accelerate-config fsdp or ddp on CPU processes")
+        if stage == 3 and not shardable:
+            raise ConfigError(f"{where}: thumbalign online does not run with sharded weights (zero_stage 3) yet "
+                              "(sampling would need every process to gather each layer in step); use "
+                              "--accelerate-config ddp or zero2")
+        nvme = [k for k, v in (settings.get("deepspeed_config") or {}).items()
+                if k.startswith("offload_") and str(v).lower() == "nvme"]
+        if nvme:
+            raise ConfigError(f"{where}: {nvme[0]}: nvme is not supported (thumbalign checkpoints the shards DeepSpeed "
+                              "keeps in memory); use none or cpu")
         if importlib.util.find_spec("deepspeed") is None:
             raise ConfigError(f"{where}: distributed_type DEEPSPEED needs DeepSpeed (pip install deepspeed)")
     elif kind == "FSDP":
@@ -72,19 +75,14 @@ def check_accelerate_config(config, shardable: bool = True) -> None:
             raise ConfigError(f"{where}: thumbalign online does not run under FSDP yet (sampling would need every "
                               "process to gather each layer in step); use --accelerate-config ddp")
     elif kind not in ("NO", "MULTI_GPU", "MULTI_CPU"):
-        raise ConfigError(f"{where}: distributed_type {kind} is not supported; use ddp, zero2 or fsdp")
-
-
-def gpus_here() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
+        raise ConfigError(f"{where}: distributed_type {kind} is not supported; use ddp, zero2, zero3 or fsdp")
 
 
 def launch_processes(argv: list[str], config) -> int:
     """Re-run this same command in `num_processes` linked processes.
 
-    GPUs: `accelerate launch` (with a shipped DDP / DeepSpeed ZeRO / FSDP2 config, or the user's). CPUs:
+    With an accelerate config, or GPUs: `accelerate launch` (with a shipped DDP / DeepSpeed ZeRO / FSDP2 config, or
+    the user's; all of them run on CPU processes too). CPUs otherwise:
     `torch.distributed.run`, which starts N processes that find each other and train on the gloo backend. (Plain
     `accelerate launch --cpu --num_processes N` starts one process; without --cpu, N unlinked copies.)
     """
@@ -168,7 +166,7 @@ def check_machines(config) -> None:
 def run_training(args, argv: list[str], config_class, trainer: Callable[[], Callable], shardable: bool = True) -> int:
     """Settings from the flags and the YAML file, then either the run in this process or, with --num-processes N
     (and not already one of N), the launch of N. `trainer()` imports the trainer only when it runs: the imports load
-    torch, which --help never needs. `shardable`: the trainer runs under FSDP."""
+    torch, which --help never needs. `shardable`: the trainer runs with sharded weights (FSDP, ZeRO-3)."""
     config = build_config(args, config_class)
     check_machines(config)
     if (config.num_processes > 1 or config.num_machines > 1) and "WORLD_SIZE" not in os.environ:

@@ -4,7 +4,7 @@ set plus one complete new one, never a half-written folder under a real name.
 
 No pickle anywhere: tensors go to safetensors, everything else to JSON.
 
-A sharded (FSDP) run writes its weights and optimizer moments with `torch.distributed.checkpoint`: every process its
+A sharded run (FSDP, or DeepSpeed ZeRO-3) writes its weights and optimizer moments with `torch.distributed.checkpoint`: every process its
 own shard, as safetensors files whose headers record where each piece lies (PyTorch's HuggingFace storage format), so
 any number of processes — or one unsharded process — can read them back, each taking the pieces it needs.
 """
@@ -22,6 +22,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
+
+from . import zero
 
 CHECKPOINT_RE = re.compile(r"^step-(\d+)$")
 STATE_FILE = "trainer_state.json"
@@ -103,13 +105,15 @@ def set_rng_state(tensors: dict[str, torch.Tensor], plain: dict) -> None:
 # --------------------------------------------------------------------------- save / find / load
 
 def save_checkpoint(checkpoints_dir: Path, step: int, model, optimizer, scheduler, trainer_state: dict,
-                    keep: int) -> Path:
+                    keep: int, gathered: tuple[dict, dict] | None = None) -> Path:
+    """An unsharded checkpoint, written by one process. `gathered`: the weights and the optimizer state, already put
+    together from the processes' pieces (ZeRO-1/2), instead of the model's and the optimizer's own."""
     checkpoints_dir.mkdir(parents=True, exist_ok=True)
     staging = checkpoints_dir / f".staging-step-{step:06d}-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
     try:
-        _write_checkpoint(staging, model, optimizer, scheduler, trainer_state)
+        _write_checkpoint(staging, model, optimizer, scheduler, trainer_state, gathered)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)  # a failed save (disk full) leaves nothing half-written behind
         raise
@@ -136,10 +140,12 @@ def _test_pause() -> None:
         time.sleep(float(os.environ["THUMBALIGN_TEST_CHECKPOINT_PAUSE"]))
 
 
-def _write_checkpoint(staging: Path, model, optimizer, scheduler, trainer_state: dict) -> None:
-    _save_tensors(staging / "weights.safetensors", trainable_state(model))
+def _write_checkpoint(staging: Path, model, optimizer, scheduler, trainer_state: dict,
+                      gathered: tuple[dict, dict] | None = None) -> None:
+    weights, optim = gathered or (trainable_state(model), optimizer.state_dict())
+    _save_tensors(staging / "weights.safetensors", weights)
     _test_pause()
-    opt_tensors, opt_plain = _split_optimizer(optimizer.state_dict())
+    opt_tensors, opt_plain = _split_optimizer(optim)
     _save_tensors(staging / "optimizer.safetensors", opt_tensors)
     _write_json(staging / "optimizer.json", opt_plain)
     _write_rest(staging, scheduler, trainer_state)
@@ -173,17 +179,27 @@ def remove_stale_staging(checkpoints_dir: Path) -> None:
             shutil.rmtree(path, ignore_errors=True)
 
 
-def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
-    """Restore `path` into the model, optimizer, scheduler and RNG; return the trainer state. A sharded checkpoint
-    loads into any number of processes, sharded or not; an unsharded one into an unsharded model."""
-    from .sharding import is_sharded
-
-    if (path / SHARDED_DIR).is_dir():
+def load_checkpoint(path: Path, model, optimizer, scheduler, sharding: str | None = None) -> dict:
+    """Restore `path` into the model, optimizer, scheduler and RNG; return the trainer state. `sharding` is how this
+    run holds its weights: None (whole in every process), "zero12" (whole weights, DeepSpeed's optimizer sharded),
+    "fsdp" or "zero3". A checkpoint written the same way is
+    read piece by piece, each process its own shards, resharded by DCP when the number of processes changed. One
+    written another way is read whole by every process and then cut to this run's shape."""
+    state = json.loads((path / STATE_FILE).read_text())
+    saved = {True: "fsdp", False: None}.get(state.get("sharded"), state.get("sharded"))
+    if not (path / SHARDED_DIR).is_dir():
+        saved = None
+    if saved == sharding == "zero3":
+        _load_zero3(path, model, optimizer)
+    elif saved == "fsdp" and sharding in ("fsdp", None):  # DCP reads into shards and into whole tensors alike
         _load_sharded(path, model, optimizer)
-    elif is_sharded(model):
-        _load_unsharded_into_sharded(path, model, optimizer)
-    else:
+    elif saved is None and sharding is None:
         _load_unsharded(path, model, optimizer)
+    else:
+        weights, optim = _read_whole(path, model, saved)
+        put = {"zero3": _put_whole_into_zero3, "fsdp": _put_whole_into_fsdp, "zero12": zero.set_whole}.get(
+            sharding, _put_whole_into_plain)
+        put(model, optimizer, weights, optim)
     return _load_rest(path, scheduler)
 
 
@@ -216,12 +232,19 @@ def _load_rest(path: Path, scheduler) -> dict:
 
 # --------------------------------------------------------------------------- sharded (FSDP) checkpoints
 
-def _sharded_state(model, optimizer) -> tuple[dict, dict, dict[str, torch.Tensor]]:
+def _sharded_state(model, optimizer, sharding: str = "fsdp") -> tuple[dict, dict, dict[str, torch.Tensor]]:
     """The model's trainable weights and the optimizer's state keyed by parameter name (PyTorch's distributed state
     dict: each process's tensors are its shards), and one flat name → tensor view of both that shares their storage,
     so that loading into the view restores them in place."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
+    if sharding == "zero3":
+        flat = zero.shard_views(model, optimizer)
+        inner = optimizer.optimizer.optimizer  # accelerate's wrapper, DeepSpeed's ZeRO-3 optimizer, torch's AdamW
+        # the engine's optimizer has one group, of every trainable parameter
+        groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": list(trainable_state(model))}
+                  for g in inner.param_groups]
+        return {}, {"param_groups": groups, "state": {}}, flat
     weights, optim = get_state_dict(model, optimizer, options=StateDictOptions(ignore_frozen_params=True))
     once = {name for name, _ in model.named_parameters()}  # tied weights (input and output embeddings) once
     flat = {f"model/{name}": t for name, t in weights.items() if name in once}
@@ -231,7 +254,7 @@ def _sharded_state(model, optimizer) -> tuple[dict, dict, dict[str, torch.Tensor
 
 
 def save_sharded_checkpoint(checkpoints_dir: Path, step: int, model, optimizer, scheduler, trainer_state: dict,
-                            keep: int, is_main: bool, barrier) -> None:
+                            keep: int, is_main: bool, barrier, sharding: str = "fsdp") -> None:
     """Called by every process: each writes its shard into the staging folder; then the main process adds the small
     JSON files (the trainer state last) and renames the folder into place. Nothing is gathered onto one process."""
     import torch.distributed.checkpoint as dcp
@@ -242,7 +265,7 @@ def save_sharded_checkpoint(checkpoints_dir: Path, step: int, model, optimizer, 
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
     barrier()
-    _, optim, flat = _sharded_state(model, optimizer)
+    _, optim, flat = _sharded_state(model, optimizer, sharding)
     dcp.save(flat, storage_writer=HuggingFaceStorageWriter(str(staging / SHARDED_DIR), save_distributed=True))
     if not is_main:
         return
@@ -259,15 +282,8 @@ def save_sharded_checkpoint(checkpoints_dir: Path, step: int, model, optimizer, 
     _publish(checkpoints_dir, staging, step, keep)
 
 
-def _load_sharded(path: Path, model, optimizer) -> None:
-    """Every process reads the pieces of its own shards (DCP reshards when the number of processes changed)."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint import HuggingFaceStorageReader
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
-
-    weights, optim, flat = _sharded_state(model, optimizer)
-    reader = HuggingFaceStorageReader(str(path / SHARDED_DIR))
-    saved = reader.read_metadata().state_dict_metadata
+def _check_saved(path: Path, flat: dict[str, torch.Tensor], saved: dict) -> None:
+    """The checkpoint holds the same tensors, of the same shapes, as the run resuming from it."""
     missing, extra = sorted(set(flat) - set(saved)), sorted(set(saved) - set(flat))
     if missing or extra:
         raise ValueError(f"{path} holds other weights than the model being trained (not in the checkpoint: "
@@ -278,6 +294,17 @@ def _load_sharded(path: Path, model, optimizer) -> None:
     if shapes:
         name, was, now = shapes[0]
         raise ValueError(f"{path}: {name} was saved with shape {was}, the model being trained has {now}")
+
+
+def _load_sharded(path: Path, model, optimizer) -> None:
+    """Every process reads the pieces of its own shards (DCP reshards when the number of processes changed)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import HuggingFaceStorageReader
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+    weights, optim, flat = _sharded_state(model, optimizer)
+    reader = HuggingFaceStorageReader(str(path / SHARDED_DIR))
+    _check_saved(path, flat, reader.read_metadata().state_dict_metadata)
     dcp.load(flat, storage_reader=reader)
     plain = json.loads((path / "optimizer.json").read_text())
     optim["param_groups"] = plain["param_groups"]
@@ -287,15 +314,106 @@ def _load_sharded(path: Path, model, optimizer) -> None:
                    options=StateDictOptions(ignore_frozen_params=True))
 
 
-def _load_unsharded_into_sharded(path: Path, model, optimizer) -> None:
-    """An unsharded run's checkpoint continued by a sharded one: every process reads the whole tensors and keeps its
-    shard of them. The optimizer's entries, numbered by parameter there, are named here."""
+def _read_whole(path: Path, model, saved: str | None) -> tuple[dict[str, torch.Tensor], dict]:
+    """Every trainable weight and optimizer entry of a checkpoint, whole and shaped like the model's parameters, the
+    optimizer's entries named by parameter: what a run holding its weights differently from the writer's resumes
+    from."""
+    if saved is None:
+        weights, numbered = _read_unsharded(path, model)
+        names = list(trainable_state(model))
+        return weights, {"state": {names[pid]: values for pid, values in numbered["state"].items()},
+                         "param_groups": [{**group, "params": [names[i] for i in group["params"]]}
+                                          for group in numbered["param_groups"]]}
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import HuggingFaceStorageReader
+
+    reader = HuggingFaceStorageReader(str(path / SHARDED_DIR))
+    saved_meta = reader.read_metadata().state_dict_metadata
+    params = trainable_state(model)
+    expected = {f"model/{name}" for name in params}
+    missing, extra = sorted(expected - set(saved_meta)), sorted(n for n in saved_meta if n.startswith("model/")
+                                                                 and n not in expected)
+    if missing or extra:
+        raise ValueError(f"{path} holds other weights than the model being trained (not in the checkpoint: "
+                         f"{missing[:2]}; not in the model: {extra[:2]}); resume with the model and --use-lora "
+                         "settings it was written with")
+    whole = {name: torch.empty(tuple(meta.size), dtype=meta.properties.dtype) for name, meta in saved_meta.items()}
+    dcp.load(whole, storage_reader=reader)
+    plain = json.loads((path / "optimizer.json").read_text())
+    weights, optim = {}, {"state": {}, "param_groups": plain["param_groups"]}
+    for key, tensor in whole.items():
+        kind, rest = key.split("/", 1)
+        if kind == "model":
+            weights[rest] = _shaped(tensor, params[rest], key, path)
+        else:
+            name, entry = rest.rsplit("/", 1)
+            moment = entry != "step" and tensor.numel() == params[name].numel()
+            value = _shaped(tensor, params[name], key, path) if moment else tensor
+            optim["state"].setdefault(name, {})[entry] = value
+    for name, values in plain.get("state", {}).items():
+        optim["state"].setdefault(name, {}).update(values)
+    return weights, optim
+
+
+def _shaped(tensor: torch.Tensor, param: torch.Tensor, key: str, path: Path) -> torch.Tensor:
+    """A saved tensor in its parameter's shape (ZeRO-3 checkpoints hold parameters flattened)."""
+    shape = param.ds_shape if hasattr(param, "ds_shape") else param.shape
+    if tensor.numel() != shape.numel():
+        raise ValueError(f"{path}: {key} was saved with shape {tuple(tensor.shape)}, the model being trained has "
+                         f"{tuple(shape)}")
+    return tensor.reshape(shape)
+
+
+def _put_whole_into_plain(model, optimizer, weights: dict[str, torch.Tensor], optim: dict) -> None:
+    """Whole tensors into a run that holds whole weights; the optimizer numbers its entries by parameter."""
+    params = trainable_state(model)
+    number = {name: i for i, name in enumerate(params)}
+    with torch.no_grad():
+        for name, tensor in weights.items():
+            params[name].copy_(tensor)
+    optimizer.load_state_dict({"state": {number[name]: values for name, values in optim["state"].items()},
+                               "param_groups": [{**group, "params": [number[n] for n in group["params"]]}
+                                                for group in optim["param_groups"]]})
+
+
+def _put_whole_into_fsdp(model, optimizer, weights: dict[str, torch.Tensor], optim: dict) -> None:
+    """Whole tensors into an FSDP run: every process keeps its shard of them."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
-    weights, numbered = _read_unsharded(path, model)
-    names = list(trainable_state(model))
-    optim = {"state": {names[pid]: values for pid, values in numbered["state"].items()},
-             "param_groups": [{**group, "params": [names[i] for i in group["params"]]}
-                              for group in numbered["param_groups"]]}
     set_state_dict(model, optimizer, model_state_dict=weights, optim_state_dict=optim,
                    options=StateDictOptions(full_state_dict=True, ignore_frozen_params=True))
+
+
+def _put_whole_into_zero3(model, optimizer, weights: dict[str, torch.Tensor], optim: dict) -> None:
+    zero.ensure_optimizer_state(optimizer)
+    flat = {f"model/{name}": t for name, t in weights.items()}
+    for name, values in optim["state"].items():
+        flat.update({f"optim/{name}/{key}": v for key, v in values.items() if torch.is_tensor(v)})
+    zero.set_shards(model, optimizer, flat)
+    _set_group_settings(optimizer, optim["param_groups"])
+    zero.refresh_after_load(optimizer)
+
+
+def _set_group_settings(optimizer, groups: list[dict]) -> None:
+    """Learning rate, betas, weight decay… of each parameter group (not which parameters it holds)."""
+    inner = getattr(optimizer, "optimizer", optimizer)
+    inner = getattr(inner, "optimizer", inner)  # accelerate's wrapper, then DeepSpeed's
+    for group, saved in zip(inner.param_groups, groups):
+        group.update({k: v for k, v in saved.items() if k != "params"})
+
+
+# --------------------------------------------------------------------------- sharded (ZeRO-3) checkpoints
+
+def _load_zero3(path: Path, model, optimizer) -> None:
+    """Every process reads the pieces of its own shards into DeepSpeed's master weights and moments."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import HuggingFaceStorageReader
+
+    zero.ensure_optimizer_state(optimizer)
+    flat = zero.shard_views(model, optimizer)
+    reader = HuggingFaceStorageReader(str(path / SHARDED_DIR))
+    _check_saved(path, flat, reader.read_metadata().state_dict_metadata)
+    dcp.load(flat, storage_reader=reader)
+    zero.set_step_counts(model, optimizer, flat)
+    _set_group_settings(optimizer, json.loads((path / "optimizer.json").read_text())["param_groups"])
+    zero.refresh_after_load(optimizer)

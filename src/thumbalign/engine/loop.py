@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from ..errors import ConfigError, ThumbalignError
 from . import checkpoint as ckpt
-from . import sharding
+from . import sharding, zero
 from .models import bf16_available, quantized_layers
 from .rundir import RunDir
 from .window import MetricsWindow
@@ -118,10 +118,22 @@ class Engine:
                            else torch.cuda.is_available())
         _forget_single_process_state()
         sharding.load_whole_models_everywhere()
+        zero.load_whole_models_everywhere()
         self.trackers = trackers_to_use(config)
-        self.accelerator = Accelerator(mixed_precision="bf16" if self.bf16 else "no", cpu=not has_accelerator,
+        # DeepSpeed on CPU processes: accelerate joins them through DeepSpeed only when not told cpu=True, and then
+        # needs the backend named (it knows no default without a GPU)
+        on_deepspeed_cpu = zero.requested() and not has_accelerator
+        handlers = []
+        if on_deepspeed_cpu:
+            from accelerate.utils import InitProcessGroupKwargs
+
+            zero.use_gloo_collectives()
+            handlers.append(InitProcessGroupKwargs(backend="gloo"))
+        self.accelerator = Accelerator(mixed_precision="bf16" if self.bf16 else "no",
+                                       cpu=not has_accelerator and not on_deepspeed_cpu, kwargs_handlers=handlers,
                                        log_with=self.trackers or None,
                                        project_dir=str(tracking_dir) if tracking_dir else None)
+        zero.keep_transformers_unsharded(self.accelerator)
         self.device = self.accelerator.device
         self.world, self.rank = self.accelerator.num_processes, self.accelerator.process_index
         self.is_main = self.accelerator.is_main_process
@@ -129,9 +141,17 @@ class Engine:
         self.quiet = not self.is_main
         self.autocast = self.accelerator.autocast
         self.nonfinite = 0
-        self.sharded = False
+        self.sharding: str | None = None  # "fsdp" or "zero3" once prepared with sharded weights
+        self.deepspeed = False
+        self.zero_stage = 0
         self.data_fingerprint: dict = {}
         set_seed(config.seed)
+
+    @property
+    def sharded(self) -> bool:
+        """The weights are sharded over the processes (FSDP or ZeRO-3): every process must then run the same forward
+        passes, and gathering the model takes all of them."""
+        return self.sharding is not None
 
     @property
     def precision(self) -> str:
@@ -173,6 +193,8 @@ class Engine:
     def scorer(self, model):
         """What evaluates `model` between training steps: the model itself, or — sharded — the engine's root unit,
         whose forward gathers the weights (every process must then evaluate the same batches)."""
+        if self.sharding == "zero3":  # DeepSpeed's hooks sit on every layer; the engine's module traced them
+            return self.module.module
         return self.module if self.sharded else model
 
     def wait(self) -> None:
@@ -188,15 +210,23 @@ class Engine:
 
         config = self.config
         self.model, self.total_steps = model, total_steps
-        kind = self.accelerator.distributed_type
-        if kind == DistributedType.DEEPSPEED and self.accelerator.state.deepspeed_plugin.zero_stage >= 3:
-            raise ConfigError("ZeRO-3 shards the weights, and thumbalign's checkpoints and evaluation gather sharded "
-                              "weights through FSDP only: use --accelerate-config fsdp (or ddp / zero2)")
-        self.sharded = sharding.fsdp_requested(self.accelerator)
-        if self.sharded:
-            if quantized_layers(model):
-                raise ConfigError("--load-in-4bit / --load-in-8bit do not run under FSDP here yet; use "
-                                  "--accelerate-config ddp, or FSDP without them")
+        self.deepspeed = self.accelerator.distributed_type == DistributedType.DEEPSPEED
+        if self.deepspeed:
+            zero.configure(self.accelerator, config)
+            self.zero_stage = zero.stage(self.accelerator)
+            if self.zero_stage >= 3:
+                self.sharding = "zero3"
+            import warnings
+
+            # DeepSpeed calls collectives torch has renamed, and torch says so at every call
+            warnings.filterwarnings("ignore", category=FutureWarning,
+                                    message=r"`torch\.distributed\.\w+` is deprecated")
+        if sharding.fsdp_requested(self.accelerator):
+            self.sharding = "fsdp"
+        if self.sharded and quantized_layers(model):
+            raise ConfigError("--load-in-4bit / --load-in-8bit do not run with sharded weights (FSDP, ZeRO-3) here "
+                              "yet; use --accelerate-config ddp or zero2")
+        if self.sharding == "fsdp":
             if not torch.distributed.is_initialized():
                 raise ConfigError("FSDP needs a distributed launch: start the run with --accelerate-config fsdp "
                                   "(and --num-processes N)")
@@ -207,8 +237,8 @@ class Engine:
         self.scheduler = get_scheduler(config.lr_scheduler_type, optimizer,
                                        num_warmup_steps=int(round(config.warmup_ratio * total_steps)),
                                        num_training_steps=total_steps)
-        # sharded, the module is already what trains; otherwise accelerate wraps it (DDP, DeepSpeed)
-        self.module, self.optimizer = ((module, optimizer) if self.sharded
+        # under FSDP the module is already what trains; otherwise accelerate wraps it (DDP, DeepSpeed)
+        self.module, self.optimizer = ((module, optimizer) if self.sharding == "fsdp"
                                        else self.accelerator.prepare(module, optimizer))
 
     def start(self, run: RunDir, task: Task, config, units_per_step: int,
@@ -228,7 +258,8 @@ class Engine:
     def resume(self, run: RunDir, task: Task, units_per_step: int) -> int:
         """Load the checkpoint `run` resumes from into the model, optimizer, scheduler, RNG and task; return its
         step. `units_per_step` (batch × accumulation × processes) must equal the interrupted run's."""
-        state = ckpt.load_checkpoint(run.resume_from, self.model, self.optimizer, self.scheduler)
+        state = ckpt.load_checkpoint(run.resume_from, self.model, self.optimizer, self.scheduler,
+                                     self.sharding or ("zero12" if self.zero_stage in (1, 2) else None))
         saved_data = state.get("data", {})
         changed = [k for k, v in self.data_fingerprint.items() if k in saved_data and saved_data[k] != v]
         if changed:
@@ -291,12 +322,19 @@ class Engine:
             window.add(out.stats, out.tokens, out.samples, self.device)
         # the norm is taken over the synchronised gradients, so every process sees the same verdict
         max_norm = self.config.max_grad_norm if self.config.max_grad_norm > 0 else math.inf
-        if self.sharded:  # the norm over every shard, reduced by the DTensors themselves
+        if self.sharding == "fsdp":  # the norm over every shard, reduced by the DTensors themselves
             grad_norm = float(sharding.local_value(torch.nn.utils.clip_grad_norm_(self.params, max_norm)))
         else:
             grad_norm = float(accelerator.clip_grad_norm_(self.params, max_norm))
         if finite and math.isfinite(grad_norm):
             self.optimizer.step()
+        elif self.deepspeed:  # DeepSpeed updated the weights inside backward(): the step cannot be skipped
+            latest = ckpt.list_checkpoints(run.checkpoints)
+            raise ThumbalignError(
+                f"step {step + 1}: the loss or the gradient is not finite (NaN/inf), and DeepSpeed has already applied "
+                f"the update, so the step cannot be skipped. Last good checkpoint: "
+                f"{latest[-1] if latest else 'none yet'}; continue with --resume (perhaps with a lower "
+                "--learning-rate)")
         else:
             self._skip(task, run, task_state, window, mark, step + 1)
         self.optimizer.zero_grad(set_to_none=True)
@@ -339,7 +377,8 @@ class Engine:
         sharded model is gathered once into a new unsharded copy."""
         if not self.sharded:
             return self.model if self.is_main else None
-        weights = sharding.full_weights(self.model)
+        weights = (zero.full_weights(self.model, self.is_main) if self.sharding == "zero3"
+                   else sharding.full_weights(self.model))
         return sharding.plain_copy(self.model, weights) if self.is_main else None
 
     def finish(self, results: dict) -> None:
@@ -360,16 +399,20 @@ class Engine:
         from torch.distributed.checkpoint.api import CheckpointException
 
         state = {"step": done, "task": task.state_dict(), "total_steps": self.total_steps, "nonfinite": self.nonfinite,
-                 "global_batch": units_per_step, "world_size": self.world, "sharded": self.sharded,
+                 "global_batch": units_per_step, "world_size": self.world, "sharded": self.sharding or False,
                  "data": self.data_fingerprint}
         failure = None
         try:
             if self.sharded:  # every process writes its own shard
                 ckpt.save_sharded_checkpoint(run.checkpoints, done, self.model, self.optimizer, self.scheduler, state,
-                                             self.config.save_total_limit, self.is_main, self.wait)
-            elif self.is_main:
-                ckpt.save_checkpoint(run.checkpoints, done, self.model, self.optimizer, self.scheduler, state,
-                                     self.config.save_total_limit)
+                                             self.config.save_total_limit, self.is_main, self.wait, self.sharding)
+            else:
+                # ZeRO-1/2: the optimizer's pieces, put together one parameter at a time by every process
+                gathered = (zero.gathered_state(self.model, self.optimizer, self.is_main) if self.zero_stage in (1, 2)
+                            else None)
+                if self.is_main:
+                    ckpt.save_checkpoint(run.checkpoints, done, self.model, self.optimizer, self.scheduler, state,
+                                         self.config.save_total_limit, gathered)
         except OSError as err:
             failure = str(err.strerror or err)
         except CheckpointException as err:  # a shard's write failed on some process; every process is told

@@ -26,6 +26,7 @@ from ..analysis.rewards import Answer, RewardFailure, RewardSet
 from ..data.batching import collate_masked, micro_batches
 from ..data.prompts import PromptRow, load_prompts
 from ..data.tokens import encode_prompt
+from ..engine import zero
 from ..engine.inference import sample_answers
 from ..engine.logprobs import CompletionLogps, completion_token_logps
 from ..engine.loop import Engine, MicroStep
@@ -51,10 +52,10 @@ def train_online(config, log=print) -> dict:
 
 def _train(config, run: RunDir, log) -> dict:
     engine = Engine(config, log, tracking_dir=run.path / "tracking")
-    if fsdp_requested(engine.accelerator):
+    if fsdp_requested(engine.accelerator) or zero.stage(engine.accelerator) >= 3:
         # each process samples answers of its own lengths, while sharded layers need every process's forward in step
-        raise ConfigError("thumbalign online does not run under FSDP yet: sampling would need every process to "
-                          "gather each layer in step; use --accelerate-config ddp or zero2")
+        raise ConfigError("thumbalign online does not run with sharded weights (FSDP, ZeRO-3) yet: sampling would "
+                          "need every process to gather each layer in step; use --accelerate-config ddp or zero2")
     engine.say(describe_settings(config))
     model_dir = model_folder(engine, config)
     tokenizer = load_tokenizer(model_dir, config.trust_remote_code)
