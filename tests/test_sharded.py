@@ -304,13 +304,10 @@ def test_an_accelerate_config_that_cannot_run_here_is_one_line_before_any_proces
     assert not (tmp_path / "run").exists()  # refused before anything was launched or written
 
 
-def test_online_under_fsdp_or_zero3_is_refused_in_one_line(tmp_path, tiny_llama, capsys):
+def test_online_under_fsdp_is_refused_in_one_line(tmp_path, tiny_llama, capsys):
     from thumbalign.cli import main
 
     prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "2+2?", "reference": "4"}])
     assert main(["online", "--prompts", str(prompts), "--model", str(tiny_llama), "--output-dir", str(tmp_path / "o"),
                  "--reward", "contains_reference", *map(str, FSDP)]) == 2
     assert "thumbalign online does not run under FSDP yet" in _one_line(capsys)
-    assert main(["online", "--prompts", str(prompts), "--model", str(tiny_llama), "--output-dir", str(tmp_path / "o"),
-                 "--reward", "contains_reference", "--num-processes", "2", "--accelerate-config", "zero3"]) == 2
-    assert "thumbalign online does not run with sharded weights (zero_stage 3) yet" in _one_line(capsys)

@@ -55,11 +55,6 @@ def check_accelerate_config(config, shardable: bool = True) -> None:
         raise ConfigError(f"{where}: {path} is not valid YAML ({str(err).splitlines()[0]})") from None
     kind = str(settings.get("distributed_type", "NO")).upper()
     if kind == "DEEPSPEED":
-        stage = (settings.get("deepspeed_config") or {}).get("zero_stage")
-        if stage == 3 and not shardable:
-            raise ConfigError(f"{where}: thumbalign online does not run with sharded weights (zero_stage 3) yet "
-                              "(sampling would need every process to gather each layer in step); use "
-                              "--accelerate-config ddp or zero2")
         nvme = [k for k, v in (settings.get("deepspeed_config") or {}).items()
                 if k.startswith("offload_") and str(v).lower() == "nvme"]
         if nvme:
@@ -72,8 +67,8 @@ def check_accelerate_config(config, shardable: bool = True) -> None:
         if version != "2":
             raise ConfigError(f"{where}: fsdp_version {version} is not supported; set fsdp_version: 2 (FSDP2)")
         if not shardable:
-            raise ConfigError(f"{where}: thumbalign online does not run under FSDP yet (sampling would need every "
-                              "process to gather each layer in step); use --accelerate-config ddp")
+            raise ConfigError(f"{where}: thumbalign online does not run under FSDP yet (sampling calls the model "
+                              "outside FSDP's root unit); use --accelerate-config zero3 for sharded weights, or ddp")
     elif kind not in ("NO", "MULTI_GPU", "MULTI_CPU"):
         raise ConfigError(f"{where}: distributed_type {kind} is not supported; use ddp, zero2, zero3 or fsdp")
 
@@ -166,7 +161,7 @@ def check_machines(config) -> None:
 def run_training(args, argv: list[str], config_class, trainer: Callable[[], Callable], shardable: bool = True) -> int:
     """Settings from the flags and the YAML file, then either the run in this process or, with --num-processes N
     (and not already one of N), the launch of N. `trainer()` imports the trainer only when it runs: the imports load
-    torch, which --help never needs. `shardable`: the trainer runs with sharded weights (FSDP, ZeRO-3)."""
+    torch, which --help never needs. `shardable`: the trainer runs under FSDP."""
     config = build_config(args, config_class)
     check_machines(config)
     if (config.num_processes > 1 or config.num_machines > 1) and "WORLD_SIZE" not in os.environ:

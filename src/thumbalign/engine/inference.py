@@ -122,9 +122,11 @@ class RowSeededSampling:
 
 @torch.no_grad()
 def sample_answers(model, prompt_ids: list[list[int]], seeds: list[int], max_new_tokens: int, temperature: float,
-                   pad_token_id: int, eos_token_id: int | None) -> list[list[int]]:
+                   pad_token_id: int, eos_token_id: int | None, synced: bool = False) -> list[list[int]]:
     """One answer per prompt (token ids), each sampled with its own seed (greedy when temperature is 0), with the
-    KV cache and left padding. An answer ends with the EOS token when the model produced one."""
+    KV cache and left padding. An answer ends with the EOS token when the model produced one. `synced`: the weights
+    are sharded over the processes, so each keeps running forward passes until all of them have finished (every
+    process must call this as many times as the others)."""
     from transformers import LogitsProcessorList
 
     width = max(len(p) for p in prompt_ids)
@@ -136,7 +138,7 @@ def sample_answers(model, prompt_ids: list[list[int]], seeds: list[int], max_new
     processors = LogitsProcessorList([RowSeededSampling(seeds, temperature, model.device)] if temperature > 0 else [])
     out = model.generate(input_ids=input_ids.to(model.device), attention_mask=attention.to(model.device),
                          max_new_tokens=max_new_tokens, do_sample=False, logits_processor=processors,
-                         pad_token_id=pad_token_id, eos_token_id=eos_token_id, use_cache=True)
+                         pad_token_id=pad_token_id, eos_token_id=eos_token_id, use_cache=True, synced_gpus=synced)
     answers = []
     for ids in out[:, width:].tolist():
         if eos_token_id is not None and eos_token_id in ids:

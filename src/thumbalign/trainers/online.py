@@ -26,7 +26,6 @@ from ..analysis.rewards import Answer, RewardFailure, RewardSet
 from ..data.batching import collate_masked, micro_batches
 from ..data.prompts import PromptRow, load_prompts
 from ..data.tokens import encode_prompt
-from ..engine import zero
 from ..engine.inference import sample_answers
 from ..engine.logprobs import CompletionLogps, completion_token_logps
 from ..engine.loop import Engine, MicroStep
@@ -52,10 +51,11 @@ def train_online(config, log=print) -> dict:
 
 def _train(config, run: RunDir, log) -> dict:
     engine = Engine(config, log, tracking_dir=run.path / "tracking")
-    if fsdp_requested(engine.accelerator) or zero.stage(engine.accelerator) >= 3:
-        # each process samples answers of its own lengths, while sharded layers need every process's forward in step
-        raise ConfigError("thumbalign online does not run with sharded weights (FSDP, ZeRO-3) yet: sampling would "
-                          "need every process to gather each layer in step; use --accelerate-config ddp or zero2")
+    if fsdp_requested(engine.accelerator):
+        # FSDP2 gathers a layer when its unit runs; sampling calls the model outside the root unit, which FSDP2
+        # sets up only at its own first forward
+        raise ConfigError("thumbalign online does not run under FSDP yet: use --accelerate-config zero3 for sharded "
+                          "weights, or ddp / zero2")
     engine.say(describe_settings(config))
     model_dir = model_folder(engine, config)
     tokenizer = load_tokenizer(model_dir, config.trust_remote_code)
@@ -78,8 +78,9 @@ def _train(config, run: RunDir, log) -> dict:
     summary = {"kind": "online", "method": objective.name, "model": config.model, "model_dir": str(model_dir),
                "steps": task.total_steps, "world_size": engine.world, "prompts": len(prompts),
                "final_metrics": last_line, "settings": config.to_dict()}
+    final = engine.final_model()  # every process takes part: a sharded model is gathered here
     if engine.is_main:
-        run.save_folder("model", lambda folder: save_policy(model, tokenizer, folder, config, model_dir))
+        run.save_folder("model", lambda folder: save_policy(final, tokenizer, folder, config, model_dir))
         engine.say(f"Saved the model to {run.path / 'model'}")
         if config.eval_prompts:
             summary["judged"] = compare_with_base(config, run, model_dir, config.eval_prompts, rewards.judge,
@@ -114,14 +115,25 @@ class Sampler:
         return encode_prompt(self.tokenizer, conversation if conversation is not None else row.prompt, row.source)
 
     def answers(self, prompt_ids: list[list[int]], seeds: list[int], temperature: float) -> list[list[int]]:
+        """Sharded weights (ZeRO-3): every process calls this as often as the others, and each runs as many
+        batches as the busiest one, with a one-token stand-in prompt where it has none of its own."""
         was_training = self.model.training
         self.model.eval()
         out = []
         size = self.config.generation_batch_size
+        starts = list(range(0, len(prompt_ids), size))
+        synced = self.engine.sharded
+        rounds = max(self.engine.gather_objects(len(starts))) if synced else len(starts)
         with self.engine.autocast():
-            for start in range(0, len(prompt_ids), size):
-                out += sample_answers(self.model, prompt_ids[start:start + size], seeds[start:start + size],
-                                      self.config.max_new_tokens, temperature, self.tokenizer.pad_token_id, self.eos)
+            for n in range(rounds):
+                if n < len(starts):
+                    start = starts[n]
+                    out += sample_answers(self.model, prompt_ids[start:start + size], seeds[start:start + size],
+                                          self.config.max_new_tokens, temperature, self.tokenizer.pad_token_id,
+                                          self.eos, synced)
+                else:  # keeps the processes in step; its answer is dropped
+                    sample_answers(self.model, [[self.eos]], [0], self.config.max_new_tokens, temperature,
+                                   self.tokenizer.pad_token_id, self.eos, synced)
         self.model.train(was_training)
         return out
 
@@ -232,7 +244,8 @@ class OnlineTask:
                 open_ = [r for r in open_ if r.reward is not None and not r.outcome]
                 for r in open_:
                     conversations[id(r)] = self._continue(conversations[id(r)], self.prompts[r.prompt_index], r)
-                if not open_:
+                # sharded weights: a process with nothing left still samples along until no process has any
+                if not (any(self.engine.gather_objects(bool(open_))) if self.engine.sharded else open_):
                     break
         if c.retry_turns > 1:
             self._retokenize_conversations(rollouts, conversations)
@@ -289,7 +302,7 @@ class OnlineTask:
         """SAR (Han et al., arXiv 2509.05489): clip((ppl(a) − ppl(a|q)) / ppl(a), −1, 1) of each last answer, by the
         current policy; added to the shaped reward only, never to the binary outcome."""
         scored = [r for r in rollouts if r.reward is not None and r.stats["answer_ids"]]
-        if not scored:
+        if not scored and not self.engine.sharded:  # sharded, the forward passes below are everyone's
             return
         bos = self.sampler.tokenizer.bos_token_id
         start = [bos if bos is not None else self.sampler.eos]
@@ -305,17 +318,21 @@ class OnlineTask:
     def _perplexities(self, sequences: list[tuple[list[int], list[bool]]]) -> torch.Tensor:
         was_training = self.model.training
         self.model.eval()
-        out = []
+        out = [torch.zeros(0)]
         size = self.config.eval_batch_size
-        for start in range(0, len(sequences), size):
-            chunk = sequences[start:start + size]
+        starts = list(range(0, len(sequences), size))
+        # sharded weights: as many forward passes as the busiest process, a stand-in where this one has none
+        rounds = max(self.engine.gather_objects(len(starts))) if self.engine.sharded else len(starts)
+        for n in range(rounds):
+            stand_in = n >= len(starts)
+            chunk = [([self.pad, self.pad], [False, True])] if stand_in else sequences[starts[n]:starts[n] + size]
             t = collate_masked([s for s, _ in chunk], [m for _, m in chunk], self.pad)
             device = self.engine.device
             with self.engine.autocast():
-                logps = completion_token_logps(self.model, t["input_ids"].to(device), t["attention_mask"].to(device),
-                                               t["completion_mask"].to(device), self.config.logps_chunk_size)
+                logps = self._token_logps(t)
             mask = t["completion_mask"][:, 1:].to(logps.device)
-            out.append(torch.exp(-(logps * mask).sum(1) / mask.sum(1).clamp(min=1)).cpu())
+            if not stand_in:
+                out.append(torch.exp(-(logps * mask).sum(1) / mask.sum(1).clamp(min=1)).cpu())
         self.model.train(was_training)
         return torch.cat(out)
 
@@ -389,13 +406,23 @@ class OnlineTask:
     @torch.no_grad()
     def reference_logps(self, t: dict) -> torch.Tensor:
         """log π_ref per token: the model with its LoRA adapter disabled, or the frozen starting model."""
-        device = self.engine.device
-        args = (t["input_ids"].to(device), t["attention_mask"].to(device), t["completion_mask"].to(device),
-                self.config.logps_chunk_size)
         if self.reference is None:
             with self.model.disable_adapter():
-                return completion_token_logps(self.model, *args)
-        return completion_token_logps(self.reference, *args)
+                return self._token_logps(t)
+        device = self.engine.device
+        return completion_token_logps(self.reference, t["input_ids"].to(device), t["attention_mask"].to(device),
+                                      t["completion_mask"].to(device), self.config.logps_chunk_size)
+
+    def _token_logps(self, t: dict) -> torch.Tensor:
+        """Per-token log-probs of the policy outside the training forward. With sharded weights (ZeRO-3) through the
+        engine's own module: DeepSpeed gathers a weight used outside its layer (the output projection of the
+        chunked path) only inside a module's forward."""
+        device = self.engine.device
+        args = (t["input_ids"].to(device), t["attention_mask"].to(device), t["completion_mask"].to(device))
+        scorer = self.engine.scorer(self.model)
+        if isinstance(scorer, CompletionLogps):
+            return scorer(*args, per_token=True)
+        return completion_token_logps(self.model, *args, self.config.logps_chunk_size)
 
     # -------------------------------------------------------------------------------------- logging and state
 
