@@ -409,12 +409,12 @@ def test_two_gloo_processes_equal_one_process(tmp_path, tiny_llama, reward_modul
         assert a["pass_rate"] == b["pass_rate"] and a["frac_zero_std"] == b["frac_zero_std"]
 
 
-def test_two_zero3_processes_equal_one_process_with_retries_and_self_aligned_reward(tmp_path, tiny_llama,
-                                                                                   reward_module):
-    """Sampling with the weights sharded (DeepSpeed ZeRO-3): every layer's gather needs every process, so generation
-    runs synced, and a process with fewer answers to sample (7 prompts, 4 a step: the last step splits 1 and 2),
-    fewer retries or fewer SAR batches than the other runs stand-in batches. Weights, losses and pass rates equal
-    the one-process run's."""
+def test_two_sharded_processes_equal_one_process_with_retries_and_self_aligned_reward(tmp_path, tiny_llama,
+                                                                                     reward_module):
+    """Sampling with the weights sharded (FSDP2, DeepSpeed ZeRO-3): every layer's gather needs every process, so
+    generation runs synced, and a process with fewer answers to sample (7 prompts, 4 a step: the last step splits 1
+    and 2), fewer retries or fewer SAR batches than the other runs stand-in batches. Weights, losses and pass rates
+    equal the one-process run's."""
     from test_sharded import DEEPSPEED_SITE
 
     module, _ = reward_module
@@ -425,15 +425,16 @@ def test_two_zero3_processes_equal_one_process_with_retries_and_self_aligned_rew
                  tmp_path / "c1", tmp_path)
     out1, _ = one.communicate(timeout=300)
     assert one.returncode == 0, out1
-    two = _popen(_online_args(prompts, tiny_llama, tmp_path / "two", *common, "--per-device-train-batch-size", 2,
-                              "--num-processes", 2, "--accelerate-config", "zero3"), tmp_path / "c2",
-                 os.pathsep.join([str(tmp_path), str(DEEPSPEED_SITE)]))
-    out2, _ = two.communicate(timeout=300)
-    assert two.returncode == 0, out2[-4000:]
-    assert json.loads((tmp_path / "two" / "summary.json").read_text())["world_size"] == 2
-    _same(_weights(tmp_path / "one" / "model"), _weights(tmp_path / "two" / "model"), atol=1e-5)
-    for a, b in zip(_metrics(tmp_path / "one"), _metrics(tmp_path / "two"), strict=True):
-        assert a["pass_rate"] == b["pass_rate"] and a["loss"] == pytest.approx(b["loss"], abs=1e-6)
+    for engine in ("fsdp", "zero3"):
+        two = _popen(_online_args(prompts, tiny_llama, tmp_path / engine, *common, "--per-device-train-batch-size", 2,
+                                  "--num-processes", 2, "--accelerate-config", engine), tmp_path / "c2",
+                     os.pathsep.join([str(tmp_path), str(DEEPSPEED_SITE)]))
+        out2, _ = two.communicate(timeout=300)
+        assert two.returncode == 0, out2[-4000:]
+        assert json.loads((tmp_path / engine / "summary.json").read_text())["world_size"] == 2
+        _same(_weights(tmp_path / "one" / "model"), _weights(tmp_path / engine / "model"), atol=1e-5)
+        for a, b in zip(_metrics(tmp_path / "one"), _metrics(tmp_path / engine), strict=True):
+            assert a["pass_rate"] == b["pass_rate"] and a["loss"] == pytest.approx(b["loss"], abs=1e-6)
 
 
 def test_sigkill_then_resume_gives_the_uninterrupted_weights(tmp_path, tiny_llama, reward_module):

@@ -302,12 +302,3 @@ def test_an_accelerate_config_that_cannot_run_here_is_one_line_before_any_proces
     assert main(args) == 2
     assert message in _one_line(capsys)
     assert not (tmp_path / "run").exists()  # refused before anything was launched or written
-
-
-def test_online_under_fsdp_is_refused_in_one_line(tmp_path, tiny_llama, capsys):
-    from thumbalign.cli import main
-
-    prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "2+2?", "reference": "4"}])
-    assert main(["online", "--prompts", str(prompts), "--model", str(tiny_llama), "--output-dir", str(tmp_path / "o"),
-                 "--reward", "contains_reference", *map(str, FSDP)]) == 2
-    assert "thumbalign online does not run under FSDP yet" in _one_line(capsys)

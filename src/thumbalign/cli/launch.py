@@ -36,7 +36,7 @@ def accelerate_config_path(choice: str):
     return Path(choice)
 
 
-def check_accelerate_config(config, shardable: bool = True) -> None:
+def check_accelerate_config(config) -> None:
     """What the accelerate config asks for must run here, said in one line naming the setting before any process
     starts (afterwards a failure is N tracebacks from N processes)."""
     import importlib.util
@@ -66,9 +66,6 @@ def check_accelerate_config(config, shardable: bool = True) -> None:
         version = str((settings.get("fsdp_config") or {}).get("fsdp_version", 1))
         if version != "2":
             raise ConfigError(f"{where}: fsdp_version {version} is not supported; set fsdp_version: 2 (FSDP2)")
-        if not shardable:
-            raise ConfigError(f"{where}: thumbalign online does not run under FSDP yet (sampling calls the model "
-                              "outside FSDP's root unit); use --accelerate-config zero3 for sharded weights, or ddp")
     elif kind not in ("NO", "MULTI_GPU", "MULTI_CPU"):
         raise ConfigError(f"{where}: distributed_type {kind} is not supported; use ddp, zero2, zero3 or fsdp")
 
@@ -158,14 +155,14 @@ def check_machines(config) -> None:
         raise ConfigError(f"--main-process-port {config.main_process_port} is not a port number")
 
 
-def run_training(args, argv: list[str], config_class, trainer: Callable[[], Callable], shardable: bool = True) -> int:
+def run_training(args, argv: list[str], config_class, trainer: Callable[[], Callable]) -> int:
     """Settings from the flags and the YAML file, then either the run in this process or, with --num-processes N
     (and not already one of N), the launch of N. `trainer()` imports the trainer only when it runs: the imports load
-    torch, which --help never needs. `shardable`: the trainer runs under FSDP."""
+    torch, which --help never needs."""
     config = build_config(args, config_class)
     check_machines(config)
     if (config.num_processes > 1 or config.num_machines > 1) and "WORLD_SIZE" not in os.environ:
-        check_accelerate_config(config, shardable)
+        check_accelerate_config(config)
         return launch_processes(argv, config)
     trainer()(config)
     return 0

@@ -40,4 +40,4 @@ def run(args, argv: list[str]) -> int:
 
         return train_online
 
-    return run_training(args, argv, OnlineConfig, trainer, shardable=False)
+    return run_training(args, argv, OnlineConfig, trainer)

@@ -32,7 +32,6 @@ from ..engine.loop import Engine, MicroStep
 from ..engine.models import cache_root, load_causal_lm, load_tokenizer
 from ..engine.reference import model_fingerprint
 from ..engine.rundir import RunDir
-from ..engine.sharding import fsdp_requested
 from ..errors import ConfigError
 from ..files import content_digest, write_text_atomically
 from ..methods.online_base import GroupBatch, OnlineObjective, group_statistics, k3_kl, reduce_token_losses
@@ -51,11 +50,6 @@ def train_online(config, log=print) -> dict:
 
 def _train(config, run: RunDir, log) -> dict:
     engine = Engine(config, log, tracking_dir=run.path / "tracking")
-    if fsdp_requested(engine.accelerator):
-        # FSDP2 gathers a layer when its unit runs; sampling calls the model outside the root unit, which FSDP2
-        # sets up only at its own first forward
-        raise ConfigError("thumbalign online does not run under FSDP yet: use --accelerate-config zero3 for sharded "
-                          "weights, or ddp / zero2")
     engine.say(describe_settings(config))
     model_dir = model_folder(engine, config)
     tokenizer = load_tokenizer(model_dir, config.trust_remote_code)
@@ -70,6 +64,12 @@ def _train(config, run: RunDir, log) -> dict:
     objective = get_online_objective(config.objective)(config)
     task = OnlineTask(config, engine, prompts, rewards, objective, model, sampler, model_dir)
     engine.prepare(CompletionLogps(model, config.logps_chunk_size), model, task.total_steps)
+    if engine.sharding == "fsdp":
+        # FSDP2 takes the first unit to run a forward pass as the root; sampling calls the model's layers directly,
+        # so the engine's module runs one (a two-token stand-in) before any sampling
+        with torch.no_grad():
+            stand_in = torch.tensor([[sampler.eos, sampler.eos]], device=engine.device)
+            engine.module(stand_in, torch.ones_like(stand_in), torch.tensor([[False, True]], device=engine.device))
     start = engine.start(run, task, config, task.units_per_step,
                          {"prompts file": content_digest(config.prompts),
                           "prompts": hashlib.sha256(json.dumps([p.prompt for p in prompts]).encode()).hexdigest()})
