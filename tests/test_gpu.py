@@ -34,3 +34,15 @@ def test_qlora_gradients_on_the_gpu(tiny_llama_wide):
     from test_qlora import check_qlora_gradients
 
     check_qlora_gradients(tiny_llama_wide, "cuda")
+
+
+def test_liger_log_probs_and_gradients_equal_the_chunked_ones_on_the_gpu(tokenizer):
+    """The installed liger-kernel against thumbalign's own computation (what --use-liger checks at start-up)."""
+    pytest.importorskip("liger_kernel")
+    from conftest import make_model
+    from test_logprobs import _batch
+    from thumbalign.engine.logprobs import check_liger
+
+    model = make_model("llama", len(tokenizer)).cuda()
+    batch, _ = _batch(tokenizer)
+    assert check_liger(model, *(batch[k].cuda() for k in ("input_ids", "attention_mask", "completion_mask"))) < 2e-2

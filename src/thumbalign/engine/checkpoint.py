@@ -4,9 +4,10 @@ set plus one complete new one, never a half-written folder under a real name.
 
 No pickle anywhere: tensors go to safetensors, everything else to JSON.
 
-A sharded run (FSDP, or DeepSpeed ZeRO-3) writes its weights and optimizer moments with `torch.distributed.checkpoint`: every process its
-own shard, as safetensors files whose headers record where each piece lies (PyTorch's HuggingFace storage format), so
-any number of processes — or one unsharded process — can read them back, each taking the pieces it needs.
+A sharded run (FSDP, or DeepSpeed ZeRO-3) writes its weights and optimizer moments with
+`torch.distributed.checkpoint`: every process its own shard, as safetensors files whose headers record where each
+piece lies (PyTorch's HuggingFace storage format), so any number of processes — or one unsharded process — can read
+them back, each taking the pieces it needs.
 """
 
 from __future__ import annotations

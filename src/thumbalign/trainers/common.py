@@ -21,7 +21,7 @@ from ..engine.loop import Engine
 from ..engine.models import (add_lora, cache_root, load_causal_lm, portable_name, quantized_layers, resolve_model,
                              wants_gradient_checkpointing)
 from ..engine.rundir import RunDir
-from ..errors import DataError, ThumbalignError
+from ..errors import ConfigError, DataError, ThumbalignError
 from ..files import content_digest, write_text_atomically
 from ..methods.udm import DensityRatio, embed_texts, fit_density_ratio, weigh_examples
 
@@ -79,6 +79,32 @@ def load_policy(model_dir: Path, config, engine: Engine):
                    "top of them")
         return model  # placed on the device by the loader; a quantised model refuses .to()
     return model.to(engine.device)
+
+
+def check_use_liger(config, engine: Engine, model, sequences: list[tuple[list[int], list[bool]]], pad_token_id: int):
+    """--use-liger: the package and a CUDA GPU are there, and Liger's log-probs and gradients agree with the chunked
+    computation on the first few sequences (token ids and which of them are completion tokens) of this run."""
+    if not getattr(config, "use_liger", False):
+        return
+    import importlib.util
+
+    from ..data.batching import collate_masked
+    from ..engine.logprobs import check_liger
+
+    if importlib.util.find_spec("liger_kernel") is None:
+        raise ConfigError("--use-liger: liger-kernel is not installed (pip install liger-kernel), or drop --use-liger")
+    if engine.device.type != "cuda":
+        raise ConfigError(f"--use-liger: Liger's kernels are Triton kernels for CUDA GPUs, and this run is on "
+                          f"{engine.device.type}; drop --use-liger")
+    batch = collate_masked([t for t, _ in sequences[:4]], [m for _, m in sequences[:4]], pad_token_id)
+    try:
+        with engine.autocast():
+            worst = check_liger(model, *(batch[k].to(engine.device) for k in
+                                         ("input_ids", "attention_mask", "completion_mask")), config.logps_chunk_size)
+    except ValueError as err:
+        raise ConfigError(f"--use-liger: {err}; upgrade liger-kernel, or drop --use-liger") from None
+    engine.say(f"--use-liger: Liger's log-probs and gradients agree with the chunked computation on "
+               f"{min(4, len(sequences))} sequences (largest relative difference {worst:.1e})")
 
 
 def make_trainable(model, config, task_type: str = "CAUSAL_LM"):

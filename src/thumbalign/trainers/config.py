@@ -118,6 +118,9 @@ class TrainConfig:
     dry_run: bool = _f(False, "Read and tokenise the data, say what training would do (examples, steps, truncation), "
                               "and stop: no weights are loaded, nothing is written.")
     logps_chunk_size: int = _f(2048, "Completion tokens per chunk of the output projection (bounds logit memory).")
+    use_liger: bool = _f(False, "Completion log-probs through Liger's fused linear cross-entropy (Triton, CUDA GPUs; "
+                                "pip install liger-kernel) instead of the chunked projection. Checked against the "
+                                "chunked computation on the first batch, values and gradients; refused if they differ.")
     # --- evaluation by generation
     eval_prompts: str | None = _f(None, "Prompts (JSONL/CSV/..., a 'prompt' per row) never trained on: after training, "
                                         "the base and the trained model answer them and --judge gives each answer a "
@@ -293,7 +296,8 @@ ONLINE_SHARED = ("output_dir", "overwrite", "model", "trust_remote_code", "use_l
                  "lora_dropout", "lora_target_modules", "save_adapter", "load_in_4bit", "load_in_8bit",
                  "learning_rate", "weight_decay",
                  "gradient_accumulation_steps", "num_train_epochs", "max_steps", "warmup_ratio", "lr_scheduler_type",
-                 "max_grad_norm", "bf16", "gradient_checkpointing", "seed", "logps_chunk_size", "reference_field",
+                 "max_grad_norm", "bf16", "gradient_checkpointing", "seed", "logps_chunk_size", "use_liger",
+                 "reference_field",
                  "report", "skip_nonfinite", "skip_invalid", "num_processes", "accelerate_config",
                  "num_machines", "machine_rank", "main_process_ip", "main_process_port", "rendezvous_timeout",
                  "logging_steps", "save_steps", "save_total_limit", "resume", "cache_dir", "eval_batch_size",

@@ -36,7 +36,8 @@ from ..errors import ConfigError
 from ..files import content_digest, write_text_atomically
 from ..methods.online_base import GroupBatch, OnlineObjective, group_statistics, k3_kl, reduce_token_losses
 from ..methods.registry import get_online_objective
-from .common import (compare_with_base, count_steps, load_policy, make_trainable, model_folder, require_inputs,
+from .common import (check_use_liger, compare_with_base, count_steps, load_policy, make_trainable, model_folder,
+                     require_inputs,
                      save_policy,
                      complete_model_folder, final_results, describe_settings)
 from .config import filter_band
@@ -63,7 +64,11 @@ def _train(config, run: RunDir, log) -> dict:
     sampler.set_model(model)
     objective = get_online_objective(config.objective)(config)
     task = OnlineTask(config, engine, prompts, rewards, objective, model, sampler, model_dir)
-    engine.prepare(CompletionLogps(model, config.logps_chunk_size), model, task.total_steps)
+    # prompts alone: their second halves stand for completions
+    check_use_liger(config, engine, model, [(ids, [i >= len(ids) // 2 for i in range(len(ids))])
+                                            for ids in (sampler.prompt_ids(row) for row in prompts[:4])],
+                    sampler.tokenizer.pad_token_id)
+    engine.prepare(CompletionLogps(model, config.logps_chunk_size, config.use_liger), model, task.total_steps)
     if engine.sharding == "fsdp":
         # FSDP2 takes the first unit to run a forward pass as the root; sampling calls the model's layers directly,
         # so the engine's module runs one (a two-token stand-in) before any sampling

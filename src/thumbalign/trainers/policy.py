@@ -25,8 +25,8 @@ from ..engine.reference import ReferenceLogps
 from ..engine.rundir import RunDir
 from ..methods.base import Objective, StepInputs
 from ..methods.registry import get_method
-from .common import (UDMWeights, compare_with_base, count_steps, data_fingerprint, fit_udm, load_policy,
-                     make_trainable, prompt_clusters,
+from .common import (UDMWeights, check_use_liger, compare_with_base, count_steps, data_fingerprint, fit_udm,
+                     load_policy, make_trainable, prompt_clusters,
                      model_folder, require_inputs, save_policy, udm_window_stats, complete_model_folder,
                      final_results, describe_settings)
 from .config import TrainConfig
@@ -75,7 +75,9 @@ def _train(config: TrainConfig, run: RunDir, log) -> dict:
     objective = method(config, n_up, len(data.train) - n_up, log=engine.say)
     task = PolicyTask(config, engine, data, objective, model, ref_train, udm, tokenizer.pad_token_id, clusters)
     task.precompute_extra_references(reference)
-    engine.prepare(CompletionLogps(model, config.logps_chunk_size), model, task.total_steps)
+    check_use_liger(config, engine, model, [(e.input_ids, [i >= e.prompt_len for i in range(len(e.input_ids))])
+                                            for e in data.train[:4]], tokenizer.pad_token_id)
+    engine.prepare(CompletionLogps(model, config.logps_chunk_size, config.use_liger), model, task.total_steps)
     start = engine.start(run, task, config, task.units_per_step, data_fingerprint(config.data, data.train))
     if not run.resume_from and data.eval:
         # measured, not assumed: the policy is still the reference, so every reward must come out exactly 0
