@@ -28,8 +28,10 @@ $(STAMP): pyproject.toml Makefile
 
 install: $(STAMP)
 
+# two pytest workers, a test file each at a time (a file's tests share its fixtures' runs): most of a test's time is
+# one process starting Python and torch, which the second core overlaps
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile
 	PYTHONPATH=$(QLORA) $(BIN)/python -m pytest -q tests/test_qlora.py
 
 # Trains BCO on the bundled example feedback with the default model and prints held-out accuracy before/after.
