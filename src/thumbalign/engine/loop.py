@@ -190,6 +190,15 @@ class Engine:
         """The main process's `obj`, on every process (so that every process takes the same branch)."""
         return self.gather_objects(obj)[0]
 
+    def shards_weights(self) -> str | None:
+        """How this run will shard its weights once prepared: "fsdp", "zero3" or None. Known from the launch, before
+        any model is loaded."""
+        if sharding.fsdp_requested(self.accelerator):
+            return "fsdp"
+        if zero.requested() and zero.stage(self.accelerator) >= 3:
+            return "zero3"
+        return None
+
     def scorer(self, model):
         """What evaluates `model` between training steps: the model itself, or — sharded — the engine's root unit,
         whose forward gathers the weights (every process must then evaluate the same batches)."""

@@ -53,7 +53,7 @@ def store(path: Path, logps: torch.Tensor) -> None:
 
 class ReferenceLogps:
     """log π_ref for lists of examples, from the cache or computed by `model` (which must still be the freshly loaded
-    reference) on every process of `engine`, each a shard."""
+    reference; with sharded weights, the engine's module) on every process of `engine`, each a shard."""
 
     def __init__(self, engine, model, model_dir: Path, pad_token_id: int, batch_size: int, chunk_size: int,
                  cache_dir: Path):
@@ -70,8 +70,12 @@ class ReferenceLogps:
             return load_cached(path), True
         engine.say(f"Computing reference log-probs for {len(examples)} {what} examples (cached for later runs)")
         mine = examples[engine.rank::engine.world]
-        logps = batched_logps(self.model, mine, self.pad_token_id, self.batch_size, engine.device, engine.autocast,
-                              self.chunk_size, desc="reference log-probs", disable_bar=engine.quiet)
+        # sharded weights: every forward pass gathers each layer from all processes, so every process runs as many
+        # as the first (which holds the most), repeating an example where it has fewer
+        stand_ins = len(examples[0::engine.world]) - len(mine) if engine.sharded else 0
+        logps = batched_logps(self.model, mine + examples[:1] * stand_ins, self.pad_token_id, self.batch_size,
+                              engine.device, engine.autocast, self.chunk_size, desc="reference log-probs",
+                              disable_bar=engine.quiet)[:len(mine)]
         if engine.world > 1:
             full = torch.zeros(len(examples))
             for rank, values in enumerate(engine.gather_objects(logps.tolist())):

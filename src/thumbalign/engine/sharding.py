@@ -59,7 +59,8 @@ def shard(module: torch.nn.Module, model: torch.nn.Module, device: torch.device,
     if not blocks:
         raise ConfigError(f"FSDP: {type(model).__name__} names no transformer block class (_no_split_modules), so "
                           "there is nothing to shard layer by layer; use --accelerate-config ddp")
-    module.to(device)
+    # no module.to(device) first: fully_shard moves each unit's parameters to the mesh's device as it shards them,
+    # so the device never holds more than one layer whole
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     # bf16 compute with float32 master weights and float32 gradient reduction (the sums stay exact enough)
     policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16

@@ -70,7 +70,8 @@ def count_steps(config, n_units: int, units_per_step: int) -> tuple[int, int]:
 
 def load_policy(model_dir: Path, config, engine: Engine):
     """The model to train, on the engine's device: float32 weights, or with --load-in-4bit / --load-in-8bit a base
-    whose linear layers bitsandbytes holds in 4 or 8 bits (QLoRA)."""
+    whose linear layers bitsandbytes holds in 4 or 8 bits (QLoRA). Under FSDP it stays in CPU memory: sharding moves
+    each layer's shards to the device, so the device never holds the whole model."""
     bits = 4 if getattr(config, "load_in_4bit", False) else 8 if getattr(config, "load_in_8bit", False) else None
     model = load_causal_lm(model_dir, config.trust_remote_code, bits, engine.device,
                            torch.bfloat16 if engine.bf16 else torch.float32)
@@ -78,7 +79,18 @@ def load_policy(model_dir: Path, config, engine: Engine):
         engine.say(f"Loaded {quantized_layers(model)} linear layers in {bits} bits (bitsandbytes); LoRA trains on "
                    "top of them")
         return model  # placed on the device by the loader; a quantised model refuses .to()
-    return model.to(engine.device)
+    return model if engine.shards_weights() == "fsdp" else model.to(engine.device)
+
+
+def settle_fsdp_root(engine: Engine, token_id: int) -> None:
+    """FSDP2 takes the first unit to run a forward pass as the root of the sharded model. A trainer about to call the
+    model's layers directly (sampling, UDM's policy embeddings) first runs the engine's module (a CompletionLogps)
+    once, on a two-token stand-in."""
+    if engine.sharding != "fsdp":
+        return
+    with torch.no_grad():
+        stand_in = torch.tensor([[token_id, token_id]], device=engine.device)
+        engine.module(stand_in, torch.ones_like(stand_in), torch.tensor([[False, True]], device=engine.device))
 
 
 def check_use_liger(config, engine: Engine, model, sequences: list[tuple[list[int], list[bool]]], pad_token_id: int):
@@ -93,6 +105,9 @@ def check_use_liger(config, engine: Engine, model, sequences: list[tuple[list[in
 
     if importlib.util.find_spec("liger_kernel") is None:
         raise ConfigError("--use-liger: liger-kernel is not installed (pip install liger-kernel), or drop --use-liger")
+    if engine.shards_weights():
+        raise ConfigError("--use-liger is not checked with sharded weights (FSDP, ZeRO-3) yet; use it with one "
+                          "process, DDP or ZeRO-2")
     if engine.device.type != "cuda":
         raise ConfigError(f"--use-liger: Liger's kernels are Triton kernels for CUDA GPUs, and this run is on "
                           f"{engine.device.type}; drop --use-liger")

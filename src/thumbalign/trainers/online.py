@@ -37,7 +37,7 @@ from ..files import content_digest, write_text_atomically
 from ..methods.online_base import GroupBatch, OnlineObjective, group_statistics, k3_kl, reduce_token_losses
 from ..methods.registry import get_online_objective
 from .common import (check_use_liger, compare_with_base, count_steps, load_policy, make_trainable, model_folder,
-                     require_inputs,
+                     require_inputs, settle_fsdp_root,
                      save_policy,
                      complete_model_folder, final_results, describe_settings)
 from .config import filter_band
@@ -69,12 +69,7 @@ def _train(config, run: RunDir, log) -> dict:
                                             for ids in (sampler.prompt_ids(row) for row in prompts[:4])],
                     sampler.tokenizer.pad_token_id)
     engine.prepare(CompletionLogps(model, config.logps_chunk_size, config.use_liger), model, task.total_steps)
-    if engine.sharding == "fsdp":
-        # FSDP2 takes the first unit to run a forward pass as the root; sampling calls the model's layers directly,
-        # so the engine's module runs one (a two-token stand-in) before any sampling
-        with torch.no_grad():
-            stand_in = torch.tensor([[sampler.eos, sampler.eos]], device=engine.device)
-            engine.module(stand_in, torch.ones_like(stand_in), torch.tensor([[False, True]], device=engine.device))
+    settle_fsdp_root(engine, sampler.eos)  # sampling calls the model's layers directly
     start = engine.start(run, task, config, task.units_per_step,
                          {"prompts file": content_digest(config.prompts),
                           "prompts": hashlib.sha256(json.dumps([p.prompt for p in prompts]).encode()).hexdigest()})

@@ -26,7 +26,7 @@ from ..engine.rundir import RunDir
 from ..methods.base import Objective, StepInputs
 from ..methods.registry import get_method
 from .common import (UDMWeights, check_use_liger, compare_with_base, count_steps, data_fingerprint, fit_udm,
-                     load_policy, make_trainable, prompt_clusters,
+                     load_policy, make_trainable, prompt_clusters, settle_fsdp_root,
                      model_folder, require_inputs, save_policy, udm_window_stats, complete_model_folder,
                      final_results, describe_settings)
 from .config import TrainConfig
@@ -63,21 +63,34 @@ def _train(config: TrainConfig, run: RunDir, log) -> dict:
     model = load_policy(model_dir, config, engine)
     added = data.report.get("added_tokens", [])
     grow_embeddings(model, tokenizer, {t: method.token_meanings.get(t, t) for t in added})
-    # The freshly loaded model is the reference: its log-probs are computed now, once, and cached on disk.
-    reference = ReferenceLogps(engine, model, model_dir, tokenizer.pad_token_id, config.eval_batch_size,
-                               config.logps_chunk_size, cache_root(config.cache_dir))
+    n_up = sum(e.label for e in data.train)
+    objective = method(config, n_up, len(data.train) - n_up, log=engine.say)
+    liger_sample = [(e.input_ids, [i >= e.prompt_len for i in range(len(e.input_ids))]) for e in data.train[:4]]
+    # With sharded weights (FSDP, ZeRO-3) the model is sharded first, and the passes before training run on the
+    # shards, every process in step; otherwise they run on the whole model, which is sharded (DDP: wrapped) after.
+    shard_first = engine.shards_weights()
+    if shard_first:
+        model = make_trainable(model, config)
+        check_use_liger(config, engine, model, liger_sample, tokenizer.pad_token_id)
+        engine.prepare(CompletionLogps(model, config.logps_chunk_size, config.use_liger), model,
+                       PolicyTask.count(config, data, engine)[0])
+        settle_fsdp_root(engine, tokenizer.pad_token_id)
+    # The model as loaded is the reference (LoRA's fresh adapters add exactly zero): its log-probs are computed
+    # now, once, and cached on disk.
+    reference = ReferenceLogps(engine, engine.scorer(model) if shard_first else model, model_dir,
+                               tokenizer.pad_token_id, config.eval_batch_size, config.logps_chunk_size,
+                               cache_root(config.cache_dir))
     ref_train, ref_from_cache = reference(data.train, "training")
     ref_eval = reference(data.eval, "evaluation")[0] if data.eval else torch.zeros(0)
     udm = fit_udm(config, engine, run, data, model, tokenizer) if config.udm else None
     clusters = prompt_clusters(config, engine, data, model, tokenizer) if config.delta == "prompt" else None
-    model = make_trainable(model, config)
-    n_up = sum(e.label for e in data.train)
-    objective = method(config, n_up, len(data.train) - n_up, log=engine.say)
+    if not shard_first:
+        model = make_trainable(model, config)
     task = PolicyTask(config, engine, data, objective, model, ref_train, udm, tokenizer.pad_token_id, clusters)
     task.precompute_extra_references(reference)
-    check_use_liger(config, engine, model, [(e.input_ids, [i >= e.prompt_len for i in range(len(e.input_ids))])
-                                            for e in data.train[:4]], tokenizer.pad_token_id)
-    engine.prepare(CompletionLogps(model, config.logps_chunk_size, config.use_liger), model, task.total_steps)
+    if not shard_first:
+        check_use_liger(config, engine, model, liger_sample, tokenizer.pad_token_id)
+        engine.prepare(CompletionLogps(model, config.logps_chunk_size, config.use_liger), model, task.total_steps)
     start = engine.start(run, task, config, task.units_per_step, data_fingerprint(config.data, data.train))
     if not run.resume_from and data.eval:
         # measured, not assumed: the policy is still the reference, so every reward must come out exactly 0
@@ -108,7 +121,7 @@ class PolicyTask:
         self.ref_logps, self.udm, self.pad_token_id = ref_logps, udm, pad_token_id
         self.micro, self.accumulation = config.per_device_train_batch_size, config.gradient_accumulation_steps
         self.units_per_step = self.micro * self.accumulation * engine.world
-        self.total_steps, self.steps_per_epoch = count_steps(config, len(data.units), self.units_per_step)
+        self.total_steps, self.steps_per_epoch = self.count(config, data, engine)
         self.history: dict = {}
         self.extra_ref: dict = {}   # the method's extra examples: key -> reference log-prob
         self.seen: set[tuple[int, int]] = set()  # (step, example) this process trained on, for the summary
@@ -141,6 +154,12 @@ class PolicyTask:
             logps, _ = reference([found[k] for k in keys], f"{self.objective.name} extra")
             self.extra_ref = dict(zip(keys, logps.tolist()))
 
+    @staticmethod
+    def count(config: TrainConfig, data: PreparedData, engine: Engine) -> tuple[int, float]:
+        """(optimizer steps of the run, steps per epoch)."""
+        per_step = config.per_device_train_batch_size * config.gradient_accumulation_steps * engine.world
+        return count_steps(config, len(data.units), per_step)
+
     def announce(self) -> None:
         c, e = self.config, self.engine
         unit = "pairs" if self.objective.paired else "prompts" if self.objective.needs.grouped else "examples"
@@ -162,6 +181,7 @@ class PolicyTask:
         examples = [self.data.train[i] for i in present]
         tensors = collate_packed(examples) if self.config.packing else collate(examples, self.pad_token_id)
         extra = {k: tensors[k].to(device) for k in ("position_ids", "sequence_ids") if k in tensors}
+        extra_logps = self._extra_logps(idx, group)  # before the step's forward: no pass between it and backward
         policy = module(tensors["input_ids"].to(device), tensors["attention_mask"].to(device),
                         tensors["completion_mask"].to(device), **extra)
         labels = tensors["labels"].to(device)
@@ -171,7 +191,8 @@ class PolicyTask:
             n_tokens=tensors["completion_lengths"].to(device), gather=self.engine.gather_rows, valid=valid,
             groups=self.unit_of[rows].to(device), ranks=self.ranks[rows].to(device),
             clusters=self.clusters[rows].to(device) if self.clusters is not None else None)
-        self._add_extra_logps(inputs, idx, group)
+        if extra_logps is not None:
+            inputs.extra_policy_logps, inputs.extra_ref_logps = extra_logps
         result = self.objective.loss(inputs)
         stats = {"loss": result.losses, "reward": result.rewards, "label": labels}
         if self.udm:
@@ -181,17 +202,25 @@ class PolicyTask:
         return MicroStep((result.losses * valid).sum() / n_step, stats,
                          tokens=int(tensors["n_tokens"]) if idx else 0, samples=len(idx))
 
-    def _add_extra_logps(self, inputs: StepInputs, idx: list[int], group: list[int]) -> None:
+    def _extra_logps(self, idx: list[int], group: list[int]) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The policy's log-probs (no gradient) and the cached reference ones of the method's extra examples for this
+        micro-batch (KTO's mismatched pairs). With sharded weights every process runs this forward pass through the
+        engine's module, on a stand-in example where it has none of its own."""
         extra = self.objective.extra_examples(idx, group, self.data.train, self.config.max_length)
-        if not extra:
-            return
+        in_step = self.engine.sharded and self.extra_ref
+        if not extra and not in_step:
+            return None
         device = self.engine.device
-        tensors = collate([example for _, example in extra], self.pad_token_id)
+        tensors = collate([example for _, example in extra] or self.data.train[:1], self.pad_token_id)
+        args = (tensors["input_ids"].to(device), tensors["attention_mask"].to(device),
+                tensors["completion_mask"].to(device))
+        scorer = self.engine.scorer(self.model)
         with torch.no_grad():
-            inputs.extra_policy_logps = completion_logps(
-                self.model, tensors["input_ids"].to(device), tensors["attention_mask"].to(device),
-                tensors["completion_mask"].to(device), self.config.logps_chunk_size)
-        inputs.extra_ref_logps = torch.tensor([self.extra_ref[key] for key, _ in extra], device=device)
+            logps = (scorer(*args) if isinstance(scorer, CompletionLogps)
+                     else completion_logps(self.model, *args, self.config.logps_chunk_size))
+        if not extra:
+            return None
+        return logps, torch.tensor([self.extra_ref[key] for key, _ in extra], device=device)
 
     def log_line(self, stats: dict[str, torch.Tensor]) -> dict:
         if not stats:  # every step since the last line was skipped as non-finite
