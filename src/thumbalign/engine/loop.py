@@ -267,6 +267,8 @@ class Engine:
     def resume(self, run: RunDir, task: Task, units_per_step: int) -> int:
         """Load the checkpoint `run` resumes from into the model, optimizer, scheduler, RNG and task; return its
         step. `units_per_step` (batch × accumulation × processes) must equal the interrupted run's."""
+        if self.sharding == "fsdp":  # the passes before training may have left a unit gathered
+            sharding.reshard_all(self.module, self.model)
         state = ckpt.load_checkpoint(run.resume_from, self.model, self.optimizer, self.scheduler,
                                      self.sharding or ("zero12" if self.zero_stage in (1, 2) else None))
         saved_data = state.get("data", {})

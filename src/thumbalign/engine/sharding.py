@@ -47,6 +47,17 @@ def _block_class_names(model) -> set[str]:
     return set()
 
 
+def _blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
+    names = _block_class_names(model)
+    return [m for m in model.modules() if type(m).__name__ in names]
+
+
+def _outside_blocks(module: torch.nn.Module, blocks: list[torch.nn.Module]) -> list[torch.nn.Module]:
+    """The modules of `module` owning weights outside the transformer blocks (embeddings, final norm, head)."""
+    in_blocks = {id(p) for block in blocks for p in block.parameters()}
+    return [m for m in module.modules() if any(id(p) not in in_blocks for p in m.parameters(recurse=False))]
+
+
 def shard(module: torch.nn.Module, model: torch.nn.Module, device: torch.device, bf16: bool) -> None:
     """Shard `model`'s weights over every process, in place. `module` is what the engine calls (it computes with
     `model`'s parameters) and becomes the root unit."""
@@ -54,8 +65,7 @@ def shard(module: torch.nn.Module, model: torch.nn.Module, device: torch.device,
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    names = _block_class_names(model)
-    blocks = [m for m in model.modules() if type(m).__name__ in names]
+    blocks = _blocks(model)
     if not blocks:
         raise ConfigError(f"FSDP: {type(model).__name__} names no transformer block class (_no_split_modules), so "
                           "there is nothing to shard layer by layer; use --accelerate-config ddp")
@@ -67,12 +77,24 @@ def shard(module: torch.nn.Module, model: torch.nn.Module, device: torch.device,
               else MixedPrecisionPolicy())
     for block in blocks:
         fully_shard(block, mesh=mesh, mp_policy=policy)
-    in_blocks = {id(p) for block in blocks for p in block.parameters()}
     # modules owning weights outside the blocks: one group, so tied input/output embeddings stay one tensor
-    rest = [m for m in module.modules() if any(id(p) not in in_blocks for p in m.parameters(recurse=False))]
+    rest = _outside_blocks(module, blocks)
     if rest:
         fully_shard(rest, mesh=mesh, mp_policy=policy, reshard_after_forward=False)
     fully_shard(module, mesh=mesh, mp_policy=policy)
+
+
+def reshard_all(module: torch.nn.Module, model: torch.nn.Module) -> None:
+    """The group outside the blocks back to its shards. It stays gathered after a forward pass (the chunked log-prob
+    path uses the output weight after the head's own forward), and until the next backward the model then holds
+    gathered tensors where the optimizer and the checkpoints know the shards: the passes before training (the
+    reference log-probs, say) leave it so. FSDP keeps such a group gathered even when asked to reshard, so it is
+    switched to resharding for the moment."""
+    rest = _outside_blocks(module, _blocks(model))
+    if rest:
+        rest[0].set_reshard_after_forward(True, recurse=False)
+        rest[0].reshard()
+        rest[0].set_reshard_after_forward(False, recurse=False)
 
 
 def is_sharded(model: torch.nn.Module) -> bool:
