@@ -195,25 +195,8 @@ def test_sigkill_inside_a_sharded_save_then_resumes_by_other_process_counts_equa
     """2 FSDP processes, SIGKILLed inside their step-4 save (both shards written, the folder not yet in place);
     resumed by 1 process from step 2 and killed once it has saved step 4; finished by 2 FSDP processes. The
     checkpoints change hands between sharded and unsharded both ways, and the end is the uninterrupted run's."""
-    data, run = straight / "f.jsonl", tmp_path / "run"
-    slow = {"THUMBALIGN_TEST_CHECKPOINT_PAUSE": "2"}
-    killed = _start(_args(["train"], data, tiny_llama, run, *SETTINGS, *TWO), tmp_path, "first.log", env=slow)
-
-    def inside_the_step_4_save():  # step 2 is complete, and both processes have written their shards of step 4
-        staging = list((run / "checkpoints").glob(".staging-step-000004-*"))
-        return _steps_done(run) == [2] and staging and len(list(staging[0].rglob("*.safetensors"))) == 2
-
-    _wait_for(inside_the_step_4_save, killed)
-    _kill_all(killed)
-    assert _steps_done(run) == [2]  # the interrupted save left no checkpoint under a real name
-    killed = _start(_args(["train"], data, tiny_llama, run, *SETTINGS, *ONE, "--resume"), tmp_path, "second.log",
-                    env=slow)
-    _wait_for(lambda: max(_steps_done(run), default=0) == 4, killed)  # the run reports step 4 saved
-    _kill_all(killed)
-    assert (run / "checkpoints" / "step-000004" / "weights.safetensors").exists()  # written unsharded
-    resumed = _start(_args(["train"], data, tiny_llama, run, *SETTINGS, *TWO, "--resume"), tmp_path, "last.log")
-    assert "Resumed from" in _finish(resumed) and _steps_done(run)[-1] == 6
-    _same_end(straight / "two", run)
+    _kill_resume_finish(tmp_path, tiny_llama, straight, TWO, ONE, TWO)
+    _same_end(straight / "two", tmp_path / "run")
 
 
 def test_sigkill_inside_a_zero3_save_then_resumes_by_zero2_and_zero3_equal_an_uninterrupted_run(
@@ -222,9 +205,17 @@ def test_sigkill_inside_a_zero3_save_then_resumes_by_zero2_and_zero3_equal_an_un
     resumed from step 2 by two ZeRO-2 processes (the flattened shards put back into whole weights) and killed once
     they have saved step 4 (the optimizer's pieces gathered into an unsharded checkpoint); finished by two ZeRO-3
     processes, which cut the whole tensors into their shards. The end is the uninterrupted ZeRO-3 run's."""
+    _kill_resume_finish(tmp_path, tiny_llama, straight, ZERO3, ZERO2, ZERO3)
+    _same_end(straight / "zero3", tmp_path / "run")
+
+
+def _kill_resume_finish(tmp_path, tiny_llama, straight, first, second, last):
+    """`first` processes SIGKILLed inside their step-4 save (both shards written, the folder not yet in place);
+    `second` resumes from step 2 and is killed once it reports step 4 saved (unsharded: every `second` here writes
+    unsharded checkpoints); `last` resumes from step 4 and finishes."""
     data, run = straight / "f.jsonl", tmp_path / "run"
     slow = {"THUMBALIGN_TEST_CHECKPOINT_PAUSE": "2", **DEEPSPEED}
-    killed = _start(_args(["train"], data, tiny_llama, run, *SETTINGS, *ZERO3), tmp_path, "first.log", env=slow)
+    killed = _start(_args(["train"], data, tiny_llama, run, *SETTINGS, *first), tmp_path, "first.log", env=slow)
 
     def inside_the_step_4_save():  # step 2 is complete, and both processes have written their shards of step 4
         staging = list((run / "checkpoints").glob(".staging-step-000004-*"))
@@ -233,15 +224,14 @@ def test_sigkill_inside_a_zero3_save_then_resumes_by_zero2_and_zero3_equal_an_un
     _wait_for(inside_the_step_4_save, killed)
     _kill_all(killed)
     assert _steps_done(run) == [2]  # the interrupted save left no checkpoint under a real name
-    killed = _start(_args(["train"], data, tiny_llama, run, *SETTINGS, *ZERO2, "--resume"), tmp_path, "second.log",
+    killed = _start(_args(["train"], data, tiny_llama, run, *SETTINGS, *second, "--resume"), tmp_path, "second.log",
                     env=slow)
     _wait_for(lambda: max(_steps_done(run), default=0) == 4, killed)  # the run reports step 4 saved
     _kill_all(killed)
     assert (run / "checkpoints" / "step-000004" / "weights.safetensors").exists()  # written unsharded
-    resumed = _start(_args(["train"], data, tiny_llama, run, *SETTINGS, *ZERO3, "--resume"), tmp_path, "last.log",
+    resumed = _start(_args(["train"], data, tiny_llama, run, *SETTINGS, *last, "--resume"), tmp_path, "last.log",
                      env=DEEPSPEED)
     assert "Resumed from" in _finish(resumed) and _steps_done(run)[-1] == 6
-    _same_end(straight / "zero3", run)
 
 
 def test_zero3_shards_of_two_processes_resume_in_four(tmp_path, tiny_llama, straight):
