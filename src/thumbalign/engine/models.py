@@ -172,6 +172,18 @@ def load_causal_lm(path: Path, trust_remote_code: bool = False, bits: int | None
     return model
 
 
+def empty_causal_lm(path: Path, trust_remote_code: bool = False):
+    """The model's architecture with no weights (every tensor on the meta device): what a process that will receive
+    its shards from the first process builds, instead of reading the whole model."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, trust_remote_code=trust_remote_code)
+    model.config.use_cache = False
+    return model
+
+
 def bits_and_bytes(bits: int, compute_dtype: torch.dtype):
     """QLoRA's recipe for 4 bits (NF4, nested quantisation of the scales); LLM.int8 for 8."""
     from transformers import BitsAndBytesConfig

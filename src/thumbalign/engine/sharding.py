@@ -69,6 +69,10 @@ def shard(module: torch.nn.Module, model: torch.nn.Module, device: torch.device,
     if not blocks:
         raise ConfigError(f"FSDP: {type(model).__name__} names no transformer block class (_no_split_modules), so "
                           "there is nothing to shard layer by layer; use --accelerate-config ddp")
+    # processes that built the model empty receive their shards from the first one, which loaded the weights
+    empty = any(p.is_meta for p in model.parameters())
+    receiving = any(_all_processes(empty))
+    whole = model.state_dict() if receiving and dist.get_rank() == 0 else {}  # references, not copies
     # no module.to(device) first: fully_shard moves each unit's parameters to the mesh's device as it shards them,
     # so the device never holds more than one layer whole
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
@@ -82,6 +86,29 @@ def shard(module: torch.nn.Module, model: torch.nn.Module, device: torch.device,
     if rest:
         fully_shard(rest, mesh=mesh, mp_policy=policy, reshard_after_forward=False)
     fully_shard(module, mesh=mesh, mp_policy=policy)
+    if receiving:
+        _receive_from_first_process(module, model, whole, device, empty)
+
+
+def _all_processes(flag: bool) -> list[bool]:
+    import torch.distributed as dist
+
+    flags: list = [None] * dist.get_world_size()
+    dist.all_gather_object(flags, flag)
+    return flags
+
+
+def _receive_from_first_process(module, model, whole: dict, device: torch.device, empty: bool) -> None:
+    """The first process's weights broadcast into every process's shards (PyTorch's broadcast_from_rank0), and its
+    buffers (rotary frequencies, computed at construction, are not in the state dict) into every process's."""
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    if empty:
+        module.to_empty(device=device)
+    set_model_state_dict(model, whole, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    for _, buffer in sorted(model.named_buffers()):
+        dist.broadcast(buffer.data, src=0)
 
 
 def reshard_all(module: torch.nn.Module, model: torch.nn.Module) -> None:
