@@ -124,12 +124,6 @@ def reshard_all(module: torch.nn.Module, model: torch.nn.Module) -> None:
         rest[0].set_reshard_after_forward(False, recurse=False)
 
 
-def is_sharded(model: torch.nn.Module) -> bool:
-    from torch.distributed.tensor import DTensor
-
-    return any(isinstance(p, DTensor) for p in model.parameters())
-
-
 def local_value(t: torch.Tensor) -> torch.Tensor:
     """A reduced value (a gradient norm) as a plain tensor, whether it came out as a DTensor or not."""
     from torch.distributed.tensor import DTensor
