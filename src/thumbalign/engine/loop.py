@@ -220,18 +220,15 @@ class Engine:
         config = self.config
         self.model, self.total_steps = model, total_steps
         self.deepspeed = self.accelerator.distributed_type == DistributedType.DEEPSPEED
+        self.sharding = self.shards_weights()
         if self.deepspeed:
             zero.configure(self.accelerator, config)
             self.zero_stage = zero.stage(self.accelerator)
-            if self.zero_stage >= 3:
-                self.sharding = "zero3"
             import warnings
 
             # DeepSpeed calls collectives torch has renamed, and torch says so at every call
             warnings.filterwarnings("ignore", category=FutureWarning,
                                     message=r"`torch\.distributed\.\w+` is deprecated")
-        if sharding.fsdp_requested(self.accelerator):
-            self.sharding = "fsdp"
         if self.sharded and quantized_layers(model):
             raise ConfigError("--load-in-4bit / --load-in-8bit do not run with sharded weights (FSDP, ZeRO-3) here "
                               "yet; use --accelerate-config ddp or zero2")
