@@ -238,6 +238,8 @@ class Engine:
                                   "(and --num-processes N)")
             # before the optimizer: it must hold the sharded parameters, which only exist once the model is sharded
             sharding.shard(module, model, self.device, self.bf16)
+        if self.sharding == "zero3":
+            zero.partition(module, self.accelerator, self.device)
         self.params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(self.params, lr=config.learning_rate, weight_decay=config.weight_decay)
         self.scheduler = get_scheduler(config.lr_scheduler_type, optimizer,

@@ -172,14 +172,16 @@ def load_causal_lm(path: Path, trust_remote_code: bool = False, bits: int | None
     return model
 
 
-def empty_causal_lm(path: Path, trust_remote_code: bool = False):
+def empty_model(path: Path, trust_remote_code: bool = False, auto_class: str = "AutoModelForCausalLM", **kwargs):
     """The model's architecture with no weights (every tensor on the meta device): what a process that will receive
-    its shards from the first process builds, instead of reading the whole model."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    its shards from the first process builds, instead of reading the whole model. `auto_class` and `kwargs` as the
+    loader of the real model uses them (a reward model: AutoModelForSequenceClassification, num_labels=1)."""
+    import transformers
 
-    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    config = transformers.AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code, **kwargs)
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, trust_remote_code=trust_remote_code)
+        model = getattr(transformers, auto_class).from_config(config, dtype=torch.float32,
+                                                               trust_remote_code=trust_remote_code)
     model.config.use_cache = False
     return model
 

@@ -76,6 +76,75 @@ def configure(accelerator, config) -> None:
     ds["gradient_clipping"] = float(config.max_grad_norm) if config.max_grad_norm > 0 else 0.0
 
 
+def partition(module: torch.nn.Module, accelerator, device: torch.device) -> None:
+    """ZeRO-3: split every weight of `module` over the processes before DeepSpeed takes it, one parameter at a time.
+
+    Given a whole model, DeepSpeed would first move all of it to the device and split it afterwards, so each device
+    would briefly hold the whole model. Here each parameter goes to the device on its own, is broadcast from the first
+    process, and is cut to this process's shard before the next one moves (`deepspeed.zero.Init` on an existing
+    module), so a device never holds more than its shards and one whole parameter. The broadcast also means a process
+    that built the model empty (meta tensors, no weights read) receives the first process's weights."""
+    import deepspeed
+    import torch.distributed as dist
+
+    ds = accelerator.state.deepspeed_plugin.deepspeed_config
+    dtype = _param_dtype(ds)
+    empty = any(p.is_meta for p in module.parameters())
+    flags: list = [None] * dist.get_world_size()
+    dist.all_gather_object(flags, empty)
+    if empty:
+        _allocate_empty(module, dtype)
+    for p in module.parameters():
+        # what DeepSpeed does to a whole model (bf16 / fp16 working weights; its fp32 master copy is made later)
+        if p.is_floating_point() and p.dtype != dtype:
+            p.data = p.data.to(dtype)
+    for owner in module.modules():  # buffers are never split: they go to the device whole, as DeepSpeed puts them
+        for name, buffer in owner._buffers.items():
+            if buffer is not None:
+                owner._buffers[name] = buffer.to(device)
+    if any(flags):  # non-persistent buffers (rotary frequencies) are computed at construction: not on empty models
+        for _, buffer in sorted(module.named_buffers()):
+            dist.broadcast(buffer.data, src=0)
+    deepspeed.zero.Init(module=module, config_dict_or_path=_init_config(ds))
+
+
+def _allocate_empty(module: torch.nn.Module, dtype: torch.dtype) -> None:
+    """CPU memory for every meta tensor of `module`, never written (the system commits a page when it is), for the
+    first process's values to be broadcast into. A parameter that several modules share (tied embeddings) stays one
+    parameter: every process must hand DeepSpeed the same list of parameters."""
+    made: dict[int, torch.nn.Parameter] = {}
+    for owner in module.modules():
+        for name, p in owner._parameters.items():
+            if p is not None and p.is_meta:
+                if id(p) not in made:
+                    kind = dtype if p.is_floating_point() else p.dtype
+                    made[id(p)] = torch.nn.Parameter(torch.empty(p.shape, dtype=kind), requires_grad=p.requires_grad)
+                owner._parameters[name] = made[id(p)]
+        for name, b in owner._buffers.items():
+            if b is not None and b.is_meta:
+                owner._buffers[name] = torch.empty(b.shape, dtype=b.dtype)
+
+
+def _param_dtype(ds: dict) -> torch.dtype:
+    if str(ds.get("bf16", {}).get("enabled", False)).lower() == "true":
+        return torch.bfloat16
+    if str(ds.get("fp16", {}).get("enabled", False)).lower() == "true":
+        return torch.float16
+    return torch.float32
+
+
+def _init_config(ds: dict) -> dict:
+    """The parts of the run's DeepSpeed config that say where shards live (parameter offload, NVMe), without the
+    'auto' values accelerate fills in only when it starts the engine."""
+    def settled(value):
+        if isinstance(value, dict):
+            return {k: settled(v) for k, v in value.items() if v != "auto"}
+        return value
+
+    keys = ("train_micro_batch_size_per_gpu", "train_batch_size", "gradient_accumulation_steps", "zero_optimization")
+    return {k: settled(ds[k]) for k in keys if k in ds}
+
+
 def _zero_optimizer(optimizer):
     """DeepSpeed's ZeRO-3 optimizer behind accelerate's wrapper."""
     return getattr(optimizer, "optimizer", optimizer)

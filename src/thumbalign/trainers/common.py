@@ -18,7 +18,7 @@ from ..data.readers import Source, is_hub_dataset, load_hub_dataset
 from ..data.tokens import Example, examples_digest
 from ..engine.inference import prompt_embeddings
 from ..engine.loop import Engine
-from ..engine.models import (add_lora, cache_root, empty_causal_lm, load_causal_lm, portable_name, quantized_layers, resolve_model,
+from ..engine.models import (add_lora, cache_root, empty_model, load_causal_lm, portable_name, quantized_layers, resolve_model,
                              wants_gradient_checkpointing)
 from ..engine.rundir import RunDir
 from ..errors import ConfigError, DataError, ThumbalignError
@@ -68,22 +68,24 @@ def count_steps(config, n_units: int, units_per_step: int) -> tuple[int, int]:
     return total, steps_per_epoch
 
 
-def load_policy(model_dir: Path, config, engine: Engine, first_process_only: bool = False):
-    """The model to train, on the engine's device: float32 weights, or with --load-in-4bit / --load-in-8bit a base
-    whose linear layers bitsandbytes holds in 4 or 8 bits (QLoRA). Under FSDP it stays in CPU memory: sharding moves
-    each layer's shards to the device, so the device never holds the whole model. `first_process_only` (FSDP, and a
-    trainer that runs nothing on the model before sharding it): only the first process reads the weights; the others
-    build the architecture empty and receive their shards from it when the engine shards the model."""
+def load_policy(model_dir: Path, config, engine: Engine, shard_first: bool = False, adds_tokens: bool = False):
+    """The model to train: float32 weights, or with --load-in-4bit / --load-in-8bit a base whose linear layers
+    bitsandbytes holds in 4 or 8 bits (QLoRA). `shard_first`: the trainer shards the model (FSDP, ZeRO-3) before it
+    runs anything on it. Then only the first process reads the weights; the others build the architecture empty and
+    receive their shards from it (unless `adds_tokens`: growing the embeddings needs the weights), and the model stays
+    in CPU memory: sharding moves each weight to the device on its own, so the device never holds the whole model.
+    Otherwise the model goes to the device whole."""
     bits = 4 if getattr(config, "load_in_4bit", False) else 8 if getattr(config, "load_in_8bit", False) else None
-    if first_process_only and not bits and engine.shards_weights() == "fsdp" and not engine.is_main:
-        return empty_causal_lm(model_dir, config.trust_remote_code)
+    sharded_first = shard_first and not bits and engine.shards_weights() is not None
+    if sharded_first and not adds_tokens and not engine.is_main:
+        return empty_model(model_dir, config.trust_remote_code)
     model = load_causal_lm(model_dir, config.trust_remote_code, bits, engine.device,
                            torch.bfloat16 if engine.bf16 else torch.float32)
     if bits:
         engine.say(f"Loaded {quantized_layers(model)} linear layers in {bits} bits (bitsandbytes); LoRA trains on "
                    "top of them")
         return model  # placed on the device by the loader; a quantised model refuses .to()
-    return model if engine.shards_weights() == "fsdp" else model.to(engine.device)
+    return model if sharded_first else model.to(engine.device)
 
 
 def settle_fsdp_root(engine: Engine, token_id: int) -> None:

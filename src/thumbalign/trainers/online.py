@@ -56,7 +56,9 @@ def _train(config, run: RunDir, log) -> dict:
     tokenizer = load_tokenizer(model_dir, config.trust_remote_code)
     prompts = load_prompts(config.prompts)
     rewards = RewardSet(config.reward, config.reward_weights, config.reference_field, config.pass_threshold)
-    model = load_policy(model_dir, config, engine)
+    # --filter-prompts samples from the model before training: then every process needs it whole on its device;
+    # otherwise the model is sharded (FSDP, ZeRO-3) before anything runs on it, from the first process's weights
+    model = load_policy(model_dir, config, engine, shard_first=not config.filter_prompts)
     sampler = Sampler(model, tokenizer, config, engine)
     if config.filter_prompts:
         prompts = keep_learnable_prompts(prompts, sampler, rewards, config, engine, model_dir)

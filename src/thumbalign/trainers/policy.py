@@ -61,15 +61,14 @@ def _train(config: TrainConfig, run: RunDir, log) -> dict:
     method = get_method(config.method)
     data = prepare_data(config, tokenizer, method.needs, log=engine.say)
     added = data.report.get("added_tokens", [])
-    # sharded by FSDP, only the first process reads the weights (a method that adds tokens grows them first)
-    model = load_policy(model_dir, config, engine, first_process_only=not added)
+    # With sharded weights (FSDP, ZeRO-3) the model is sharded first, and the passes before training run on the
+    # shards, every process in step; otherwise they run on the whole model, which is sharded (DDP: wrapped) after.
+    shard_first = engine.shards_weights() is not None
+    model = load_policy(model_dir, config, engine, shard_first=shard_first, adds_tokens=bool(added))
     grow_embeddings(model, tokenizer, {t: method.token_meanings.get(t, t) for t in added})
     n_up = sum(e.label for e in data.train)
     objective = method(config, n_up, len(data.train) - n_up, log=engine.say)
     liger_sample = [(e.input_ids, [i >= e.prompt_len for i in range(len(e.input_ids))]) for e in data.train[:4]]
-    # With sharded weights (FSDP, ZeRO-3) the model is sharded first, and the passes before training run on the
-    # shards, every process in step; otherwise they run on the whole model, which is sharded (DDP: wrapped) after.
-    shard_first = engine.shards_weights()
     if shard_first:
         model = make_trainable(model, config)
         check_use_liger(config, engine, model, liger_sample, tokenizer.pad_token_id)

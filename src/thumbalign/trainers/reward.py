@@ -16,7 +16,7 @@ from ..analysis.report import write_report
 from ..data.batching import collate, micro_batches
 from ..data.prepare import DataNeeds, PreparedData, data_sources, prepare_data
 from ..engine.loop import Engine, MicroStep
-from ..engine.models import load_tokenizer
+from ..engine.models import empty_model, load_tokenizer
 from ..engine.reward_model import RewardScores, load_reward_model, score_examples
 from ..engine.rundir import RunDir
 from .common import (UDMWeights, count_steps, data_fingerprint, fit_udm, make_trainable, model_folder, require_inputs,
@@ -38,7 +38,8 @@ def _train(config, run: RunDir, log) -> dict:
     tokenizer = load_tokenizer(model_dir, config.trust_remote_code)
     needs = DataNeeds("reward", principle_field=config.principle_field) if config.principle_field else REWARD_DATA
     data = prepare_data(config, tokenizer, needs, log=engine.say)
-    model = load_reward_model(model_dir, config.trust_remote_code)
+    # with sharded weights (FSDP, ZeRO-3) only the first process reads them; the others receive their shards
+    model = load_reward(model_dir, config, engine)
     model.config.pad_token_id = tokenizer.pad_token_id
     model.config.thumbalign_principled = bool(config.principle_field)  # scoring then needs a principle
     udm = fit_udm(config, engine, run, data, model, tokenizer) if config.udm else None
@@ -65,6 +66,16 @@ def _train(config, run: RunDir, log) -> dict:
         engine.say(f"Saved the reward model to {run.path / 'model'}; report: {write_report(run.path)}")
     engine.finish(final_results(engine.main_value(summary)))
     return summary
+
+
+def load_reward(model_dir, config, engine: Engine):
+    """The reward model to train, in CPU memory (the engine places it). With sharded weights (FSDP, ZeRO-3) only the
+    first process reads the weights: the others build the architecture empty and receive their shards from it when
+    the engine shards the model, which nothing runs before (UDM here embeds with a sentence encoder, not the
+    model)."""
+    if engine.shards_weights() and not engine.is_main:
+        return empty_model(model_dir, config.trust_remote_code, "AutoModelForSequenceClassification", num_labels=1)
+    return load_reward_model(model_dir, config.trust_remote_code)
 
 
 class RewardTask:
