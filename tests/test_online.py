@@ -395,13 +395,15 @@ def test_two_processes_equal_one_process_with_retries_and_self_aligned_reward(tm
     sampled, rewarded and normalised on one process; split across processes its statistics would differ. With the
     weights sharded every layer's gather needs every process, so generation runs synced, and a process with fewer
     answers to sample (7 prompts, 4 a step: the last step splits 1 and 2), fewer retries or fewer SAR batches than
-    the other runs stand-in batches. Weights, losses and pass rates equal the one-process run's."""
+    the other runs stand-in batches. The KL term's frozen starting model (--beta, full fine-tuning) is sharded like
+    the policy, and built empty on the second process. Weights, losses, KL and pass rates equal the one-process
+    run's."""
     from test_sharded import DEEPSPEED_SITE
 
     module, _ = reward_module
     prompts = _prompts(tmp_path, n=7)
     common = (f"{module}:low_first", "--max-steps", 3, "--retry-turns", 2, "--sar-weight", 0.5,
-              "--generation-batch-size", 3)
+              "--generation-batch-size", 3, "--beta", 0.5)
     one = _popen(_online_args(prompts, tiny_llama, tmp_path / "one", *common, "--per-device-train-batch-size", 4),
                  tmp_path / "c1", tmp_path)
     out1, _ = one.communicate(timeout=300)
@@ -417,6 +419,7 @@ def test_two_processes_equal_one_process_with_retries_and_self_aligned_reward(tm
         for a, b in zip(_metrics(tmp_path / "one"), _metrics(tmp_path / engine), strict=True):
             assert a["pass_rate"] == b["pass_rate"] and a["frac_zero_std"] == b["frac_zero_std"]
             assert a["loss"] == pytest.approx(b["loss"], abs=1e-6)
+            assert a["kl"] == pytest.approx(b["kl"], rel=1e-4, abs=1e-9)
 
 
 def test_sigkill_then_resume_gives_the_uninterrupted_weights(tmp_path, tiny_llama, reward_module):

@@ -249,6 +249,28 @@ class Engine:
         self.module, self.optimizer = ((module, optimizer) if self.sharding == "fsdp"
                                        else self.accelerator.prepare(module, optimizer))
 
+    def frozen(self, module: torch.nn.Module, model: torch.nn.Module):
+        """A model the run only evaluates and never trains (online's KL reference), held as the trained one is:
+        sharded under FSDP and ZeRO-3, so that it costs each device 1/N of its weights, whole on the device
+        otherwise. `module` computes with `model`'s weights; returns what to call in its place. Sharded, every
+        process must call it in step (as the training forward is called); a process that built `model` empty
+        receives the first process's weights."""
+        model.requires_grad_(False)
+        model.eval()
+        kind = self.shards_weights()
+        if kind == "zero3":
+            return zero.frozen(module, self.accelerator, self.device, self.config.per_device_train_batch_size)
+        if kind != "fsdp":
+            return module.to(self.device)
+        sharding.shard(module, model, self.device, self.bf16)
+
+        def call_and_reshard(*args, **kwargs):
+            out = module(*args, **kwargs)
+            sharding.reshard_all(module, model)  # FSDP would keep the group outside the blocks gathered
+            return out
+
+        return call_and_reshard
+
     def start(self, run: RunDir, task: Task, config, units_per_step: int,
               data_fingerprint: dict | None = None) -> int:
         """The step to start from: the resumed checkpoint's, or 0 for a fresh run (whose settings are written to

@@ -108,6 +108,24 @@ def partition(module: torch.nn.Module, accelerator, device: torch.device) -> Non
     deepspeed.zero.Init(module=module, config_dict_or_path=_init_config(ds))
 
 
+def frozen(module: torch.nn.Module, accelerator, device: torch.device, micro_batch: int):
+    """A model that is evaluated and never trained, split over the processes as ZeRO-3 splits the trained one: a
+    DeepSpeed engine without an optimizer, whose forward gathers each layer (every process must call it in step)."""
+    import deepspeed
+
+    ds = dict(accelerator.state.deepspeed_plugin.deepspeed_config)
+    ds.update(train_micro_batch_size_per_gpu=micro_batch, gradient_accumulation_steps=1,
+              train_batch_size=micro_batch * accelerator.num_processes)
+    partition(module, accelerator, device)
+    config = _init_config(ds)
+    dtype = _param_dtype(ds)
+    if dtype != torch.float32:
+        config["bf16" if dtype == torch.bfloat16 else "fp16"] = {"enabled": True}
+    engine, *_ = deepspeed.initialize(model=module, config=config)
+    engine.eval()
+    return engine
+
+
 def _allocate_empty(module: torch.nn.Module, dtype: torch.dtype) -> None:
     """CPU memory for every meta tensor of `module`, never written (the system commits a page when it is), for the
     first process's values to be broadcast into. A parameter that several modules share (tied embeddings) stays one

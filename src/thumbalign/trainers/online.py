@@ -29,7 +29,7 @@ from ..data.tokens import encode_prompt
 from ..engine.inference import sample_answers
 from ..engine.logprobs import CompletionLogps, completion_token_logps
 from ..engine.loop import Engine, MicroStep
-from ..engine.models import cache_root, load_causal_lm, load_tokenizer
+from ..engine.models import cache_root, empty_model, load_causal_lm, load_tokenizer
 from ..engine.reference import model_fingerprint
 from ..engine.rundir import RunDir
 from ..errors import ConfigError
@@ -72,6 +72,7 @@ def _train(config, run: RunDir, log) -> dict:
                     sampler.tokenizer.pad_token_id)
     engine.prepare(CompletionLogps(model, config.logps_chunk_size, config.use_liger), model, task.total_steps)
     settle_fsdp_root(engine, sampler.eos)  # sampling calls the model's layers directly
+    task.load_reference()
     start = engine.start(run, task, config, task.units_per_step,
                          {"prompts file": content_digest(config.prompts),
                           "prompts": hashlib.sha256(json.dumps([p.prompt for p in prompts]).encode()).hexdigest()})
@@ -192,7 +193,8 @@ class OnlineTask:
         self.normalization = (objective.normalization if config.loss_normalization == "auto"
                               else config.loss_normalization)
         self.pad = sampler.tokenizer.pad_token_id
-        self.reference = reference_policy(model, model_dir, config, engine)
+        self.model_dir = model_dir
+        self.reference = None  # load_reference(), once the engine has prepared the policy
         self.pending: list[dict] = []   # rollout statistics of the steps since the last log line (all processes)
         self.skipped_invalid = 0
 
@@ -405,6 +407,20 @@ class OnlineTask:
         stats["loss_share"] = loss.detach().reshape(1)
         return MicroStep(loss, stats, tokens=int(t["attention_mask"].sum()), samples=int(sum(batch.weights)))
 
+    def load_reference(self) -> None:
+        """What the KL term compares with: nothing when beta is 0; with LoRA the model itself, its adapter disabled;
+        otherwise a frozen copy of the starting model (one more model in memory: with sharded weights, 1/N of it per
+        process, read on the first process only)."""
+        c, engine = self.config, self.engine
+        if c.beta <= 0 or c.use_lora:
+            return
+        engine.say("KL to the starting model without LoRA: loading a frozen copy of it (one more model in memory)")
+        if engine.shards_weights() and not engine.is_main:
+            reference = empty_model(self.model_dir, c.trust_remote_code)
+        else:
+            reference = load_causal_lm(self.model_dir, c.trust_remote_code)
+        self.reference = engine.frozen(CompletionLogps(reference, c.logps_chunk_size), reference)
+
     @torch.no_grad()
     def reference_logps(self, t: dict) -> torch.Tensor:
         """log π_ref per token: the model with its LoRA adapter disabled, or the frozen starting model."""
@@ -412,8 +428,8 @@ class OnlineTask:
             with self.model.disable_adapter():
                 return self._token_logps(t)
         device = self.engine.device
-        return completion_token_logps(self.reference, t["input_ids"].to(device), t["attention_mask"].to(device),
-                                      t["completion_mask"].to(device), self.config.logps_chunk_size)
+        return self.reference(t["input_ids"].to(device), t["attention_mask"].to(device),
+                              t["completion_mask"].to(device), per_token=True)
 
     def _token_logps(self, t: dict) -> torch.Tensor:
         """Per-token log-probs of the policy outside the training forward. With sharded weights (ZeRO-3) through the
@@ -497,20 +513,6 @@ def conversation_tokens(tokenizer, conversation: list[dict], source: str) -> tup
         mask[start:end] = [True] * (end - start)
     return tokens, mask
 
-
-def reference_policy(model, model_dir: Path, config, engine: Engine):
-    """What the KL term compares with: nothing when beta is 0; with LoRA the model itself, its adapter disabled
-    (None here); otherwise a frozen copy of the starting model (one more model in memory)."""
-    if config.beta <= 0 or config.use_lora:
-        return None
-    engine.say("KL to the starting model without LoRA: loading a frozen copy of it (one more model in memory)")
-    reference = load_causal_lm(model_dir, config.trust_remote_code).to(engine.device).eval()
-    for p in reference.parameters():
-        p.requires_grad_(False)
-    return reference
-
-
-# ------------------------------------------------------------------------------------------------- prompt filter
 
 def keep_learnable_prompts(prompts: list[PromptRow], sampler: Sampler, rewards: RewardSet, config, engine: Engine,
                            model_dir: Path) -> list[PromptRow]:
