@@ -117,8 +117,8 @@ class Engine:
         has_accelerator = (torch.accelerator.is_available() if hasattr(torch, "accelerator")
                            else torch.cuda.is_available())
         _forget_single_process_state()
-        sharding.load_whole_models_everywhere()
-        zero.load_whole_models_everywhere()
+        sharding.leave_loading_to_thumbalign()
+        zero.leave_loading_to_thumbalign()
         self.trackers = trackers_to_use(config)
         # DeepSpeed on CPU processes: accelerate joins them through DeepSpeed only when not told cpu=True, and then
         # needs the backend named (it knows no default without a GPU)

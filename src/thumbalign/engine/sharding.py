@@ -29,11 +29,12 @@ def fsdp_requested(accelerator) -> bool:
             or os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true")
 
 
-def load_whole_models_everywhere() -> None:
+def leave_loading_to_thumbalign() -> None:
     """Under FSDP, transformers loads real weights on the first process of each machine only (the others get empty
-    'meta' tensors to be filled when sharding) if FSDP_CPU_RAM_EFFICIENT_LOADING is set. thumbalign computes the
-    reference log-probs and UDM's policy embeddings before sharding, on every process, so each needs the weights:
-    the setting is turned off for this run (memory: one whole model per process until sharding frees it)."""
+    'meta' tensors) if FSDP_CPU_RAM_EFFICIENT_LOADING is set, for every model it loads, including those a run needs
+    whole on every process (a model that samples before training). The setting is turned off for this run: the
+    trainers decide which process reads the weights (the first only, when nothing runs on the model before it is
+    sharded), and `shard` broadcasts them into the others' shards."""
     if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
         os.environ["FSDP_CPU_RAM_EFFICIENT_LOADING"] = "false"
 

@@ -27,19 +27,19 @@ def requested() -> bool:
     return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
 
 
-def load_whole_models_everywhere() -> None:
-    """With zero3_init_flag, transformers would build every model already sharded (`deepspeed.zero.Init`). The
-    reference pass and UDM's policy embeddings run before training, on whole weights, so the flag is turned off for
-    this run: each process loads the whole model, and DeepSpeed shards it when training starts."""
+def leave_loading_to_thumbalign() -> None:
+    """With zero3_init_flag, transformers would build every model it loads already sharded (`deepspeed.zero.Init`),
+    including those a run needs whole (a model that samples before training, the copy compared with at the end).
+    The flag is turned off for this run: the trainers decide which process reads the weights (the first only, when
+    nothing runs on the model before sharding), and `partition` shards the model one parameter at a time."""
     if requested():
         os.environ["ACCELERATE_DEEPSPEED_ZERO3_INIT"] = "false"
 
 
 def keep_transformers_unsharded(accelerator) -> None:
     """accelerate tells transformers about a ZeRO-3 run (whatever zero3_init_flag says), and transformers then builds
-    every model sharded and loads weights into the shards. The reference pass and UDM's policy embeddings need whole
-    weights before training, so transformers is told nothing: models load whole, and DeepSpeed shards the one that
-    trains when the engine prepares it."""
+    every model sharded and loads weights into the shards. transformers is told nothing, for the reason above:
+    models load whole or empty as the trainer asks, and the engine shards the ones it prepares."""
     plugin = getattr(accelerator.state, "deepspeed_plugin", None)
     if plugin is None:
         return
