@@ -149,6 +149,26 @@ def test_save_dtype(tmp_path, choice, expected):
     assert {t.dtype for t in weights.values()} == {expected}
 
 
+def test_a_model_above_save_max_shard_size_is_split_into_files_transformers_loads(tmp_path, tiny_llama, capsys):
+    from transformers import AutoModelForCausalLM
+
+    args = _train_args(tmp_path, "run", "--model", tiny_llama, "--save-steps", 1)
+    whole = sum(t.numel() * t.element_size() for t in load_file(str(tiny_llama / "model.safetensors")).values())
+    limit = f"{whole // 3 // 1000}KB"  # about a third of the model
+    assert main([str(a) for a in args] + ["--save-max-shard-size", limit]) == 0
+    folder = tmp_path / "run" / "model"
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    files = sorted(set(index["weight_map"].values()))
+    assert len(files) >= 3 and not (folder / "model.safetensors").exists()
+    trained = load_file(str(tmp_path / "run" / "checkpoints" / "step-000001" / "weights.safetensors"))
+    loaded = AutoModelForCausalLM.from_pretrained(folder).state_dict()
+    for name, tensor in trained.items():  # the final weights, every one, read back through the index
+        assert torch.equal(loaded[name], tensor), name
+    assert main([str(a) for a in _train_args(tmp_path, "bad", "--model", tiny_llama, "--save-max-shard-size",
+                                             "5 gigs")]) == 2
+    assert "--save-max-shard-size '5 gigs'" in capsys.readouterr().err
+
+
 def test_model_card_and_portable_adapter_config(tmp_path, tiny_llama, hub):
     from huggingface_hub import ModelCard
 

@@ -238,7 +238,7 @@ def save_policy(model, tokenizer, folder, config, base_dir: Path) -> None:
             model = model.merge_and_unload()
         model.to(save_dtype(config.save_dtype, base_dir))  # training is over: no float32 copy is needed any more
         model.config.use_cache = True
-        model.save_pretrained(folder, safe_serialization=True)
+        model.save_pretrained(folder, safe_serialization=True, max_shard_size=config.save_max_shard_size)
         model.config.use_cache = False
     tokenizer.save_pretrained(folder)
 

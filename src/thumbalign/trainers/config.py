@@ -9,6 +9,7 @@ This module imports nothing heavy: ``thumbalign --help`` reads it without loadin
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 
 from ..errors import ConfigError
@@ -59,6 +60,9 @@ class TrainConfig:
     save_dtype: str = _f("auto", "Precision of the saved model: auto (the base model's, from its config.json), "
                                  "bfloat16, float16 or float32.",
                          choices=("auto", "bfloat16", "float16", "float32"))
+    save_max_shard_size: str = _f("5GB", "Largest file of the saved model (e.g. 5GB, 500MB): a bigger model is split "
+                                         "into several safetensors files with an index, as transformers writes and "
+                                         "loads them.")
     # --- method
     method: str = _f("bco", "Training objective; `thumbalign methods` lists them with the data each takes.")
     beta: float = _f(0.1, "β: scale of the implicit reward r = β·(log π − log π_ref).")
@@ -171,6 +175,7 @@ class TrainConfig:
     def validate(self) -> None:
         if not self.data:
             raise ConfigError("no training data: pass --data FILE (or 'data:' in the config file)")
+        check_shard_size(self.save_max_shard_size)
         if not 0.0 <= self.eval_split < 1.0:
             raise ConfigError(f"eval_split must be in [0, 1), got {self.eval_split}")
         positive = ("per_device_train_batch_size", "gradient_accumulation_steps", "max_length", "logging_steps",
@@ -258,7 +263,8 @@ REWARD_SHARED = ("data", "eval_data", "eval_split", "skip_invalid", "output_dir"
                  "max_grad_norm", "bf16", "gradient_checkpointing", "seed", "logging_steps", "save_steps",
                  "save_total_limit", "resume", "cache_dir", "eval_batch_size", "skip_nonfinite", "num_processes",
                  "accelerate_config", "num_machines", "machine_rank", "main_process_ip", "main_process_port",
-                 "rendezvous_timeout", "revision", "save_dtype", "report_to", "data_config", "data_split",
+                 "rendezvous_timeout", "revision", "save_dtype", "save_max_shard_size", "report_to", "data_config",
+                 "data_split",
                  "eval_data_split", "prompt_field", "completion_field", "label_field", "push_to_hub", "hub_model_id",
                  "hub_private")
 
@@ -274,9 +280,17 @@ RewardConfig = derived_config(
     doc="Settings of `thumbalign reward train` (shared settings mean what they mean for `thumbalign train`).")
 
 
+def check_shard_size(size: str) -> None:
+    """--save-max-shard-size as the Hub's file splitter reads it: a number and KB, MB, GB or TB."""
+    if not re.fullmatch(r"\s*\d+(\.\d+)?\s*[KMGT]B\s*", str(size), flags=re.IGNORECASE):
+        raise ConfigError(f"--save-max-shard-size {size!r}: give a number and a unit, e.g. 5GB or 500MB "
+                          "(units: KB, MB, GB, TB)")
+
+
 def _validate_reward(self) -> None:
     if not self.data:
         raise ConfigError("no training data: pass --data FILE")
+    check_shard_size(self.save_max_shard_size)
     if self.udm and self.udm_encoder == "policy":
         raise ConfigError("reward models take --udm-encoder minilm or a sentence-transformers folder, not 'policy'")
     for name in ("per_device_train_batch_size", "gradient_accumulation_steps", "logging_steps", "save_steps",
@@ -301,7 +315,7 @@ ONLINE_SHARED = ("output_dir", "overwrite", "model", "trust_remote_code", "use_l
                  "report", "skip_nonfinite", "skip_invalid", "num_processes", "accelerate_config",
                  "num_machines", "machine_rank", "main_process_ip", "main_process_port", "rendezvous_timeout",
                  "logging_steps", "save_steps", "save_total_limit", "resume", "cache_dir", "eval_batch_size",
-                 "revision", "save_dtype",
+                 "revision", "save_dtype", "save_max_shard_size",
                  "report_to", "push_to_hub", "hub_model_id", "hub_private")
 
 OnlineConfig = derived_config(
@@ -359,6 +373,7 @@ OnlineConfig = derived_config(
 def _validate_online(self) -> None:
     if not self.prompts:
         raise ConfigError("no prompts: pass --prompts FILE")
+    check_shard_size(self.save_max_shard_size)
     if not self.reward:
         raise ConfigError("no reward: pass --reward (vader, exact, numeric, rm:PATH or module:function)")
     if self.reward_weights is not None and len(self.reward_weights) != len(self.reward):

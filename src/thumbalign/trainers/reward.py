@@ -59,7 +59,8 @@ def _train(config, run: RunDir, log) -> dict:
         if data.eval:
             summary["eval"] = calibrate(final, data, tokenizer.pad_token_id, config, engine.say)
         final.to(save_dtype(config.save_dtype, model_dir))
-        run.save_folder("model", lambda folder: (final.save_pretrained(folder, safe_serialization=True),
+        run.save_folder("model", lambda folder: (final.save_pretrained(folder, safe_serialization=True,
+                                                                          max_shard_size=config.save_max_shard_size),
                                                  tokenizer.save_pretrained(folder)))
         run.write_summary(summary)
         complete_model_folder(run, summary, config, model_dir)
