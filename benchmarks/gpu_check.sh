@@ -5,7 +5,7 @@
 #
 #     bash benchmarks/gpu_check.sh [PYTHON]
 #
-# 1. the tests marked `gpu` (bf16 training, QLoRA gradients on the GPU);
+# 1. the tests marked `gpu` (bf16 training, QLoRA gradients, Liger, one process under FSDP2 and ZeRO-3);
 # 2. BCO on the bundled feedback with the default model (SmolLM2-135M) in bf16: full fine-tuning, LoRA, and 4-bit
 #    QLoRA, 60 steps each, then the held-out implicit-reward accuracy;
 # 3. benchmarks/vs_trl.py, when TRL 1.13 is importable (it is not installed from the network here).

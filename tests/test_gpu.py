@@ -46,3 +46,21 @@ def test_liger_log_probs_and_gradients_equal_the_chunked_ones_on_the_gpu(tokeniz
     model = make_model("llama", len(tokenizer)).cuda()
     batch, _ = _batch(tokenizer)
     assert check_liger(model, *(batch[k].cuda() for k in ("input_ids", "attention_mask", "completion_mask"))) < 2e-2
+
+
+@pytest.mark.parametrize("engine", ["fsdp", "zero3"])
+def test_sharded_engines_place_the_model_on_the_gpu_and_train_like_a_plain_run(tmp_path, tiny_llama, engine):
+    """One CUDA process under FSDP2 and under ZeRO-3 (launched under the config): the model waits in CPU memory and
+    reaches the GPU a unit (FSDP) or a parameter (ZeRO-3) at a time, buffers included. Both end where the plain GPU
+    run ends."""
+    from test_sharded import DEEPSPEED, DEEPSPEED_SITE, _args, _close, _finish, _start, _weights
+
+    if engine == "zero3" and not (DEEPSPEED_SITE / "deepspeed").is_dir():
+        pytest.skip("DeepSpeed is not installed beside the virtual environment (make install)")
+    data = write_jsonl(tmp_path / "f.jsonl", toy_feedback(16))
+    common = ("--max-steps", 4, "--per-device-train-batch-size", 4, "--eval-split", "0.3", "--udm", "--udm-encoder",
+              "policy")
+    _finish(_start(_args(["train"], data, tiny_llama, tmp_path / "plain", *common), tmp_path, "plain.log"))
+    _finish(_start(_args(["train"], data, tiny_llama, tmp_path / engine, *common, "--num-processes", 1,
+                         "--accelerate-config", engine), tmp_path, f"{engine}.log", DEEPSPEED))
+    _close(_weights(tmp_path / "plain"), _weights(tmp_path / engine), atol=1e-4)

@@ -251,6 +251,25 @@ def test_zero3_shards_of_two_processes_resume_in_four(tmp_path, tiny_llama, stra
     _same_end(straight / "zero3", run)
 
 
+def test_one_process_under_zero3_is_launched_under_it_and_continues_two(tmp_path, tiny_llama, straight):
+    """--accelerate-config with one process (DeepSpeed's offload on one GPU is a reason to ask) runs under that
+    config, not silently without it: one ZeRO-3 process continues two processes' step-4 checkpoint, writes a sharded
+    checkpoint of one shard, and ends where the two-process run ends."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(straight / "zero3", run)
+    for written_later in (run / "checkpoints" / "step-000006", run / "model"):
+        shutil.rmtree(written_later)
+    one = ("--per-device-train-batch-size", 4, "--num-processes", 1, "--accelerate-config", "zero3")
+    log = _finish(_start(_args(["train"], straight / "f.jsonl", tiny_llama, run, *SETTINGS, *one, "--resume"),
+                         tmp_path, "one.log", env=DEEPSPEED))
+    assert "Launching 1 process:" in log and "Resumed from" in log
+    shards = list((run / "checkpoints" / "step-000006" / ckpt.SHARDED_DIR).glob("*.safetensors"))
+    assert len(shards) == 1
+    _same_end(straight / "zero3", run)
+
+
 def _same_end(uninterrupted, run):
     """Weights, the Adam moments shard by shard, scheduler, optimizer settings, δ and every metrics line."""
     last = "checkpoints/step-000006"

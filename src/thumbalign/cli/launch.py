@@ -101,7 +101,7 @@ def launch_processes(argv: list[str], config) -> int:
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n)]
     command += ["-m", "thumbalign", *without_launcher_flags(argv), "--num-processes", "1"]
     where = f" on machine {config.machine_rank} of {machines}" if machines > 1 else ""
-    print(f"Launching {n} processes{where}: {' '.join(command)}", flush=True)
+    print(f"Launching {n} process{'es' if n > 1 else ''}{where}: {' '.join(command)}", flush=True)
     if machines == 1:
         return subprocess.call(command)
     code, tail = _call_watching_stderr(command)
@@ -161,7 +161,10 @@ def run_training(args, argv: list[str], config_class, trainer: Callable[[], Call
     torch, which --help never needs."""
     config = build_config(args, config_class)
     check_machines(config)
-    if (config.num_processes > 1 or config.num_machines > 1) and "WORLD_SIZE" not in os.environ:
+    # one process with an accelerate config is launched too: DeepSpeed's offload or ZeRO-3 on a single GPU is a
+    # reason to ask for one, and only a launched process runs under it
+    launched = config.num_processes > 1 or config.num_machines > 1 or config.accelerate_config
+    if launched and "WORLD_SIZE" not in os.environ:
         check_accelerate_config(config)
         return launch_processes(argv, config)
     trainer()(config)

@@ -149,9 +149,10 @@ class TrainConfig:
     # --- scale-out (handled by the CLI before training starts)
     num_processes: int = _f(1, "Processes to train with (one per GPU; on a CPU, gloo processes). Launched through "
                                "accelerate (GPU) or torch.distributed.run (CPU).", resumable=True)
-    accelerate_config: str | None = _f(None, "With --num-processes: ddp, zero2 (DeepSpeed, optimizer sharded), zero3 "
-                                            "(DeepSpeed, weights sharded), fsdp (FSDP2, weights sharded) — shipped "
-                                            "configs, on GPUs or CPUs — or an accelerate config file.", resumable=True)
+    accelerate_config: str | None = _f(None, "ddp, zero2 (DeepSpeed, optimizer sharded), zero3 (DeepSpeed, weights "
+                                            "sharded), fsdp (FSDP2, weights sharded) — shipped configs, on GPUs or "
+                                            "CPUs — or an accelerate config file; the run is launched under it, "
+                                            "with one process too (DeepSpeed offload on one GPU).", resumable=True)
     num_machines: int = _f(1, "Machines the run spans; start the same command on each, with its --machine-rank "
                               "(--num-processes then counts the processes of one machine).", resumable=True)
     machine_rank: int = _f(0, "This machine's rank, 0 … --num-machines − 1; machine 0 hosts the rendezvous and writes "
