@@ -50,16 +50,19 @@ def load_reward_model(path, trust_remote_code: bool = False):
 
 @torch.no_grad()
 def score_examples(model, examples: list[Example], pad_token_id: int, batch_size: int = 16,
-                   progress: bool = False) -> torch.Tensor:
-    """Raw logits, in input order (batches sorted by length for little padding)."""
+                   progress: bool = False, device=None) -> torch.Tensor:
+    """Raw logits, in input order (batches sorted by length for little padding). `model` is a sequence classifier,
+    or a training engine's :class:`RewardScores` (a sharded model is only whole inside its forward; every process
+    must then score the same batches); `device` is where the inputs go (by default the model's)."""
     model.eval()
-    scorer = RewardScores(model)
+    scorer = model if isinstance(model, RewardScores) else RewardScores(model)
+    device = device or model.device
     order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))
     out = torch.zeros(len(examples))
     for start in tqdm(range(0, len(order), batch_size), desc="scoring", unit="batch", disable=not progress):
         idx = order[start:start + batch_size]
         batch = collate([examples[i] for i in idx], pad_token_id)
-        out[idx] = scorer(batch["input_ids"].to(model.device), batch["attention_mask"].to(model.device)).cpu()
+        out[idx] = scorer(batch["input_ids"].to(device), batch["attention_mask"].to(device)).float().cpu()
     return out
 
 

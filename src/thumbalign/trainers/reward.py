@@ -53,11 +53,13 @@ def _train(config, run: RunDir, log) -> dict:
     engine.run(task, run, start, task.units_per_step, task.steps_per_epoch)
     summary = {"kind": "reward_model", "steps": task.total_steps, "world_size": engine.world, "data": data.report,
                "settings": config.to_dict(), **({"udm": udm.stats} if udm else {})}
+    # every process scores the held-out examples with the model as trained (sharded: on the shards, in step)
+    held_out = held_out_logits(engine, model, data, tokenizer.pad_token_id, config) if data.eval else None
     trained = engine.final_model()  # every process takes part: a sharded model is gathered here
     if engine.is_main:
         final = trained.merge_and_unload() if config.use_lora else trained
         if data.eval:
-            summary["eval"] = calibrate(final, data, tokenizer.pad_token_id, config, engine.say)
+            summary["eval"] = calibrate(final, held_out, data, config, engine.say)
         final.to(save_dtype(config.save_dtype, model_dir))
         run.save_folder("model", lambda folder: (final.save_pretrained(folder, safe_serialization=True,
                                                                           max_shard_size=config.save_max_shard_size),
@@ -137,10 +139,18 @@ class RewardTask:
         pass
 
 
-def calibrate(model, data: PreparedData, pad_token_id: int, config, say) -> dict:
-    """Held-out accuracy, ROC AUC and ECE; the temperature fitted on the held-out split is stored in the model's
-    config, so that σ(logit / T) is the calibrated P(👍) wherever the folder is loaded."""
-    logits = score_examples(model, data.eval, pad_token_id, config.eval_batch_size)
+def held_out_logits(engine: Engine, model, data: PreparedData, pad_token_id: int, config) -> torch.Tensor:
+    """The trained model's logit for every held-out example: through the engine's module when the weights are
+    sharded, on the model itself otherwise (with LoRA, the base model its adapters sit in)."""
+    scorer = engine.scorer(model) if engine.sharded else RewardScores(model.get_base_model() if config.use_lora
+                                                                      else model)
+    with torch.no_grad():
+        return score_examples(scorer, data.eval, pad_token_id, config.eval_batch_size, device=engine.device)
+
+
+def calibrate(model, logits: torch.Tensor, data: PreparedData, config, say) -> dict:
+    """Held-out accuracy, ROC AUC and ECE from the held-out `logits`; the temperature fitted on the held-out split is
+    stored in the model's config, so that σ(logit / T) is the calibrated P(👍) wherever the folder is loaded."""
     labels = torch.tensor([e.label for e in data.eval])
     temperature = fit_temperature(logits, labels) if config.calibrate else 1.0
     held = implicit_classifier_report(logits / temperature, labels)
