@@ -396,14 +396,17 @@ def test_two_processes_equal_one_process_with_retries_and_self_aligned_reward(tm
     weights sharded every layer's gather needs every process, so generation runs synced, and a process with fewer
     answers to sample (7 prompts, 4 a step: the last step splits 1 and 2), fewer retries or fewer SAR batches than
     the other runs stand-in batches. The KL term's frozen starting model (--beta, full fine-tuning) is sharded like
-    the policy, and built empty on the second process. Weights, losses, KL and pass rates equal the one-process
-    run's."""
+    the policy, and built empty on the second process. The pass rates that --filter-prompts estimates before
+    training (on the shards, where the weights are sharded), the weights, losses, KL and pass rates equal the
+    one-process run's."""
     from test_sharded import DEEPSPEED_SITE
 
     module, _ = reward_module
     prompts = _prompts(tmp_path, n=7)
+    # --filter-prompts over the whole band: every prompt's pass rate is estimated (before training, on the shards
+    # where the weights are sharded) and every prompt stays
     common = (f"{module}:low_first", "--max-steps", 3, "--retry-turns", 2, "--sar-weight", 0.5,
-              "--generation-batch-size", 3, "--beta", 0.5)
+              "--generation-batch-size", 3, "--beta", 0.5, "--filter-prompts", "0,1")
     one = _popen(_online_args(prompts, tiny_llama, tmp_path / "one", *common, "--per-device-train-batch-size", 4),
                  tmp_path / "c1", tmp_path)
     out1, _ = one.communicate(timeout=300)
@@ -411,10 +414,13 @@ def test_two_processes_equal_one_process_with_retries_and_self_aligned_reward(tm
     for engine in ("ddp", "fsdp", "zero3"):
         launch = ("--num-processes", 2) + (("--accelerate-config", engine) if engine != "ddp" else ())
         two = _popen(_online_args(prompts, tiny_llama, tmp_path / engine, *common, "--per-device-train-batch-size", 2,
-                                  *launch), tmp_path / "c2", os.pathsep.join([str(tmp_path), str(DEEPSPEED_SITE)]))
+                                  *launch), tmp_path / f"c-{engine}",
+                     os.pathsep.join([str(tmp_path), str(DEEPSPEED_SITE)]))
         out2, _ = two.communicate(timeout=300)
         assert two.returncode == 0, out2[-4000:]
         assert json.loads((tmp_path / engine / "summary.json").read_text())["world_size"] == 2
+        (rates,) = (tmp_path / f"c-{engine}" / "passrates").glob("*.json")  # estimated by this run, not reused
+        assert json.loads(rates.read_text()) == json.loads(next((tmp_path / "c1" / "passrates").glob("*.json")).read_text())
         _same(_weights(tmp_path / "one" / "model"), _weights(tmp_path / engine / "model"), atol=1e-5)
         for a, b in zip(_metrics(tmp_path / "one"), _metrics(tmp_path / engine), strict=True):
             assert a["pass_rate"] == b["pass_rate"] and a["frac_zero_std"] == b["frac_zero_std"]

@@ -211,11 +211,11 @@ class Engine:
 
     # ------------------------------------------------------------------------------------------ set-up
 
-    def prepare(self, module: torch.nn.Module, model, total_steps: int) -> None:
-        """AdamW over `model`'s trainable weights, the scheduler, and `module` wrapped for the distributed engine.
-        `module` computes with `model`'s parameters; `model` is what checkpoints hold."""
+    def prepare(self, module: torch.nn.Module, model, total_steps: int | None) -> None:
+        """AdamW over `model`'s trainable weights, the scheduler (unless `total_steps` is None: then `schedule`
+        follows), and `module` wrapped for the distributed engine. `module` computes with `model`'s parameters;
+        `model` is what checkpoints hold."""
         from accelerate.utils import DistributedType
-        from transformers import get_scheduler
 
         config = self.config
         self.model, self.total_steps = model, total_steps
@@ -242,12 +242,22 @@ class Engine:
             zero.partition(module, self.accelerator, self.device)
         self.params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(self.params, lr=config.learning_rate, weight_decay=config.weight_decay)
-        self.scheduler = get_scheduler(config.lr_scheduler_type, optimizer,
-                                       num_warmup_steps=int(round(config.warmup_ratio * total_steps)),
-                                       num_training_steps=total_steps)
+        self._adamw = optimizer  # what the scheduler sets the learning rate of (DeepSpeed wraps it)
+        if total_steps is not None:
+            self.schedule(total_steps)
         # under FSDP the module is already what trains; otherwise accelerate wraps it (DDP, DeepSpeed)
         self.module, self.optimizer = ((module, optimizer) if self.sharding == "fsdp"
                                        else self.accelerator.prepare(module, optimizer))
+
+    def schedule(self, total_steps: int) -> None:
+        """The learning-rate schedule over `total_steps`: in `prepare`, or after it (`total_steps=None` there) for a
+        trainer that learns the length of the run only by running the prepared model (online's prompt filter)."""
+        from transformers import get_scheduler
+
+        self.total_steps = total_steps
+        self.scheduler = get_scheduler(self.config.lr_scheduler_type, self._adamw,
+                                       num_warmup_steps=int(round(self.config.warmup_ratio * total_steps)),
+                                       num_training_steps=total_steps)
 
     def frozen(self, module: torch.nn.Module, model: torch.nn.Module):
         """A model the run only evaluates and never trains (online's KL reference), held as the trained one is:

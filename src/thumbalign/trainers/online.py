@@ -56,22 +56,28 @@ def _train(config, run: RunDir, log) -> dict:
     tokenizer = load_tokenizer(model_dir, config.trust_remote_code)
     prompts = load_prompts(config.prompts)
     rewards = RewardSet(config.reward, config.reward_weights, config.reference_field, config.pass_threshold)
-    # --filter-prompts samples from the model before training: then every process needs it whole on its device;
-    # otherwise the model is sharded (FSDP, ZeRO-3) before anything runs on it, from the first process's weights
-    model = load_policy(model_dir, config, engine, shard_first=not config.filter_prompts)
+    # With sharded weights (FSDP, ZeRO-3) the model is sharded first, from the first process's weights, and
+    # --filter-prompts samples from the shards (the run's length is known after it, so the schedule follows);
+    # otherwise the filter samples from the whole model, which is wrapped after.
+    shard_first = engine.shards_weights() is not None
+    model = load_policy(model_dir, config, engine, shard_first=shard_first)
     sampler = Sampler(model, tokenizer, config, engine)
+    if shard_first:
+        model = trainable(model, config, engine, sampler, prompts)
+        sampler.set_model(model)
+        engine.prepare(CompletionLogps(model, config.logps_chunk_size, config.use_liger), model, None)
+        settle_fsdp_root(engine, sampler.eos)  # sampling calls the model's layers directly
     if config.filter_prompts:
         prompts = keep_learnable_prompts(prompts, sampler, rewards, config, engine, model_dir)
-    model = make_trainable(model, config)
-    sampler.set_model(model)
+    if not shard_first:
+        model = trainable(model, config, engine, sampler, prompts)
+        sampler.set_model(model)
     objective = get_online_objective(config.objective)(config)
     task = OnlineTask(config, engine, prompts, rewards, objective, model, sampler, model_dir)
-    # prompts alone: their second halves stand for completions
-    check_use_liger(config, engine, model, [(ids, [i >= len(ids) // 2 for i in range(len(ids))])
-                                            for ids in (sampler.prompt_ids(row) for row in prompts[:4])],
-                    sampler.tokenizer.pad_token_id)
-    engine.prepare(CompletionLogps(model, config.logps_chunk_size, config.use_liger), model, task.total_steps)
-    settle_fsdp_root(engine, sampler.eos)  # sampling calls the model's layers directly
+    if shard_first:
+        engine.schedule(task.total_steps)
+    else:
+        engine.prepare(CompletionLogps(model, config.logps_chunk_size, config.use_liger), model, task.total_steps)
     task.load_reference()
     start = engine.start(run, task, config, task.units_per_step,
                          {"prompts file": content_digest(config.prompts),
@@ -102,6 +108,16 @@ def answer_seed(seed: int, step: int, prompt_index: int, k: int, turn: int = 0) 
     """The seed of one answer: a function of the run's seed, the step, the prompt and the answer's number only."""
     digest = hashlib.sha256(f"{seed}/{step}/{prompt_index}/{k}/{turn}".encode()).digest()
     return int.from_bytes(digest[:7], "little")
+
+
+def trainable(model, config, engine: Engine, sampler: "Sampler", prompts: list[PromptRow]):
+    """LoRA and gradient checkpointing as asked, and --use-liger checked on the first prompts (their second halves
+    stand for completions)."""
+    model = make_trainable(model, config)
+    check_use_liger(config, engine, model, [(ids, [i >= len(ids) // 2 for i in range(len(ids))])
+                                            for ids in (sampler.prompt_ids(row) for row in prompts[:4])],
+                    sampler.tokenizer.pad_token_id)
+    return model
 
 
 class Sampler:
@@ -540,9 +556,13 @@ def prompt_pass_rates(prompts: list[PromptRow], sampler: Sampler, rewards: Rewar
         return json.loads(path.read_text())
     engine.say(f"Estimating the pass rate of {len(prompts)} prompts with the starting model "
                f"({config.num_generations} answers each; cached for later runs)")
-    mine = list(range(engine.rank, len(prompts), engine.world))
     rates = {}
-    for i in mine:
+    # every process takes as many turns as the busiest (sharded weights: each generation needs all of them); a
+    # process past the last prompt samples stand-ins
+    for i in range(engine.rank, math.ceil(len(prompts) / engine.world) * engine.world, engine.world):
+        if i >= len(prompts):
+            sampler.answers([], [], config.temperature)
+            continue
         row, g = prompts[i], config.num_generations
         answers = sampler.answers([sampler.prompt_ids(row)] * g, [answer_seed(config.seed, -1, i, k) for k in range(g)],
                                   config.temperature)
