@@ -178,6 +178,21 @@ def test_two_sharded_processes_train_a_lora_reward_model_like_one(tmp_path, tiny
         assert s2["eval"]["auc"] == pytest.approx(s1["eval"]["auc"], abs=1e-6)
 
 
+def test_a_method_that_adds_tokens_grows_the_empty_model_of_the_other_processes_alike(tmp_path, tiny_llama):
+    """--method reward-token adds two tokens: the first process grows its embeddings (each new row the mean of its
+    meaning's words), the second grows its empty model to the same shape and receives the rows under ZeRO-3."""
+    data = write_jsonl(tmp_path / "f.jsonl", toy_feedback(12))
+    common = ("--max-steps", 2, "--gradient-accumulation-steps", 2, "--method", "reward-token")
+    for name, processes, env in (("one", ONE, None), ("zero3", ZERO3, DEEPSPEED)):
+        _finish(_start(_args(["train"], data, tiny_llama, tmp_path / name, *common, *processes), tmp_path,
+                       f"{name}.log", env))
+    one, zero3 = _weights(tmp_path / "one"), _weights(tmp_path / "zero3")
+    base = load_file(str(tiny_llama / "model.safetensors"))
+    key = "model.embed_tokens.weight"
+    assert one[key].shape[0] == base[key].shape[0] + 2
+    _close(one, zero3, atol=1e-5)
+
+
 def _steps_done(run):
     return [int(p.name.split("-")[1]) for p in ckpt.list_checkpoints(run / "checkpoints")]
 

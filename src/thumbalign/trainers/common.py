@@ -68,16 +68,17 @@ def count_steps(config, n_units: int, units_per_step: int) -> tuple[int, int]:
     return total, steps_per_epoch
 
 
-def load_policy(model_dir: Path, config, engine: Engine, shard_first: bool = False, adds_tokens: bool = False):
+def load_policy(model_dir: Path, config, engine: Engine, shard_first: bool = False):
     """The model to train: float32 weights, or with --load-in-4bit / --load-in-8bit a base whose linear layers
     bitsandbytes holds in 4 or 8 bits (QLoRA). `shard_first`: the trainer shards the model (FSDP, ZeRO-3) before it
     runs anything on it. Then only the first process reads the weights; the others build the architecture empty and
-    receive their shards from it (unless `adds_tokens`: growing the embeddings needs the weights), and the model stays
-    in CPU memory: sharding moves each weight to the device on its own, so the device never holds the whole model.
+    receive their shards from it (a method's new tokens grow their empty tables to the same shape), and the model
+    stays in CPU memory: sharding moves each weight to the device on its own, so the device never holds the whole
+    model.
     Otherwise the model goes to the device whole."""
     bits = 4 if getattr(config, "load_in_4bit", False) else 8 if getattr(config, "load_in_8bit", False) else None
     sharded_first = shard_first and not bits and engine.shards_weights() is not None
-    if sharded_first and not adds_tokens and not engine.is_main:
+    if sharded_first and not engine.is_main:
         return empty_model(model_dir, config.trust_remote_code)
     model = load_causal_lm(model_dir, config.trust_remote_code, bits, engine.device,
                            torch.bfloat16 if engine.bf16 else torch.float32)

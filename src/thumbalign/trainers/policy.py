@@ -64,7 +64,7 @@ def _train(config: TrainConfig, run: RunDir, log) -> dict:
     # With sharded weights (FSDP, ZeRO-3) the model is sharded first, and the passes before training run on the
     # shards, every process in step; otherwise they run on the whole model, which is sharded (DDP: wrapped) after.
     shard_first = engine.shards_weights() is not None
-    model = load_policy(model_dir, config, engine, shard_first=shard_first, adds_tokens=bool(added))
+    model = load_policy(model_dir, config, engine, shard_first=shard_first)
     grow_embeddings(model, tokenizer, {t: method.token_meanings.get(t, t) for t in added})
     n_up = sum(e.label for e in data.train)
     objective = method(config, n_up, len(data.train) - n_up, log=engine.say)
