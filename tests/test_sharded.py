@@ -326,3 +326,39 @@ def test_an_accelerate_config_that_cannot_run_here_is_one_line_before_any_proces
     assert main(args) == 2
     assert message in _one_line(capsys)
     assert not (tmp_path / "run").exists()  # refused before anything was launched or written
+
+
+def test_a_config_file_naming_a_single_process_accelerate_config_launches_once(tmp_path, tiny_llama):
+    """accelerate runs `distributed_type: NO` through its single-process launcher, which sets no WORLD_SIZE, and
+    the launched process reads the same --config file naming the accelerate config: it must train, not launch
+    again."""
+    data = write_jsonl(tmp_path / "f.jsonl", toy_feedback(8))
+    accelerate = _user_config(tmp_path, "distributed_type: 'NO'\nnum_processes: 1\nuse_cpu: true\n")
+    (tmp_path / "run.yaml").write_text(f"accelerate_config: {accelerate}\n")
+    proc = _start(["train", "--config", tmp_path / "run.yaml",
+                   *_args([], data, tiny_llama, tmp_path / "run", "--max-steps", 1, "--per-device-train-batch-size", 4)],
+                  tmp_path, "run.log")
+    try:
+        log = _finish(proc, timeout=120)
+    finally:
+        _kill_all(proc) if proc.poll() is None else None
+    assert log.count("Launching 1 process:") == 1
+    assert (tmp_path / "run" / "model" / "config.json").exists()
+
+
+def test_an_empty_model_samples_with_the_folder_s_generation_settings(tmp_path, tiny_llama):
+    """The processes that build the model empty read generation_config.json as from_pretrained does: a repetition
+    penalty that the first process samples with, the others sample with too."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    from thumbalign.engine.models import empty_model
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_llama, folder)
+    GenerationConfig(repetition_penalty=1.3, no_repeat_ngram_size=3).save_pretrained(folder)
+    loaded, empty = AutoModelForCausalLM.from_pretrained(folder), empty_model(folder)
+    assert all(p.is_meta for p in empty.parameters())
+    for name in ("repetition_penalty", "no_repeat_ngram_size", "eos_token_id"):
+        assert getattr(empty.generation_config, name) == getattr(loaded.generation_config, name), name

@@ -17,6 +17,9 @@ LAUNCHER_FLAGS = ("--num-processes", "--accelerate-config", "--num-machines", "-
                   "--main-process-port", "--rendezvous-timeout")
 
 
+LAUNCHED = "THUMBALIGN_LAUNCHED"
+
+
 def without_launcher_flags(argv: list[str]) -> list[str]:
     """The command line minus the launcher's own flags (every process reads the same config)."""
     rest, skip = [], False
@@ -102,18 +105,19 @@ def launch_processes(argv: list[str], config) -> int:
     command += ["-m", "thumbalign", *without_launcher_flags(argv), "--num-processes", "1"]
     where = f" on machine {config.machine_rank} of {machines}" if machines > 1 else ""
     print(f"Launching {n} process{'es' if n > 1 else ''}{where}: {' '.join(command)}", flush=True)
+    env = {**os.environ, LAUNCHED: "1"}  # for the processes started below
     if machines == 1:
-        return subprocess.call(command)
-    code, tail = _call_watching_stderr(command)
+        return subprocess.call(command, env=env)
+    code, tail = _call_watching_stderr(command, env)
     failure = rendezvous_failure(tail, config) if code else None
     if failure:
         raise ConfigError(failure)
     return code
 
 
-def _call_watching_stderr(command: list[str]) -> tuple[int, str]:
+def _call_watching_stderr(command: list[str], env: dict) -> tuple[int, str]:
     """Run `command` with its stderr passed through as it comes (progress bars included) and its last 64 KiB kept."""
-    proc = subprocess.Popen(command, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(command, stderr=subprocess.PIPE, env=env)
     tail = b""
     while chunk := os.read(proc.stderr.fileno(), 65536):
         sys.stderr.buffer.write(chunk)
@@ -164,7 +168,9 @@ def run_training(args, argv: list[str], config_class, trainer: Callable[[], Call
     # one process with an accelerate config is launched too: DeepSpeed's offload or ZeRO-3 on a single GPU is a
     # reason to ask for one, and only a launched process runs under it
     launched = config.num_processes > 1 or config.num_machines > 1 or config.accelerate_config
-    if launched and "WORLD_SIZE" not in os.environ:
+    # a process this launch started never launches again (a config file may still name the accelerate config, and
+    # accelerate's single-process launcher sets no WORLD_SIZE)
+    if launched and "WORLD_SIZE" not in os.environ and LAUNCHED not in os.environ:
         check_accelerate_config(config)
         return launch_processes(argv, config)
     trainer()(config)

@@ -13,6 +13,7 @@ training::
 
 from __future__ import annotations
 
+import datetime
 import math
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -62,6 +63,9 @@ class Task(Protocol):
         when a non-finite step is skipped."""
 
     def load_state_dict(self, state: dict) -> None: ...
+
+
+COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=30)
 
 
 def _forget_single_process_state() -> None:
@@ -123,12 +127,15 @@ class Engine:
         # DeepSpeed on CPU processes: accelerate joins them through DeepSpeed only when not told cpu=True, and then
         # needs the backend named (it knows no default without a GPU)
         on_deepspeed_cpu = zero.requested() and not has_accelerator
-        handlers = []
-        if on_deepspeed_cpu:
-            from accelerate.utils import InitProcessGroupKwargs
+        from accelerate.utils import InitProcessGroupKwargs
 
+        # Sharded, the other processes wait in their first collective while the first one reads the whole model:
+        # 30 minutes, where NCCL's default (10) could run out on a big model and slow storage
+        group = {"timeout": COLLECTIVE_TIMEOUT}
+        if on_deepspeed_cpu:
             zero.use_gloo_collectives()
-            handlers.append(InitProcessGroupKwargs(backend="gloo"))
+            group["backend"] = "gloo"
+        handlers = [InitProcessGroupKwargs(**group)]
         self.accelerator = Accelerator(mixed_precision="bf16" if self.bf16 else "no",
                                        cpu=not has_accelerator and not on_deepspeed_cpu, kwargs_handlers=handlers,
                                        log_with=self.trackers or None,

@@ -182,6 +182,11 @@ def empty_model(path: Path, trust_remote_code: bool = False, auto_class: str = "
     with torch.device("meta"):
         model = getattr(transformers, auto_class).from_config(config, dtype=torch.float32,
                                                                trust_remote_code=trust_remote_code)
+    if model.can_generate():
+        try:  # sampling settings (a repetition penalty, say) as from_pretrained reads them, on every process alike
+            model.generation_config = transformers.GenerationConfig.from_pretrained(path)
+        except OSError:  # the folder has no generation_config.json: from_pretrained derives it from the config too
+            pass
     model.config.use_cache = False
     return model
 

@@ -62,7 +62,7 @@ class TrainConfig:
                          choices=("auto", "bfloat16", "float16", "float32"))
     save_max_shard_size: str = _f("5GB", "Largest file of the saved model (e.g. 5GB, 500MB): a bigger model is split "
                                          "into several safetensors files with an index, as transformers writes and "
-                                         "loads them.")
+                                         "loads them.", resumable=True)
     # --- method
     method: str = _f("bco", "Training objective; `thumbalign methods` lists them with the data each takes.")
     beta: float = _f(0.1, "β: scale of the implicit reward r = β·(log π − log π_ref).")

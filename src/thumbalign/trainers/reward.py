@@ -78,7 +78,9 @@ def load_reward(model_dir, config, engine: Engine):
     model)."""
     if engine.shards_weights() and not engine.is_main:
         return empty_model(model_dir, config.trust_remote_code, "AutoModelForSequenceClassification", num_labels=1)
-    return load_reward_model(model_dir, config.trust_remote_code)
+    model = load_reward_model(model_dir, config.trust_remote_code)
+    model.config.use_cache = False  # scoring keeps no cache, as on the processes that built the model empty
+    return model
 
 
 class RewardTask:
