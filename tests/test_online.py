@@ -405,8 +405,10 @@ def test_two_processes_equal_one_process_with_retries_and_self_aligned_reward(tm
     prompts = _prompts(tmp_path, n=7)
     # --filter-prompts over the whole band: every prompt's pass rate is estimated (before training, on the shards
     # where the weights are sharded) and every prompt stays
+    # and 3 held-out prompts answered by the trained and the starting model after training (on the shards too)
+    held_out = write_jsonl(tmp_path / "held.jsonl", [{"prompt": p} for p in ("q0?", "what is 2+2", "hello there")])
     common = (f"{module}:low_first", "--max-steps", 3, "--retry-turns", 2, "--sar-weight", 0.5,
-              "--generation-batch-size", 3, "--beta", 0.5, "--filter-prompts", "0,1")
+              "--generation-batch-size", 3, "--beta", 0.5, "--filter-prompts", "0,1", "--eval-prompts", held_out)
     one = _popen(_online_args(prompts, tiny_llama, tmp_path / "one", *common, "--per-device-train-batch-size", 4),
                  tmp_path / "c1", tmp_path)
     out1, _ = one.communicate(timeout=300)
@@ -422,6 +424,9 @@ def test_two_processes_equal_one_process_with_retries_and_self_aligned_reward(tm
         (rates,) = (tmp_path / f"c-{engine}" / "passrates").glob("*.json")  # estimated by this run, not reused
         assert json.loads(rates.read_text()) == json.loads(next((tmp_path / "c1" / "passrates").glob("*.json")).read_text())
         _same(_weights(tmp_path / "one" / "model"), _weights(tmp_path / engine / "model"), atol=1e-5)
+        answers = [sorted((r["model"], r["i"], r["answer"], r["verdict"]) for r in map(json.loads, (
+            run / "generations.jsonl").read_text().splitlines())) for run in (tmp_path / "one", tmp_path / engine)]
+        assert len(answers[0]) == 6 and answers[1] == answers[0]
         for a, b in zip(_metrics(tmp_path / "one"), _metrics(tmp_path / engine), strict=True):
             assert a["pass_rate"] == b["pass_rate"] and a["frac_zero_std"] == b["frac_zero_std"]
             assert a["loss"] == pytest.approx(b["loss"], abs=1e-6)

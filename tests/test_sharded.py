@@ -107,11 +107,31 @@ def straight(tmp_path_factory, tiny_llama):
     uninterrupted: the yardsticks of this file."""
     root = tmp_path_factory.mktemp("straight")
     data = write_jsonl(root / "f.jsonl", toy_feedback(16))
+    # 5 held-out prompts answered by the trained and the base model: sharded, 3 on one process and 2 (and a
+    # stand-in) on the other, while the weights stay sharded
+    # (the tiny model repeats a prompt's last character or so: prompts that end differently get different answers)
+    prompts = write_jsonl(root / "prompts.jsonl", [{"prompt": p} for p in ("Tell me a story about cats.", "what is 2+2",
+                                                                         "q0?", "hello there", "q2?")])
+    judged = ("--eval-prompts", prompts, "--judge", "vader", "--eval-max-new-tokens", 6, "--eval-batch-size", 2)
     for name, processes, env in (("one", ONE, None), ("two", TWO, None), ("zero3", ZERO3, DEEPSPEED),
                                  ("zero2", ZERO2, DEEPSPEED)):
-        _finish(_start(_args(["train"], data, tiny_llama, root / name, *SETTINGS, *processes), root, f"{name}.log",
-                       env))
+        _finish(_start(_args(["train"], data, tiny_llama, root / name, *SETTINGS, *judged, *processes), root,
+                       f"{name}.log", env))
     return root
+
+
+def _same_judged_answers(one, run):
+    """The same answers and verdicts for every held-out prompt, of the trained and the base model."""
+    def records(r):
+        rows = [json.loads(line) for line in (r / "generations.jsonl").read_text().splitlines()]
+        return sorted((row["model"], row["i"], row["answer"], row["verdict"]) for row in rows)
+
+    answer = {(model, i): text for model, i, text, _ in records(one)}
+    assert len(answer) == 10 and len(set(answer.values())) >= 4
+    assert any(answer["trained", i] != answer["base", i] for i in range(5))  # which model answered shows
+    assert records(run) == records(one)
+    a, b = (json.loads((r / "summary.json").read_text())["judged"] for r in (one, run))
+    assert a == b
 
 
 def test_two_fsdp_processes_train_like_one(straight):
@@ -124,6 +144,7 @@ def test_two_fsdp_processes_train_like_one(straight):
     for when in ("eval_before", "eval_after"):  # the held-out evaluation ran on the sharded model
         assert s2[when]["accuracy"] == s1[when]["accuracy"]
         assert s2[when]["auc"] == pytest.approx(s1[when]["auc"], abs=1e-6)
+    _same_judged_answers(one, two)  # generated on the shards, against the one process's from the saved folders
     checkpoint = two / "checkpoints" / "step-000006"
     shards = sorted(p.name for p in (checkpoint / ckpt.SHARDED_DIR).glob("*.safetensors"))
     assert len(shards) == 2 and not (checkpoint / "weights.safetensors").exists()  # each process wrote its own
@@ -146,6 +167,7 @@ def test_two_deepspeed_processes_train_like_one(straight):
         for when in ("eval_before", "eval_after"):  # under ZeRO-3 the evaluation ran on the sharded model
             assert summary[when]["accuracy"] == s1[when]["accuracy"]
             assert summary[when]["auc"] == pytest.approx(s1[when]["auc"], abs=1e-6)
+        _same_judged_answers(one, run)  # ZeRO-3: generated on the shards; ZeRO-2: from the saved folders
     last = "checkpoints/step-000006"
     unsharded = load_file(str(one / last / "weights.safetensors"))
     # ZeRO-3: each process wrote its own shard (the flattened parameter's half); put together, they are the weights

@@ -36,34 +36,54 @@ def judged_generations(models: dict[str, Path], prompts_file: str, judge, out_fi
     """Generate with each model in `models` (name -> folder), judge, append to `out_file`; return the comparison.
     `condition` picks the reward token a reward-token model answers after (default: its template's, 👍)."""
     prompts = load_prompts(prompts_file)
-    with file_operation("create the folder of", out_file):
-        out_file.parent.mkdir(parents=True, exist_ok=True)
-    done = _done(out_file)
+    done = _open(out_file)
     for name, folder in models.items():
         todo = [i for i in range(len(prompts)) if (name, i) not in done]
         if not todo:
             continue
         tokenizer, model = load_tokenizer(folder), load_causal_lm(folder).eval()
         model.config.use_cache = True
-        with file_operation("append answers to", out_file), open(out_file, "a", encoding="utf-8") as handle:
-            for start in tqdm(range(0, len(todo), batch_size), desc=f"generating ({name})", unit="batch",
-                              disable=not progress):
-                batch = todo[start:start + batch_size]
-                answers = generate(model, tokenizer, [prompts[i].prompt for i in batch], max_new_tokens,
-                                   temperature, seed + batch[0], condition=condition)
-                for i, answer in zip(batch, answers):
-                    try:
-                        verdict = apply_judge(judge, answer, prompts[i].row, f"{prompts[i].source} ({name})")
-                    except JudgeFailure as err:
-                        raise ThumbalignError(f"judge failed: {err}; {len(_done(out_file))} verdicts kept in "
-                                              f"{out_file}, rerun to continue") from None
-                    record = {"model": name, "i": i, "prompt": prompts[i].prompt, "answer": answer,
-                              "verdict": verdict}
-                    handle.write(json.dumps(record, ensure_ascii=False) + "\n")
-                    handle.flush()
-                    done[(name, i)] = record
+        for start in tqdm(range(0, len(todo), batch_size), desc=f"generating ({name})", unit="batch",
+                          disable=not progress):
+            batch = todo[start:start + batch_size]
+            answers = generate(model, tokenizer, [prompts[i].prompt for i in batch], max_new_tokens,
+                               temperature, seed + batch[0], condition=condition)
+            _judge_and_append(judge, name, dict(zip(batch, answers)), prompts, out_file, done)
         del model
     return compare(done, list(models), len(prompts))
+
+
+def judge_answers(answers: dict[str, list[str]], prompts_file: str, judge, out_file: Path) -> dict:
+    """Like :func:`judged_generations` for answers already generated (name -> one answer per prompt, in order):
+    by a run whose weights are sharded over several processes, say."""
+    prompts = load_prompts(prompts_file)
+    done = _open(out_file)
+    for name, texts in answers.items():
+        todo = {i: text for i, text in enumerate(texts) if (name, i) not in done}
+        _judge_and_append(judge, name, todo, prompts, out_file, done)
+    return compare(done, list(answers), len(prompts))
+
+
+def _open(out_file: Path) -> dict[tuple[str, int], dict]:
+    """The verdicts `out_file` already holds (its folder created if need be)."""
+    with file_operation("create the folder of", out_file):
+        out_file.parent.mkdir(parents=True, exist_ok=True)
+    return _done(out_file)
+
+
+def _judge_and_append(judge, name: str, answers: dict[int, str], prompts, out_file: Path, done: dict) -> None:
+    """Judge each answer (prompt index -> text) and append its record to `out_file` at once (and to `done`)."""
+    with file_operation("append answers to", out_file), open(out_file, "a", encoding="utf-8") as handle:
+        for i, answer in answers.items():
+            try:
+                verdict = apply_judge(judge, answer, prompts[i].row, f"{prompts[i].source} ({name})")
+            except JudgeFailure as err:
+                raise ThumbalignError(f"judge failed: {err}; {len(_done(out_file))} verdicts kept in "
+                                      f"{out_file}, rerun to continue") from None
+            record = {"model": name, "i": i, "prompt": prompts[i].prompt, "answer": answer, "verdict": verdict}
+            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+            handle.flush()
+            done[(name, i)] = record
 
 
 def compare(done: dict, names: list[str], n: int, seed: int = 0) -> dict:

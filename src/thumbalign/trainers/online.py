@@ -26,7 +26,6 @@ from ..analysis.rewards import Answer, RewardFailure, RewardSet
 from ..data.batching import collate_masked, micro_batches
 from ..data.prompts import PromptRow, load_prompts
 from ..data.tokens import encode_prompt
-from ..engine.inference import sample_answers
 from ..engine.logprobs import CompletionLogps, completion_token_logps
 from ..engine.loop import Engine, MicroStep
 from ..engine.models import cache_root, empty_model, load_causal_lm, load_tokenizer
@@ -36,10 +35,9 @@ from ..errors import ConfigError
 from ..files import content_digest, write_text_atomically
 from ..methods.online_base import GroupBatch, OnlineObjective, group_statistics, k3_kl, reduce_token_losses
 from ..methods.registry import get_online_objective
-from .common import (check_use_liger, compare_with_base, count_steps, load_policy, make_trainable, model_folder,
-                     require_inputs, settle_fsdp_root,
-                     save_policy,
-                     complete_model_folder, final_results, describe_settings)
+from .common import (answers_on_shards, check_use_liger, compare_with_base, complete_model_folder, count_steps,
+                     describe_settings, final_results, load_policy, make_trainable, model_folder, require_inputs,
+                     sample_in_step, save_policy, settle_fsdp_root)
 from .config import filter_band
 
 
@@ -87,13 +85,16 @@ def _train(config, run: RunDir, log) -> dict:
     summary = {"kind": "online", "method": objective.name, "model": config.model, "model_dir": str(model_dir),
                "steps": task.total_steps, "world_size": engine.world, "prompts": len(prompts),
                "final_metrics": last_line, "settings": config.to_dict()}
+    # sharded, the held-out prompts are answered now, on the shards; otherwise from the saved folder below
+    answers = (answers_on_shards(config, engine, model, tokenizer, model_dir, config.max_new_tokens)
+               if config.eval_prompts and engine.sharded else None)
     final = engine.final_model()  # every process takes part: a sharded model is gathered here
     if engine.is_main:
         run.save_folder("model", lambda folder: save_policy(final, tokenizer, folder, config, model_dir))
         engine.say(f"Saved the model to {run.path / 'model'}")
         if config.eval_prompts:
             summary["judged"] = compare_with_base(config, run, model_dir, config.eval_prompts, rewards.judge,
-                                                  config.max_new_tokens, engine.say)
+                                                  config.max_new_tokens, engine.say, answers)
         engine.say(f"Run summary: {run.write_summary(summary)}")
         complete_model_folder(run, summary, config, model_dir)
         if config.report:
@@ -134,25 +135,11 @@ class Sampler:
         return encode_prompt(self.tokenizer, conversation if conversation is not None else row.prompt, row.source)
 
     def answers(self, prompt_ids: list[list[int]], seeds: list[int], temperature: float) -> list[list[int]]:
-        """Sharded weights (ZeRO-3): every process calls this as often as the others, and each runs as many
-        batches as the busiest one, with a one-token stand-in prompt where it has none of its own."""
+        """Sharded weights: every process calls this as often as the others (see :func:`sample_in_step`)."""
         was_training = self.model.training
         self.model.eval()
-        out = []
-        size = self.config.generation_batch_size
-        starts = list(range(0, len(prompt_ids), size))
-        synced = self.engine.sharded
-        rounds = max(self.engine.gather_objects(len(starts))) if synced else len(starts)
-        with self.engine.autocast():
-            for n in range(rounds):
-                if n < len(starts):
-                    start = starts[n]
-                    out += sample_answers(self.model, prompt_ids[start:start + size], seeds[start:start + size],
-                                          self.config.max_new_tokens, temperature, self.tokenizer.pad_token_id,
-                                          self.eos, synced)
-                else:  # keeps the processes in step; its answer is dropped
-                    sample_answers(self.model, [[self.eos]], [0], self.config.max_new_tokens, temperature,
-                                   self.tokenizer.pad_token_id, self.eos, synced)
+        out = sample_in_step(self.engine, self.model, prompt_ids, seeds, self.config.generation_batch_size,
+                             self.config.max_new_tokens, temperature, self.tokenizer.pad_token_id, self.eos, self.eos)
         self.model.train(was_training)
         return out
 

@@ -25,7 +25,7 @@ from ..engine.reference import ReferenceLogps
 from ..engine.rundir import RunDir
 from ..methods.base import Objective, StepInputs
 from ..methods.registry import get_method
-from .common import (UDMWeights, check_use_liger, compare_with_base, count_steps, data_fingerprint, fit_udm,
+from .common import (UDMWeights, answers_on_shards, check_use_liger, compare_with_base, count_steps, data_fingerprint, fit_udm,
                      load_policy, make_trainable, prompt_clusters, settle_fsdp_root,
                      model_folder, require_inputs, save_policy, udm_window_stats, complete_model_folder,
                      final_results, describe_settings)
@@ -104,9 +104,14 @@ def _train(config: TrainConfig, run: RunDir, log) -> dict:
                                                             config, engine)
         engine.say(f"Held-out implicit-reward classifier after training:  {format_eval(task.history['eval_after'])}")
     summary = _summary(config, engine, task, model_dir, ref_from_cache, udm, last_line)
+    if method.needs.reward_tokens:  # served models answer as 👍 answers: the template conditions on the 👍 token
+        condition_generation_on(tokenizer, method.needs.reward_tokens[0])
+    # sharded, the held-out prompts are answered now, on the shards; otherwise from the saved folder in _finish
+    answers = (answers_on_shards(config, engine, model, tokenizer, model_dir, config.eval_max_new_tokens)
+               if config.eval_prompts and engine.sharded else None)
     final = engine.final_model()  # every process takes part: a sharded model is gathered here
     if engine.is_main:
-        _finish(config, engine, run, final, tokenizer, model_dir, summary)
+        _finish(config, engine, run, final, tokenizer, model_dir, summary, answers)
     engine.finish(final_results(engine.main_value(summary)))
     return summary
 
@@ -288,18 +293,19 @@ def _summary(config, engine: Engine, task: PolicyTask, model_dir, ref_from_cache
     }
 
 
-def _finish(config: TrainConfig, engine: Engine, run: RunDir, model, tokenizer, model_dir, summary: dict) -> None:
-    """Main process: the final model folder, the judged comparison, summary.json and the report."""
+def _finish(config: TrainConfig, engine: Engine, run: RunDir, model, tokenizer, model_dir, summary: dict,
+            answers: dict[str, list[str]] | None) -> None:
+    """Main process: the final model folder, the judged comparison (of `answers`, when generated on the shards),
+    summary.json and the report."""
     tokens = get_method(config.method).needs.reward_tokens
-    if tokens:  # served models answer as 👍 answers: the template conditions on the 👍 token by default
-        condition_generation_on(tokenizer, tokens[0])
+    if tokens:
         model.config.thumbalign_reward_tokens = {"up": tokens[0], "down": tokens[1]}
     run.save_folder("model", lambda folder: save_policy(model, tokenizer, folder, config, model_dir))
     engine.say(f"Saved the model to {run.path / 'model'}")
     if config.eval_prompts:
         judge = load_judge(config.judge, config.reference_field)
         summary["judged"] = compare_with_base(config, run, model_dir, config.eval_prompts, judge,
-                                              config.eval_max_new_tokens, engine.say)
+                                              config.eval_max_new_tokens, engine.say, answers)
     engine.say(f"Run summary: {run.write_summary(summary)}")
     complete_model_folder(run, summary, config, model_dir)
     if config.report:
