@@ -305,12 +305,13 @@ def compare_with_base(config, run: RunDir, base_dir: Path, prompts_file: str, ju
     return result
 
 
-def answers_on_shards(config, engine: Engine, model, tokenizer, base_dir: Path,
-                      max_new_tokens: int) -> dict[str, list[str]] | None:
+def answers_on_shards(config, engine: Engine, model, tokenizer, base_dir: Path, max_new_tokens: int,
+                      base=None) -> dict[str, list[str]] | None:
     """--eval-prompts with sharded weights (FSDP, ZeRO-3): the trained model, still sharded, and the base model,
     sharded the same way (read on the first process only), answer the held-out prompts. Each process answers a share
     of them, every process in step; the main process gets every answer (the others None). The same prompts, rendered
-    and decoded as :func:`compare_with_base` does them, greedy or seeded per prompt, in the run's precision."""
+    and decoded as :func:`compare_with_base` does them, greedy or seeded per prompt, in the run's precision. `base`:
+    the base model already sharded by `Engine.frozen` and run once (online's KL reference), not loaded again."""
     from ..data.prompts import load_prompts
     from ..engine.inference import render_prompt
     from ..engine.logprobs import CompletionLogps
@@ -321,12 +322,13 @@ def answers_on_shards(config, engine: Engine, model, tokenizer, base_dir: Path,
     mine = list(range(engine.rank, len(prompts), engine.world))
     temperature = getattr(config, "eval_temperature", 0.0)
     base_tokenizer = load_tokenizer(base_dir, config.trust_remote_code)
-    base = (load_causal_lm(base_dir, config.trust_remote_code) if engine.is_main
-            else empty_model(base_dir, config.trust_remote_code))
-    score_base = engine.frozen(CompletionLogps(base, config.logps_chunk_size), base)
-    stand_in = torch.tensor([[base_tokenizer.eos_token_id] * 2], device=engine.device)
-    with torch.no_grad():  # FSDP takes the first unit to run as the root: the module, before generate calls layers
-        score_base(stand_in, torch.ones_like(stand_in), torch.tensor([[False, True]], device=engine.device))
+    if base is None:
+        base = (load_causal_lm(base_dir, config.trust_remote_code) if engine.is_main
+                else empty_model(base_dir, config.trust_remote_code))
+        score_base = engine.frozen(CompletionLogps(base, config.logps_chunk_size), base)
+        stand_in = torch.tensor([[base_tokenizer.eos_token_id] * 2], device=engine.device)
+        with torch.no_grad():  # FSDP takes the first unit to run as the root: the module, before generate runs layers
+            score_base(stand_in, torch.ones_like(stand_in), torch.tensor([[False, True]], device=engine.device))
     answers = {}
     for name, generator, tok in (("trained", model, tokenizer), ("base", base, base_tokenizer)):
         ids = [tok(render_prompt(tok, prompts[i].prompt), add_special_tokens=not isinstance(prompts[i].prompt, list))
@@ -337,7 +339,6 @@ def answers_on_shards(config, engine: Engine, model, tokenizer, base_dir: Path,
                              max_new_tokens, temperature, tok.pad_token_id, None, tok.eos_token_id)
         generator.train(was_training)
         answers[name] = dict(zip(mine, (tok.decode(a, skip_special_tokens=True).strip() for a in out)))
-    del base, score_base
     gathered = engine.gather_objects(answers)
     if not engine.is_main:
         return None

@@ -86,8 +86,8 @@ def _train(config, run: RunDir, log) -> dict:
                "steps": task.total_steps, "world_size": engine.world, "prompts": len(prompts),
                "final_metrics": last_line, "settings": config.to_dict()}
     # sharded, the held-out prompts are answered now, on the shards; otherwise from the saved folder below
-    answers = (answers_on_shards(config, engine, model, tokenizer, model_dir, config.max_new_tokens)
-               if config.eval_prompts and engine.sharded else None)
+    answers = (answers_on_shards(config, engine, model, tokenizer, model_dir, config.max_new_tokens,
+                                 base=task.reference_model) if config.eval_prompts and engine.sharded else None)
     final = engine.final_model()  # every process takes part: a sharded model is gathered here
     if engine.is_main:
         run.save_folder("model", lambda folder: save_policy(final, tokenizer, folder, config, model_dir))
@@ -198,6 +198,7 @@ class OnlineTask:
         self.pad = sampler.tokenizer.pad_token_id
         self.model_dir = model_dir
         self.reference = None  # load_reference(), once the engine has prepared the policy
+        self.reference_model = None
         self.pending: list[dict] = []   # rollout statistics of the steps since the last log line (all processes)
         self.skipped_invalid = 0
 
@@ -423,6 +424,7 @@ class OnlineTask:
         else:
             reference = load_causal_lm(self.model_dir, c.trust_remote_code)
         self.reference = engine.frozen(CompletionLogps(reference, c.logps_chunk_size), reference)
+        self.reference_model = reference  # the starting model, sharded like the policy: --eval-prompts' base too
 
     @torch.no_grad()
     def reference_logps(self, t: dict) -> torch.Tensor:
