@@ -64,3 +64,19 @@ def test_sharded_engines_place_the_model_on_the_gpu_and_train_like_a_plain_run(t
     _finish(_start(_args(["train"], data, tiny_llama, tmp_path / engine, *common, "--num-processes", 1,
                          "--accelerate-config", engine), tmp_path, f"{engine}.log", DEEPSPEED))
     _close(_weights(tmp_path / "plain"), _weights(tmp_path / engine), atol=1e-4)
+
+
+def test_judged_answers_on_the_gpu_equal_those_on_the_cpu(tmp_path, tiny_llama):
+    """The judged comparison (`thumbalign eval`, --eval-prompts) runs on the GPU where there is one: greedy answers
+    in float32 there are the CPU's."""
+    from thumbalign.analysis.judged import judged_generations
+    from thumbalign.analysis.judges import load_judge
+
+    prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": p} for p in ("q0?", "what is 2+2", "hello there")])
+    answers = {}
+    for device in ("cpu", "cuda"):
+        out = tmp_path / f"{device}.jsonl"
+        judged_generations({"m": tiny_llama}, str(prompts), load_judge("vader"), out, max_new_tokens=6,
+                           progress=False, device=device)
+        answers[device] = [json.loads(line)["answer"] for line in out.read_text().splitlines()]
+    assert answers["cuda"] == answers["cpu"]

@@ -32,16 +32,20 @@ def _done(path: Path) -> dict[tuple[str, int], dict]:
 
 def judged_generations(models: dict[str, Path], prompts_file: str, judge, out_file: Path, *, max_new_tokens: int = 64,
                        temperature: float = 0.0, seed: int = 0, batch_size: int = 8, progress: bool = True,
-                       condition: str | None = None) -> dict:
+                       condition: str | None = None, device: str | None = None) -> dict:
     """Generate with each model in `models` (name -> folder), judge, append to `out_file`; return the comparison.
-    `condition` picks the reward token a reward-token model answers after (default: its template's, 👍)."""
+    `condition` picks the reward token a reward-token model answers after (default: its template's, 👍). Models run
+    in float32 on `device`: by default the GPU where there is one, else the CPU."""
+    import torch
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     prompts = load_prompts(prompts_file)
     done = _open(out_file)
     for name, folder in models.items():
         todo = [i for i in range(len(prompts)) if (name, i) not in done]
         if not todo:
             continue
-        tokenizer, model = load_tokenizer(folder), load_causal_lm(folder).eval()
+        tokenizer, model = load_tokenizer(folder), load_causal_lm(folder).to(device).eval()
         model.config.use_cache = True
         for start in tqdm(range(0, len(todo), batch_size), desc=f"generating ({name})", unit="batch",
                           disable=not progress):

@@ -287,9 +287,10 @@ def push_folder(folder: Path, repo_id: str, private: bool, message: str) -> str:
 
 def compare_with_base(config, run: RunDir, base_dir: Path, prompts_file: str, judge, max_new_tokens: int,
                       say, answers: dict[str, list[str]] | None = None) -> dict:
-    """The trained model (the run's model folder) and the base answer held-out prompts greedily, in float32, the same
-    way `thumbalign eval` does; the judge decides; bootstrap intervals. Answers go to generations.jsonl. `answers`:
-    the two models' answers, already generated on sharded weights (:func:`answers_on_shards`)."""
+    """The trained model (the run's model folder) and the base answer held-out prompts greedily, in float32 (on the GPU
+    where there is one), the same way `thumbalign eval` does; the judge decides; bootstrap intervals. Answers go to
+    generations.jsonl. `answers`: the two models' answers, already generated on sharded weights
+    (:func:`answers_on_shards`)."""
     if config.use_lora and config.save_adapter:
         say("Generation eval skipped: the run saved an adapter only (drop --save-adapter to compare)")
         return {}
