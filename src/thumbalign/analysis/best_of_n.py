@@ -11,7 +11,7 @@ from tqdm.auto import tqdm
 from ..data.prompts import load_prompts
 from ..data.records import Record
 from ..engine.inference import generate
-from ..engine.models import load_causal_lm, load_tokenizer, resolve_model
+from ..engine.models import inference_device, load_causal_lm, load_tokenizer, resolve_model
 from ..engine.reward_model import RewardModel
 from ..files import write_atomically
 
@@ -24,7 +24,7 @@ def best_of_n(policy: str, rm_path: str, prompts_file: str, out: str, n: int = 4
     rm = RewardModel(rm_path)
     rm.probabilities([], principle=principle or None)  # a missing or unwanted principle fails before generating
     model_dir = resolve_model(policy)
-    tokenizer, model = load_tokenizer(model_dir), load_causal_lm(model_dir).eval()
+    tokenizer, model = load_tokenizer(model_dir), load_causal_lm(model_dir).to(inference_device()).eval()
     model.config.use_cache = True
     written = 0
 

@@ -7,7 +7,7 @@ import torch
 from ..data.records import load_records
 from ..data.tokens import tokenize_records
 from ..engine.inference import batched_logps
-from ..engine.models import load_causal_lm, load_tokenizer
+from ..engine.models import inference_device, load_causal_lm, load_tokenizer
 from .metrics import implicit_classifier_report
 
 
@@ -19,7 +19,7 @@ def score_feedback(model_dir, ref_dir, data_path: str, *, beta: float, threshold
     examples, report = tokenize_records(tokenizer, records, max_length)
     logps = {}
     for name, folder in (("model", model_dir), ("ref", ref_dir)):
-        model = load_causal_lm(folder)
+        model = load_causal_lm(folder).to(inference_device())
         logps[name] = batched_logps(model, examples, tokenizer.pad_token_id, batch_size, model.device,
                                     desc=f"log-probs ({name})")
         del model

@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 
 from ..data.prompts import load_prompts
 from ..engine.inference import generate
-from ..engine.models import load_causal_lm, load_tokenizer
+from ..engine.models import inference_device, load_causal_lm, load_tokenizer
 from ..errors import ThumbalignError
 from ..files import file_operation
 from .judges import JudgeFailure, apply_judge
@@ -36,9 +36,7 @@ def judged_generations(models: dict[str, Path], prompts_file: str, judge, out_fi
     """Generate with each model in `models` (name -> folder), judge, append to `out_file`; return the comparison.
     `condition` picks the reward token a reward-token model answers after (default: its template's, 👍). Models run
     in float32 on `device`: by default the GPU where there is one, else the CPU."""
-    import torch
-
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = device or inference_device()
     prompts = load_prompts(prompts_file)
     done = _open(out_file)
     for name, folder in models.items():

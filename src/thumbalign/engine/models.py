@@ -172,6 +172,11 @@ def load_causal_lm(path: Path, trust_remote_code: bool = False, bits: int | None
     return model
 
 
+def inference_device() -> str:
+    """Where the evaluation commands run a model (float32): the GPU where there is one, else the CPU."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def empty_model(path: Path, trust_remote_code: bool = False, auto_class: str = "AutoModelForCausalLM", **kwargs):
     """The model's architecture with no weights (every tensor on the meta device): what a process that will receive
     its shards from the first process builds, instead of reading the whole model. `auto_class` and `kwargs` as the
