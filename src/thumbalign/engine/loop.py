@@ -271,12 +271,12 @@ class Engine:
         sharded under FSDP and ZeRO-3, so that it costs each device 1/N of its weights, whole on the device
         otherwise. `module` computes with `model`'s weights; returns what to call in its place. Sharded, every
         process must call it in step (as the training forward is called); a process that built `model` empty
-        receives the first process's weights."""
+        receives the first process's weights. Call it after `prepare`."""
         model.requires_grad_(False)
         model.eval()
         kind = self.shards_weights()
         if kind == "zero3":
-            return zero.frozen(module, self.accelerator, self.device, self.config.per_device_train_batch_size)
+            return zero.frozen(module, self.accelerator, self.device)
         if kind != "fsdp":
             return module.to(self.device)
         sharding.shard(module, model, self.device, self.bf16)

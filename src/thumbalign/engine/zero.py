@@ -108,14 +108,13 @@ def partition(module: torch.nn.Module, accelerator, device: torch.device) -> Non
     deepspeed.zero.Init(module=module, config_dict_or_path=_init_config(ds))
 
 
-def frozen(module: torch.nn.Module, accelerator, device: torch.device, micro_batch: int):
+def frozen(module: torch.nn.Module, accelerator, device: torch.device):
     """A model that is evaluated and never trained, split over the processes as ZeRO-3 splits the trained one: a
-    DeepSpeed engine without an optimizer, whose forward gathers each layer (every process must call it in step)."""
+    DeepSpeed engine without an optimizer, whose forward gathers each layer (every process must call it in step).
+    After `configure`, whose batch sizes its config takes."""
     import deepspeed
 
-    ds = dict(accelerator.state.deepspeed_plugin.deepspeed_config)
-    ds.update(train_micro_batch_size_per_gpu=micro_batch, gradient_accumulation_steps=1,
-              train_batch_size=micro_batch * accelerator.num_processes)
+    ds = accelerator.state.deepspeed_plugin.deepspeed_config
     partition(module, accelerator, device)
     config = _init_config(ds)
     dtype = _param_dtype(ds)

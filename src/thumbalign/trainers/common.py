@@ -89,15 +89,16 @@ def load_policy(model_dir: Path, config, engine: Engine, shard_first: bool = Fal
     return model if sharded_first else model.to(engine.device)
 
 
-def settle_fsdp_root(engine: Engine, token_id: int) -> None:
+def settle_fsdp_root(engine: Engine, token_id: int, module=None) -> None:
     """FSDP2 takes the first unit to run a forward pass as the root of the sharded model. A trainer about to call the
-    model's layers directly (sampling, UDM's policy embeddings) first runs the engine's module (a CompletionLogps)
-    once, on a two-token stand-in."""
+    model's layers directly (sampling, UDM's policy embeddings) first runs the root module once, on a two-token
+    stand-in: the engine's module (a CompletionLogps), or `module`, a frozen model's from `Engine.frozen`."""
     if engine.sharding != "fsdp":
         return
     with torch.no_grad():
         stand_in = torch.tensor([[token_id, token_id]], device=engine.device)
-        engine.module(stand_in, torch.ones_like(stand_in), torch.tensor([[False, True]], device=engine.device))
+        (module or engine.module)(stand_in, torch.ones_like(stand_in),
+                                  torch.tensor([[False, True]], device=engine.device))
 
 
 def check_use_liger(config, engine: Engine, model, sequences: list[tuple[list[int], list[bool]]], pad_token_id: int):
@@ -326,10 +327,8 @@ def answers_on_shards(config, engine: Engine, model, tokenizer, base_dir: Path, 
     if base is None:
         base = (load_causal_lm(base_dir, config.trust_remote_code) if engine.is_main
                 else empty_model(base_dir, config.trust_remote_code))
-        score_base = engine.frozen(CompletionLogps(base, config.logps_chunk_size), base)
-        stand_in = torch.tensor([[base_tokenizer.eos_token_id] * 2], device=engine.device)
-        with torch.no_grad():  # FSDP takes the first unit to run as the root: the module, before generate runs layers
-            score_base(stand_in, torch.ones_like(stand_in), torch.tensor([[False, True]], device=engine.device))
+        settle_fsdp_root(engine, base_tokenizer.eos_token_id,
+                         engine.frozen(CompletionLogps(base, config.logps_chunk_size), base))
     answers = {}
     for name, generator, tok in (("trained", model, tokenizer), ("base", base, base_tokenizer)):
         ids = [tok(render_prompt(tok, prompts[i].prompt), add_special_tokens=not isinstance(prompts[i].prompt, list))
