@@ -119,3 +119,24 @@ def test_the_readme_recipe_for_a_new_method_works(tmp_path, tiny_llama, monkeypa
         assert summary["method"] == "hinge" and summary["steps"] == 2
     finally:
         registry.methods.cache_clear()
+
+
+def test_only_the_sharding_backends_name_a_sharding_kind():
+    """The engine and the trainers call one backend interface (engine/sharding/base.py) and never branch on which
+    kind runs: a new kind is a new file in engine/sharding/. Checked on the string constants of the source, so a
+    comment or docstring may still speak of FSDP."""
+    kinds = {"fsdp", "zero3", "zero12", "zero2", "ddp", "FSDP", "DEEPSPEED"}  # the last two: accelerate's names
+    backends = PACKAGE / "engine" / "sharding"
+    named = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        if backends in path.parents:
+            continue
+        tree = ast.parse(path.read_text())
+        docstrings = {id(node.body[0].value) for node in ast.walk(tree)
+                      if isinstance(node, (ast.Module, ast.FunctionDef, ast.ClassDef, ast.AsyncFunctionDef))
+                      and node.body and isinstance(node.body[0], ast.Expr)}
+        named += [f"{path.relative_to(PACKAGE)}:{node.lineno}: {node.value!r}" for node in ast.walk(tree)
+                  if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings
+                  and node.value in kinds]
+    assert not named, named
+    assert {p.stem for p in backends.glob("*.py")} >= {"base", "replicated", "zero12", "zero3", "fsdp"}

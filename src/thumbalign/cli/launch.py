@@ -12,7 +12,6 @@ from typing import Callable
 from ..errors import ConfigError
 from .options import build_config
 
-SHIPPED_ACCELERATE_CONFIGS = ("ddp", "zero2", "zero3", "fsdp")
 LAUNCHER_FLAGS = ("--num-processes", "--accelerate-config", "--num-machines", "--machine-rank", "--main-process-ip",
                   "--main-process-port", "--rendezvous-timeout")
 
@@ -34,16 +33,14 @@ def without_launcher_flags(argv: list[str]) -> list[str]:
 
 
 def accelerate_config_path(choice: str):
-    if choice in SHIPPED_ACCELERATE_CONFIGS:
-        return resources.files("thumbalign") / "accelerate_configs" / f"{choice}.yaml"
-    return Path(choice)
+    """A shipped config by its name (the files of thumbalign/accelerate_configs), or the user's own file."""
+    shipped = resources.files("thumbalign") / "accelerate_configs" / f"{choice}.yaml"
+    return shipped if "/" not in choice and shipped.is_file() else Path(choice)
 
 
 def check_accelerate_config(config) -> None:
     """What the accelerate config asks for must run here, said in one line naming the setting before any process
     starts (afterwards a failure is N tracebacks from N processes)."""
-    import importlib.util
-
     import yaml
 
     if not config.accelerate_config:
@@ -56,21 +53,11 @@ def check_accelerate_config(config) -> None:
         raise ConfigError(f"{where}: cannot read {path} ({err.strerror or err})") from None
     except yaml.YAMLError as err:
         raise ConfigError(f"{where}: {path} is not valid YAML ({str(err).splitlines()[0]})") from None
-    kind = str(settings.get("distributed_type", "NO")).upper()
-    if kind == "DEEPSPEED":
-        nvme = [k for k, v in (settings.get("deepspeed_config") or {}).items()
-                if k.startswith("offload_") and str(v).lower() == "nvme"]
-        if nvme:
-            raise ConfigError(f"{where}: {nvme[0]}: nvme is not supported (thumbalign checkpoints the shards DeepSpeed "
-                              "keeps in memory); use none or cpu")
-        if importlib.util.find_spec("deepspeed") is None:
-            raise ConfigError(f"{where}: distributed_type DEEPSPEED needs DeepSpeed (pip install deepspeed)")
-    elif kind == "FSDP":
-        version = str((settings.get("fsdp_config") or {}).get("fsdp_version", 1))
-        if version != "2":
-            raise ConfigError(f"{where}: fsdp_version {version} is not supported; set fsdp_version: 2 (FSDP2)")
-    elif kind not in ("NO", "MULTI_GPU", "MULTI_CPU"):
-        raise ConfigError(f"{where}: distributed_type {kind} is not supported; use ddp, zero2, zero3 or fsdp")
+    if not isinstance(settings, dict):
+        raise ConfigError(f"{where}: {path} is not a mapping of accelerate settings")
+    from ..engine.sharding import check_accelerate_settings
+
+    check_accelerate_settings(settings, where)
 
 
 def launch_processes(argv: list[str], config) -> int:

@@ -24,8 +24,6 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from . import zero
-
 CHECKPOINT_RE = re.compile(r"^step-(\d+)$")
 STATE_FILE = "trainer_state.json"
 SHARDED_DIR = "sharded"
@@ -180,28 +178,9 @@ def remove_stale_staging(checkpoints_dir: Path) -> None:
             shutil.rmtree(path, ignore_errors=True)
 
 
-def load_checkpoint(path: Path, model, optimizer, scheduler, sharding: str | None = None) -> dict:
-    """Restore `path` into the model, optimizer, scheduler and RNG; return the trainer state. `sharding` is how this
-    run holds its weights: None (whole in every process), "zero12" (whole weights, DeepSpeed's optimizer sharded),
-    "fsdp" or "zero3". A checkpoint written the same way is
-    read piece by piece, each process its own shards, resharded by DCP when the number of processes changed. One
-    written another way is read whole by every process and then cut to this run's shape."""
-    state = json.loads((path / STATE_FILE).read_text())
-    saved = {True: "fsdp", False: None}.get(state.get("sharded"), state.get("sharded"))
-    if not (path / SHARDED_DIR).is_dir():
-        saved = None
-    if saved == sharding == "zero3":
-        _load_zero3(path, model, optimizer)
-    elif saved == "fsdp" and sharding in ("fsdp", None):  # DCP reads into shards and into whole tensors alike
-        _load_sharded(path, model, optimizer)
-    elif saved is None and sharding is None:
-        _load_unsharded(path, model, optimizer)
-    else:
-        weights, optim = _read_whole(path, model, saved)
-        put = {"zero3": _put_whole_into_zero3, "fsdp": _put_whole_into_fsdp, "zero12": zero.set_whole}.get(
-            sharding, _put_whole_into_plain)
-        put(model, optimizer, weights, optim)
-    return _load_rest(path, scheduler)
+def is_sharded(path: Path) -> bool:
+    """The checkpoint holds its weights as shards written by every process (`torch.distributed.checkpoint`)."""
+    return (path / SHARDED_DIR).is_dir()
 
 
 def _read_unsharded(path: Path, model) -> tuple[dict[str, torch.Tensor], dict]:
@@ -216,7 +195,7 @@ def _read_unsharded(path: Path, model) -> tuple[dict[str, torch.Tensor], dict]:
     return weights, optim
 
 
-def _load_unsharded(path: Path, model, optimizer) -> None:
+def load_unsharded(path: Path, model, optimizer) -> None:
     weights, optim = _read_unsharded(path, model)
     params = trainable_state(model)
     with torch.no_grad():
@@ -225,7 +204,7 @@ def _load_unsharded(path: Path, model, optimizer) -> None:
     optimizer.load_state_dict(optim)
 
 
-def _load_rest(path: Path, scheduler) -> dict:
+def load_rest(path: Path, scheduler) -> dict:
     scheduler.load_state_dict(json.loads((path / "scheduler.json").read_text()))
     set_rng_state(load_file(str(path / "rng.safetensors")), json.loads((path / "rng.json").read_text()))
     return json.loads((path / STATE_FILE).read_text())
@@ -233,31 +212,12 @@ def _load_rest(path: Path, scheduler) -> dict:
 
 # --------------------------------------------------------------------------- sharded (FSDP) checkpoints
 
-def _sharded_state(model, optimizer, sharding: str = "fsdp") -> tuple[dict, dict, dict[str, torch.Tensor]]:
-    """The model's trainable weights and the optimizer's state keyed by parameter name (PyTorch's distributed state
-    dict: each process's tensors are its shards), and one flat name → tensor view of both that shares their storage,
-    so that loading into the view restores them in place."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
-
-    if sharding == "zero3":
-        flat = zero.shard_views(model, optimizer)
-        inner = optimizer.optimizer.optimizer  # accelerate's wrapper, DeepSpeed's ZeRO-3 optimizer, torch's AdamW
-        # the engine's optimizer has one group, of every trainable parameter
-        groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": list(trainable_state(model))}
-                  for g in inner.param_groups]
-        return {}, {"param_groups": groups, "state": {}}, flat
-    weights, optim = get_state_dict(model, optimizer, options=StateDictOptions(ignore_frozen_params=True))
-    once = {name for name, _ in model.named_parameters()}  # tied weights (input and output embeddings) once
-    flat = {f"model/{name}": t for name, t in weights.items() if name in once}
-    for name, values in optim["state"].items():
-        flat.update({f"optim/{name}/{key}": v for key, v in values.items() if torch.is_tensor(v)})
-    return weights, optim, flat
-
-
-def save_sharded_checkpoint(checkpoints_dir: Path, step: int, model, optimizer, scheduler, trainer_state: dict,
-                            keep: int, is_main: bool, barrier, sharding: str = "fsdp") -> None:
-    """Called by every process: each writes its shard into the staging folder; then the main process adds the small
-    JSON files (the trainer state last) and renames the folder into place. Nothing is gathered onto one process."""
+def save_sharded_checkpoint(checkpoints_dir: Path, step: int, views, scheduler, trainer_state: dict, keep: int,
+                            is_main: bool, barrier) -> None:
+    """Called by every process: each writes its shards into the staging folder; then the main process adds the small
+    JSON files (the trainer state last) and renames the folder into place. Nothing is gathered onto one process.
+    `views()`: this process's shards named model/<name> and optim/<name>/<moment>, and the optimizer's plain
+    settings ({"param_groups": [...], "state": {name: {non-tensor entries}}}), once every process is ready."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint import HuggingFaceStorageWriter
 
@@ -266,16 +226,13 @@ def save_sharded_checkpoint(checkpoints_dir: Path, step: int, model, optimizer, 
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
     barrier()
-    _, optim, flat = _sharded_state(model, optimizer, sharding)
+    flat, plain = views()
     dcp.save(flat, storage_writer=HuggingFaceStorageWriter(str(staging / SHARDED_DIR), save_distributed=True))
     if not is_main:
         return
     try:
         _test_pause()
-        groups = {"param_groups": optim["param_groups"],
-                  "state": {name: {k: v for k, v in values.items() if not torch.is_tensor(v)}
-                            for name, values in optim["state"].items()}}
-        _write_json(staging / "optimizer.json", groups)
+        _write_json(staging / "optimizer.json", plain)
         _write_rest(staging, scheduler, trainer_state)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -283,7 +240,19 @@ def save_sharded_checkpoint(checkpoints_dir: Path, step: int, model, optimizer, 
     _publish(checkpoints_dir, staging, step, keep)
 
 
-def _check_saved(path: Path, flat: dict[str, torch.Tensor], saved: dict) -> None:
+def read_shards(path: Path, flat: dict[str, torch.Tensor]) -> dict:
+    """Every process reads the pieces of its own shards into `flat` (named as written; DCP reshards when the number
+    of processes changed); returns the optimizer's plain settings."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import HuggingFaceStorageReader
+
+    reader = HuggingFaceStorageReader(str(path / SHARDED_DIR))
+    check_saved(path, flat, reader.read_metadata().state_dict_metadata)
+    dcp.load(flat, storage_reader=reader)
+    return json.loads((path / "optimizer.json").read_text())
+
+
+def check_saved(path: Path, flat: dict[str, torch.Tensor], saved: dict) -> None:
     """The checkpoint holds the same tensors, of the same shapes, as the run resuming from it."""
     missing, extra = sorted(set(flat) - set(saved)), sorted(set(saved) - set(flat))
     if missing or extra:
@@ -297,29 +266,11 @@ def _check_saved(path: Path, flat: dict[str, torch.Tensor], saved: dict) -> None
         raise ValueError(f"{path}: {name} was saved with shape {was}, the model being trained has {now}")
 
 
-def _load_sharded(path: Path, model, optimizer) -> None:
-    """Every process reads the pieces of its own shards (DCP reshards when the number of processes changed)."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint import HuggingFaceStorageReader
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
-
-    weights, optim, flat = _sharded_state(model, optimizer)
-    reader = HuggingFaceStorageReader(str(path / SHARDED_DIR))
-    _check_saved(path, flat, reader.read_metadata().state_dict_metadata)
-    dcp.load(flat, storage_reader=reader)
-    plain = json.loads((path / "optimizer.json").read_text())
-    optim["param_groups"] = plain["param_groups"]
-    for name, values in plain["state"].items():
-        optim["state"][name].update(values)
-    set_state_dict(model, optimizer, model_state_dict=weights, optim_state_dict=optim,
-                   options=StateDictOptions(ignore_frozen_params=True))
-
-
-def _read_whole(path: Path, model, saved: str | None) -> tuple[dict[str, torch.Tensor], dict]:
+def read_whole(path: Path, model) -> tuple[dict[str, torch.Tensor], dict]:
     """Every trainable weight and optimizer entry of a checkpoint, whole and shaped like the model's parameters, the
     optimizer's entries named by parameter: what a run holding its weights differently from the writer's resumes
     from."""
-    if saved is None:
+    if not is_sharded(path):
         weights, numbered = _read_unsharded(path, model)
         names = list(trainable_state(model))
         return weights, {"state": {names[pid]: values for pid, values in numbered["state"].items()},
@@ -365,7 +316,7 @@ def _shaped(tensor: torch.Tensor, param: torch.Tensor, key: str, path: Path) -> 
     return tensor.reshape(shape)
 
 
-def _put_whole_into_plain(model, optimizer, weights: dict[str, torch.Tensor], optim: dict) -> None:
+def put_whole_into_plain(model, optimizer, weights: dict[str, torch.Tensor], optim: dict) -> None:
     """Whole tensors into a run that holds whole weights; the optimizer numbers its entries by parameter."""
     params = trainable_state(model)
     number = {name: i for i, name in enumerate(params)}
@@ -377,44 +328,9 @@ def _put_whole_into_plain(model, optimizer, weights: dict[str, torch.Tensor], op
                                                 for group in optim["param_groups"]]})
 
 
-def _put_whole_into_fsdp(model, optimizer, weights: dict[str, torch.Tensor], optim: dict) -> None:
-    """Whole tensors into an FSDP run: every process keeps its shard of them."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
-
-    set_state_dict(model, optimizer, model_state_dict=weights, optim_state_dict=optim,
-                   options=StateDictOptions(full_state_dict=True, ignore_frozen_params=True))
-
-
-def _put_whole_into_zero3(model, optimizer, weights: dict[str, torch.Tensor], optim: dict) -> None:
-    zero.ensure_optimizer_state(optimizer)
-    flat = {f"model/{name}": t for name, t in weights.items()}
-    for name, values in optim["state"].items():
-        flat.update({f"optim/{name}/{key}": v for key, v in values.items() if torch.is_tensor(v)})
-    zero.set_shards(model, optimizer, flat)
-    _set_group_settings(optimizer, optim["param_groups"])
-    zero.refresh_after_load(optimizer)
-
-
-def _set_group_settings(optimizer, groups: list[dict]) -> None:
+def set_group_settings(optimizer, groups: list[dict]) -> None:
     """Learning rate, betas, weight decay… of each parameter group (not which parameters it holds)."""
     inner = getattr(optimizer, "optimizer", optimizer)
     inner = getattr(inner, "optimizer", inner)  # accelerate's wrapper, then DeepSpeed's
     for group, saved in zip(inner.param_groups, groups):
         group.update({k: v for k, v in saved.items() if k != "params"})
-
-
-# --------------------------------------------------------------------------- sharded (ZeRO-3) checkpoints
-
-def _load_zero3(path: Path, model, optimizer) -> None:
-    """Every process reads the pieces of its own shards into DeepSpeed's master weights and moments."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint import HuggingFaceStorageReader
-
-    zero.ensure_optimizer_state(optimizer)
-    flat = zero.shard_views(model, optimizer)
-    reader = HuggingFaceStorageReader(str(path / SHARDED_DIR))
-    _check_saved(path, flat, reader.read_metadata().state_dict_metadata)
-    dcp.load(flat, storage_reader=reader)
-    zero.set_step_counts(model, optimizer, flat)
-    _set_group_settings(optimizer, json.loads((path / "optimizer.json").read_text())["param_groups"])
-    zero.refresh_after_load(optimizer)

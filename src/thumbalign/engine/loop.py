@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from ..errors import ConfigError, ThumbalignError
 from . import checkpoint as ckpt
-from . import sharding, zero
+from . import sharding
 from .models import bf16_available, quantized_layers
 from .rundir import RunDir
 from .window import MetricsWindow
@@ -121,26 +121,19 @@ class Engine:
         has_accelerator = (torch.accelerator.is_available() if hasattr(torch, "accelerator")
                            else torch.cuda.is_available())
         _forget_single_process_state()
-        sharding.leave_loading_to_thumbalign()
-        zero.leave_loading_to_thumbalign()
         self.trackers = trackers_to_use(config)
-        # DeepSpeed on CPU processes: accelerate joins them through DeepSpeed only when not told cpu=True, and then
-        # needs the backend named (it knows no default without a GPU)
-        on_deepspeed_cpu = zero.requested() and not has_accelerator
+        options = sharding.accelerator_options(has_accelerator)  # what the launched backend needs, if anything
         from accelerate.utils import InitProcessGroupKwargs
 
         # Sharded, the other processes wait in their first collective while the first one reads the whole model:
         # 30 minutes, where NCCL's default (10) could run out on a big model and slow storage
-        group = {"timeout": COLLECTIVE_TIMEOUT}
-        if on_deepspeed_cpu:
-            zero.use_gloo_collectives()
-            group["backend"] = "gloo"
+        group = {"timeout": COLLECTIVE_TIMEOUT, **({"backend": options["backend"]} if "backend" in options else {})}
         handlers = [InitProcessGroupKwargs(**group)]
         self.accelerator = Accelerator(mixed_precision="bf16" if self.bf16 else "no",
-                                       cpu=not has_accelerator and not on_deepspeed_cpu, kwargs_handlers=handlers,
+                                       cpu=options.get("cpu", not has_accelerator), kwargs_handlers=handlers,
                                        log_with=self.trackers or None,
                                        project_dir=str(tracking_dir) if tracking_dir else None)
-        zero.keep_transformers_unsharded(self.accelerator)
+        self.backend = sharding.select(self.accelerator)  # how this run holds its weights over its processes
         self.device = self.accelerator.device
         self.world, self.rank = self.accelerator.num_processes, self.accelerator.process_index
         self.is_main = self.accelerator.is_main_process
@@ -148,17 +141,14 @@ class Engine:
         self.quiet = not self.is_main
         self.autocast = self.accelerator.autocast
         self.nonfinite = 0
-        self.sharding: str | None = None  # "fsdp" or "zero3" once prepared with sharded weights
-        self.deepspeed = False
-        self.zero_stage = 0
         self.data_fingerprint: dict = {}
         set_seed(config.seed)
 
     @property
     def sharded(self) -> bool:
-        """The weights are sharded over the processes (FSDP or ZeRO-3): every process must then run the same forward
-        passes, and gathering the model takes all of them."""
-        return self.sharding is not None
+        """The run shards its weights over the processes (known from the launch, before any model is loaded): every
+        process must then run the same forward passes, and gathering the model takes all of them."""
+        return self.backend.sharded
 
     @property
     def precision(self) -> str:
@@ -197,21 +187,22 @@ class Engine:
         """The main process's `obj`, on every process (so that every process takes the same branch)."""
         return self.gather_objects(obj)[0]
 
-    def shards_weights(self) -> str | None:
-        """How this run will shard its weights once prepared: "fsdp", "zero3" or None. Known from the launch, before
-        any model is loaded."""
-        if sharding.fsdp_requested(self.accelerator):
-            return "fsdp"
-        if zero.requested() and zero.stage(self.accelerator) >= 3:
-            return "zero3"
-        return None
-
     def scorer(self, model):
         """What evaluates `model` between training steps: the model itself, or — sharded — the engine's root unit,
         whose forward gathers the weights (every process must then evaluate the same batches)."""
-        if self.sharding == "zero3":  # DeepSpeed's hooks sit on every layer; the engine's module traced them
-            return self.module.module
-        return self.module if self.sharded else model
+        return self.backend.scorer(self.module, model)
+
+    def settle_root(self, token_id: int, module=None) -> None:
+        """Before a trainer calls the model's layers directly (sampling, UDM's policy embeddings): the backend may
+        need the engine's module (or `module`, a frozen model's from :meth:`frozen`) to run once first (FSDP2 takes
+        the first unit to run as the root)."""
+        self.backend.settle_root(module or self.module, token_id, self.device)
+
+    def rounds(self, mine: int) -> int:
+        """How many passes of a loop every process runs when each has `mine` of its own: with sharded weights, as
+        many as the busiest process (the others pad with stand-ins, since every forward gathers from all); else
+        `mine`."""
+        return max(self.gather_objects(mine)) if self.sharded else mine
 
     def wait(self) -> None:
         self.accelerator.wait_for_everyone()
@@ -222,39 +213,20 @@ class Engine:
         """AdamW over `model`'s trainable weights, the scheduler (unless `total_steps` is None: then `schedule`
         follows), and `module` wrapped for the distributed engine. `module` computes with `model`'s parameters;
         `model` is what checkpoints hold."""
-        from accelerate.utils import DistributedType
-
         config = self.config
         self.model, self.total_steps = model, total_steps
-        self.deepspeed = self.accelerator.distributed_type == DistributedType.DEEPSPEED
-        self.sharding = self.shards_weights()
-        if self.deepspeed:
-            zero.configure(self.accelerator, config)
-            self.zero_stage = zero.stage(self.accelerator)
-            import warnings
-
-            # DeepSpeed calls collectives torch has renamed, and torch says so at every call
-            warnings.filterwarnings("ignore", category=FutureWarning,
-                                    message=r"`torch\.distributed\.\w+` is deprecated")
+        self.backend.configure(config)
         if self.sharded and quantized_layers(model):
             raise ConfigError("--load-in-4bit / --load-in-8bit do not run with sharded weights (FSDP, ZeRO-3) here "
                               "yet; use --accelerate-config ddp or zero2")
-        if self.sharding == "fsdp":
-            if not torch.distributed.is_initialized():
-                raise ConfigError("FSDP needs a distributed launch: start the run with --accelerate-config fsdp "
-                                  "(and --num-processes N)")
-            # before the optimizer: it must hold the sharded parameters, which only exist once the model is sharded
-            sharding.shard(module, model, self.device, self.bf16)
-        if self.sharding == "zero3":
-            zero.partition(module, self.accelerator, self.device)
+        # before the optimizer: it must hold the sharded parameters, which only exist once the model is sharded
+        self.backend.shard(module, model, self.device, self.bf16)
         self.params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(self.params, lr=config.learning_rate, weight_decay=config.weight_decay)
         self._adamw = optimizer  # what the scheduler sets the learning rate of (DeepSpeed wraps it)
         if total_steps is not None:
             self.schedule(total_steps)
-        # under FSDP the module is already what trains; otherwise accelerate wraps it (DDP, DeepSpeed)
-        self.module, self.optimizer = ((module, optimizer) if self.sharding == "fsdp"
-                                       else self.accelerator.prepare(module, optimizer))
+        self.module, self.optimizer = self.backend.wrap(module, optimizer)
 
     def schedule(self, total_steps: int) -> None:
         """The learning-rate schedule over `total_steps`: in `prepare`, or after it (`total_steps=None` there) for a
@@ -274,19 +246,7 @@ class Engine:
         receives the first process's weights. Call it after `prepare`."""
         model.requires_grad_(False)
         model.eval()
-        kind = self.shards_weights()
-        if kind == "zero3":
-            return zero.frozen(module, self.accelerator, self.device)
-        if kind != "fsdp":
-            return module.to(self.device)
-        sharding.shard(module, model, self.device, self.bf16)
-
-        def call_and_reshard(*args, **kwargs):
-            out = module(*args, **kwargs)
-            sharding.reshard_all(module, model)  # FSDP would keep the group outside the blocks gathered
-            return out
-
-        return call_and_reshard
+        return self.backend.frozen(module, model, self.device, self.bf16)
 
     def start(self, run: RunDir, task: Task, config, units_per_step: int,
               data_fingerprint: dict | None = None) -> int:
@@ -305,10 +265,7 @@ class Engine:
     def resume(self, run: RunDir, task: Task, units_per_step: int) -> int:
         """Load the checkpoint `run` resumes from into the model, optimizer, scheduler, RNG and task; return its
         step. `units_per_step` (batch × accumulation × processes) must equal the interrupted run's."""
-        if self.sharding == "fsdp":  # the passes before training may have left a unit gathered
-            sharding.reshard_all(self.module, self.model)
-        state = ckpt.load_checkpoint(run.resume_from, self.model, self.optimizer, self.scheduler,
-                                     self.sharding or ("zero12" if self.zero_stage in (1, 2) else None))
+        state = self.backend.load_checkpoint(run.resume_from, self.module, self.model, self.optimizer, self.scheduler)
         saved_data = state.get("data", {})
         changed = [k for k, v in self.data_fingerprint.items() if k in saved_data and saved_data[k] != v]
         if changed:
@@ -371,13 +328,10 @@ class Engine:
             window.add(out.stats, out.tokens, out.samples, self.device)
         # the norm is taken over the synchronised gradients, so every process sees the same verdict
         max_norm = self.config.max_grad_norm if self.config.max_grad_norm > 0 else math.inf
-        if self.sharding == "fsdp":  # the norm over every shard, reduced by the DTensors themselves
-            grad_norm = float(sharding.local_value(torch.nn.utils.clip_grad_norm_(self.params, max_norm)))
-        else:
-            grad_norm = float(accelerator.clip_grad_norm_(self.params, max_norm))
+        grad_norm = self.backend.clip_grad_norm(self.params, max_norm)
         if finite and math.isfinite(grad_norm):
             self.optimizer.step()
-        elif self.deepspeed:  # DeepSpeed updated the weights inside backward(): the step cannot be skipped
+        elif self.backend.updates_inside_backward:  # DeepSpeed: the step cannot be skipped
             latest = ckpt.list_checkpoints(run.checkpoints)
             raise ThumbalignError(
                 f"step {step + 1}: the loss or the gradient is not finite (NaN/inf), and DeepSpeed has already applied "
@@ -424,11 +378,7 @@ class Engine:
     def final_model(self):
         """The trained model, whole, on the main process (None on the others; every process must call this). A
         sharded model is gathered once into a new unsharded copy."""
-        if not self.sharded:
-            return self.model if self.is_main else None
-        weights = (zero.full_weights(self.model, self.is_main) if self.sharding == "zero3"
-                   else sharding.full_weights(self.model))
-        return sharding.plain_copy(self.model, weights) if self.is_main else None
+        return self.backend.whole_model(self.model, self.is_main)
 
     def finish(self, results: dict) -> None:
         """The run's final numbers (held-out evaluations, judged rates) to the trackers, then the end of the run on
@@ -448,20 +398,12 @@ class Engine:
         from torch.distributed.checkpoint.api import CheckpointException
 
         state = {"step": done, "task": task.state_dict(), "total_steps": self.total_steps, "nonfinite": self.nonfinite,
-                 "global_batch": units_per_step, "world_size": self.world, "sharded": self.sharding or False,
+                 "global_batch": units_per_step, "world_size": self.world, "sharded": self.backend.tag,
                  "data": self.data_fingerprint}
         failure = None
         try:
-            if self.sharded:  # every process writes its own shard
-                ckpt.save_sharded_checkpoint(run.checkpoints, done, self.model, self.optimizer, self.scheduler, state,
-                                             self.config.save_total_limit, self.is_main, self.wait, self.sharding)
-            else:
-                # ZeRO-1/2: the optimizer's pieces, put together one parameter at a time by every process
-                gathered = (zero.gathered_state(self.model, self.optimizer, self.is_main) if self.zero_stage in (1, 2)
-                            else None)
-                if self.is_main:
-                    ckpt.save_checkpoint(run.checkpoints, done, self.model, self.optimizer, self.scheduler, state,
-                                         self.config.save_total_limit, gathered)
+            self.backend.save_checkpoint(run.checkpoints, done, self.model, self.optimizer, self.scheduler, state,
+                                         self.config.save_total_limit, self.is_main, self.wait)
         except OSError as err:
             failure = str(err.strerror or err)
         except CheckpointException as err:  # a shard's write failed on some process; every process is told

@@ -77,7 +77,7 @@ def load_policy(model_dir: Path, config, engine: Engine, shard_first: bool = Fal
     model.
     Otherwise the model goes to the device whole."""
     bits = 4 if getattr(config, "load_in_4bit", False) else 8 if getattr(config, "load_in_8bit", False) else None
-    sharded_first = shard_first and not bits and engine.shards_weights() is not None
+    sharded_first = shard_first and not bits and engine.sharded
     if sharded_first and not engine.is_main:
         return empty_model(model_dir, config.trust_remote_code)
     model = load_causal_lm(model_dir, config.trust_remote_code, bits, engine.device,
@@ -87,18 +87,6 @@ def load_policy(model_dir: Path, config, engine: Engine, shard_first: bool = Fal
                    "top of them")
         return model  # placed on the device by the loader; a quantised model refuses .to()
     return model if sharded_first else model.to(engine.device)
-
-
-def settle_fsdp_root(engine: Engine, token_id: int, module=None) -> None:
-    """FSDP2 takes the first unit to run a forward pass as the root of the sharded model. A trainer about to call the
-    model's layers directly (sampling, UDM's policy embeddings) first runs the root module once, on a two-token
-    stand-in: the engine's module (a CompletionLogps), or `module`, a frozen model's from `Engine.frozen`."""
-    if engine.sharding != "fsdp":
-        return
-    with torch.no_grad():
-        stand_in = torch.tensor([[token_id, token_id]], device=engine.device)
-        (module or engine.module)(stand_in, torch.ones_like(stand_in),
-                                  torch.tensor([[False, True]], device=engine.device))
 
 
 def check_use_liger(config, engine: Engine, model, sequences: list[tuple[list[int], list[bool]]], pad_token_id: int):
@@ -113,7 +101,7 @@ def check_use_liger(config, engine: Engine, model, sequences: list[tuple[list[in
 
     if importlib.util.find_spec("liger_kernel") is None:
         raise ConfigError("--use-liger: liger-kernel is not installed (pip install liger-kernel), or drop --use-liger")
-    if engine.shards_weights():
+    if engine.sharded:
         raise ConfigError("--use-liger is not checked with sharded weights (FSDP, ZeRO-3) yet; use it with one "
                           "process, DDP or ZeRO-2")
     if engine.device.type != "cuda":
@@ -327,8 +315,8 @@ def answers_on_shards(config, engine: Engine, model, tokenizer, base_dir: Path, 
     if base is None:
         base = (load_causal_lm(base_dir, config.trust_remote_code) if engine.is_main
                 else empty_model(base_dir, config.trust_remote_code))
-        settle_fsdp_root(engine, base_tokenizer.eos_token_id,
-                         engine.frozen(CompletionLogps(base, config.logps_chunk_size), base))
+        engine.settle_root(base_tokenizer.eos_token_id,
+                           engine.frozen(CompletionLogps(base, config.logps_chunk_size), base))
     answers = {}
     for name, generator, tok in (("trained", model, tokenizer), ("base", base, base_tokenizer)):
         ids = [tok(render_prompt(tok, prompts[i].prompt), add_special_tokens=not isinstance(prompts[i].prompt, list))
@@ -354,7 +342,7 @@ def sample_in_step(engine: Engine, model, prompt_ids: list[list[int]], seeds: li
     stand-in prompt where it has none of its own (its answer is dropped). `eos_token_id` None: the model's own."""
     synced = engine.sharded
     starts = list(range(0, len(prompt_ids), batch_size))
-    rounds = max(engine.gather_objects(len(starts))) if synced else len(starts)
+    rounds = engine.rounds(len(starts))
     out: list[list[int]] = []
     with engine.autocast():
         for n in range(rounds):

@@ -37,7 +37,7 @@ from ..methods.online_base import GroupBatch, OnlineObjective, group_statistics,
 from ..methods.registry import get_online_objective
 from .common import (answers_on_shards, check_use_liger, compare_with_base, complete_model_folder, count_steps,
                      describe_settings, final_results, load_policy, make_trainable, model_folder, require_inputs,
-                     sample_in_step, save_policy, settle_fsdp_root)
+                     sample_in_step, save_policy)
 from .config import filter_band
 
 
@@ -57,14 +57,14 @@ def _train(config, run: RunDir, log) -> dict:
     # With sharded weights (FSDP, ZeRO-3) the model is sharded first, from the first process's weights, and
     # --filter-prompts samples from the shards (the run's length is known after it, so the schedule follows);
     # otherwise the filter samples from the whole model, which is wrapped after.
-    shard_first = engine.shards_weights() is not None
+    shard_first = engine.sharded
     model = load_policy(model_dir, config, engine, shard_first=shard_first)
     sampler = Sampler(model, tokenizer, config, engine)
     if shard_first:
         model = trainable(model, config, engine, sampler, prompts)
         sampler.set_model(model)
         engine.prepare(CompletionLogps(model, config.logps_chunk_size, config.use_liger), model, None)
-        settle_fsdp_root(engine, sampler.eos)  # sampling calls the model's layers directly
+        engine.settle_root(sampler.eos)  # sampling calls the model's layers directly
     if config.filter_prompts:
         prompts = keep_learnable_prompts(prompts, sampler, rewards, config, engine, model_dir)
     if not shard_first:
@@ -253,7 +253,7 @@ class OnlineTask:
                 for r in open_:
                     conversations[id(r)] = self._continue(conversations[id(r)], self.prompts[r.prompt_index], r)
                 # sharded weights: a process with nothing left still samples along until no process has any
-                if not (any(self.engine.gather_objects(bool(open_))) if self.engine.sharded else open_):
+                if not self.engine.rounds(len(open_)):
                     break
         if c.retry_turns > 1:
             self._retokenize_conversations(rollouts, conversations)
@@ -330,7 +330,7 @@ class OnlineTask:
         size = self.config.eval_batch_size
         starts = list(range(0, len(sequences), size))
         # sharded weights: as many forward passes as the busiest process, a stand-in where this one has none
-        rounds = max(self.engine.gather_objects(len(starts))) if self.engine.sharded else len(starts)
+        rounds = self.engine.rounds(len(starts))
         for n in range(rounds):
             stand_in = n >= len(starts)
             chunk = [([self.pad, self.pad], [False, True])] if stand_in else sequences[starts[n]:starts[n] + size]
@@ -419,7 +419,7 @@ class OnlineTask:
         if c.beta <= 0 or c.use_lora:
             return
         engine.say("KL to the starting model without LoRA: loading a frozen copy of it (one more model in memory)")
-        if engine.shards_weights() and not engine.is_main:
+        if engine.sharded and not engine.is_main:
             reference = empty_model(self.model_dir, c.trust_remote_code)
         else:
             reference = load_causal_lm(self.model_dir, c.trust_remote_code)

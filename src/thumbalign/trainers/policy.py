@@ -26,7 +26,7 @@ from ..engine.rundir import RunDir
 from ..methods.base import Objective, StepInputs
 from ..methods.registry import get_method
 from .common import (UDMWeights, answers_on_shards, check_use_liger, compare_with_base, count_steps, data_fingerprint, fit_udm,
-                     load_policy, make_trainable, prompt_clusters, settle_fsdp_root,
+                     load_policy, make_trainable, prompt_clusters,
                      model_folder, require_inputs, save_policy, udm_window_stats, complete_model_folder,
                      final_results, describe_settings)
 from .config import TrainConfig
@@ -63,7 +63,7 @@ def _train(config: TrainConfig, run: RunDir, log) -> dict:
     added = data.report.get("added_tokens", [])
     # With sharded weights (FSDP, ZeRO-3) the model is sharded first, and the passes before training run on the
     # shards, every process in step; otherwise they run on the whole model, which is sharded (DDP: wrapped) after.
-    shard_first = engine.shards_weights() is not None
+    shard_first = engine.sharded
     model = load_policy(model_dir, config, engine, shard_first=shard_first)
     grow_embeddings(model, tokenizer, {t: method.token_meanings.get(t, t) for t in added})
     n_up = sum(e.label for e in data.train)
@@ -74,7 +74,7 @@ def _train(config: TrainConfig, run: RunDir, log) -> dict:
         check_use_liger(config, engine, model, liger_sample, tokenizer.pad_token_id)
         engine.prepare(CompletionLogps(model, config.logps_chunk_size, config.use_liger), model,
                        PolicyTask.count(config, data, engine)[0])
-        settle_fsdp_root(engine, tokenizer.pad_token_id)
+        engine.settle_root(tokenizer.pad_token_id)
     # The model as loaded is the reference (LoRA's fresh adapters add exactly zero): its log-probs are computed
     # now, once, and cached on disk.
     reference = ReferenceLogps(engine, engine.scorer(model) if shard_first else model, model_dir,

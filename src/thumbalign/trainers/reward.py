@@ -76,7 +76,7 @@ def load_reward(model_dir, config, engine: Engine):
     first process reads the weights: the others build the architecture empty and receive their shards from it when
     the engine shards the model, which nothing runs before (UDM here embeds with a sentence encoder, not the
     model)."""
-    if engine.shards_weights() and not engine.is_main:
+    if engine.sharded and not engine.is_main:
         return empty_model(model_dir, config.trust_remote_code, "AutoModelForSequenceClassification", num_labels=1)
     model = load_reward_model(model_dir, config.trust_remote_code)
     model.config.use_cache = False  # scoring keeps no cache, as on the processes that built the model empty

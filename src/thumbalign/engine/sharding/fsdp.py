@@ -18,15 +18,9 @@ import os
 
 import torch
 
-from ..errors import ConfigError
-
-
-def fsdp_requested(accelerator) -> bool:
-    """True when the launcher asked for FSDP: accelerate's own verdict on GPUs, its environment on CPUs."""
-    from accelerate.utils import DistributedType
-
-    return (accelerator.distributed_type == DistributedType.FSDP
-            or os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true")
+from ...errors import ConfigError
+from .. import checkpoint as ckpt
+from .base import ShardedBackend
 
 
 def leave_loading_to_thumbalign() -> None:
@@ -140,28 +134,115 @@ def full_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
-def plain_copy(model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> torch.nn.Module:
-    """A new, unsharded model of `model`'s architecture (adapter included) holding `weights`: what the final folder,
-    LoRA merging and generation need. Built on the meta device, so no second random copy is ever allocated."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    with torch.device("meta"):
-        copy = type(base)(base.config)
-        if hasattr(model, "peft_config"):
-            from peft import get_peft_model
+class Fsdp(ShardedBackend):
+    """FSDP2: weights, gradients and optimizer moments split over the processes, a block at a time."""
 
-            copy = get_peft_model(copy, model.peft_config["default"])
-    _, unexpected = copy.load_state_dict(weights, strict=False, assign=True)
-    for name, buffer in model.named_buffers():
-        # buffers are never sharded; those still on the meta device were not in the state dict, so they are the
-        # non-persistent ones (rotary frequencies): taken from the trained model as they are
-        parent, _, leaf = name.rpartition(".")
-        owner = copy.get_submodule(parent) if parent else copy
-        if getattr(owner, leaf, None) is not None and getattr(owner, leaf).is_meta:
-            owner.register_buffer(leaf, buffer.detach().cpu().clone(), persistent=False)
-    if hasattr(copy, "tie_weights"):
-        copy.tie_weights()
-    left = [n for n, p in [*copy.named_parameters(), *copy.named_buffers()] if p.is_meta]
-    if unexpected or left:
-        raise RuntimeError(f"the gathered weights do not fit the model: unexpected {unexpected[:3]}, "
-                           f"missing {left[:3]}")
-    return copy
+    name, tag = "FSDP", "fsdp"
+    accelerate_types = ("FSDP",)
+
+    @classmethod
+    def check_accelerate_settings(cls, settings: dict, where: str) -> None:
+        version = str((settings.get("fsdp_config") or {}).get("fsdp_version", 1))
+        if version != "2":
+            raise ConfigError(f"{where}: fsdp_version {version} is not supported; set fsdp_version: 2 (FSDP2)")
+
+    @classmethod
+    def launched(cls) -> bool:
+        return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+
+    @classmethod
+    def accelerator_options(cls, has_accelerator: bool) -> dict:
+        leave_loading_to_thumbalign()
+        return {}
+
+    @classmethod
+    def chosen(cls, accelerator) -> bool:
+        """accelerate's own verdict on GPUs, its environment on CPUs."""
+        from accelerate.utils import DistributedType
+
+        return accelerator.distributed_type == DistributedType.FSDP or cls.launched()
+
+    def shard(self, module, model, device, bf16) -> None:
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            raise ConfigError("FSDP needs a distributed launch: start the run with --accelerate-config fsdp "
+                              "(and --num-processes N)")
+        shard(module, model, device, bf16)
+
+    def wrap(self, module, optimizer):
+        return module, optimizer  # already what trains: accelerate would shard it again (GPUs) or not at all (CPUs)
+
+    def frozen(self, module, model, device, bf16):
+        shard(module, model, device, bf16)
+
+        def call_and_reshard(*args, **kwargs):
+            out = module(*args, **kwargs)
+            reshard_all(module, model)  # FSDP would keep the group outside the blocks gathered
+            return out
+
+        return call_and_reshard
+
+    def scorer(self, module, model):
+        return module  # the root unit: its forward gathers the weights
+
+    def settle_root(self, module, token_id: int, device: torch.device) -> None:
+        """FSDP2 takes the first unit to run a forward pass as the root of the sharded model: the root module runs
+        once, on a two-token stand-in, before anything calls the layers directly."""
+        with torch.no_grad():
+            stand_in = torch.tensor([[token_id, token_id]], device=device)
+            module(stand_in, torch.ones_like(stand_in), torch.tensor([[False, True]], device=device))
+
+    def clip_grad_norm(self, params, max_norm: float) -> float:
+        # the norm over every shard, reduced by the DTensors themselves
+        return float(local_value(torch.nn.utils.clip_grad_norm_(params, max_norm)))
+
+    def full_weights(self, model, is_main: bool) -> dict[str, torch.Tensor]:
+        return full_weights(model)
+
+    def checkpoint_views(self, model, optimizer):
+        _, optim, flat = _state_views(model, optimizer)
+        plain = {"param_groups": optim["param_groups"],
+                 "state": {name: {k: v for k, v in values.items() if not torch.is_tensor(v)}
+                           for name, values in optim["state"].items()}}
+        return flat, plain
+
+    def load_checkpoint(self, path, module, model, optimizer, scheduler) -> dict:
+        reshard_all(module, model)  # the passes before training may have left a unit gathered
+        return super().load_checkpoint(path, module, model, optimizer, scheduler)
+
+    def load_own(self, path, tag, module, model, optimizer) -> bool:
+        """Every process reads the pieces of its own shards (DCP reshards when the number of processes changed)."""
+        if tag != self.tag or not ckpt.is_sharded(path):
+            return False
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+        weights, optim, flat = _state_views(model, optimizer)
+        plain = ckpt.read_shards(path, flat)
+        optim["param_groups"] = plain["param_groups"]
+        for name, values in plain["state"].items():
+            optim["state"][name].update(values)
+        set_state_dict(model, optimizer, model_state_dict=weights, optim_state_dict=optim,
+                       options=StateDictOptions(ignore_frozen_params=True))
+        return True
+
+    def put_whole(self, model, optimizer, weights, optim) -> None:
+        """Whole tensors into an FSDP run: every process keeps its shard of them."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+        set_state_dict(model, optimizer, model_state_dict=weights, optim_state_dict=optim,
+                       options=StateDictOptions(full_state_dict=True, ignore_frozen_params=True))
+
+
+def _state_views(model, optimizer) -> tuple[dict, dict, dict[str, torch.Tensor]]:
+    """The model's trainable weights and the optimizer's state keyed by parameter name (PyTorch's distributed state
+    dict: each process's tensors are its shards), and one flat name -> tensor view of both that shares their storage,
+    so that loading into the view restores them in place."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    weights, optim = get_state_dict(model, optimizer, options=StateDictOptions(ignore_frozen_params=True))
+    once = {name for name, _ in model.named_parameters()}  # tied weights (input and output embeddings) once
+    flat = {f"model/{name}": t for name, t in weights.items() if name in once}
+    for name, values in optim["state"].items():
+        flat.update({f"optim/{name}/{key}": v for key, v in values.items() if torch.is_tensor(v)})
+    return weights, optim, flat

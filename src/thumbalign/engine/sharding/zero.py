@@ -18,8 +18,12 @@ DeepSpeed does the sharding, the collectives and the optimizer step; thumbalign 
 from __future__ import annotations
 
 import os
+import warnings
 
 import torch
+
+from ...errors import ConfigError
+from .base import Backend
 
 
 def requested() -> bool:
@@ -371,3 +375,47 @@ def set_whole(model, optimizer, weights: dict[str, torch.Tensor], optim_by_name:
                     value[hp].copy_(saved[key].reshape(-1)[lp])
     for group, saved in zip(zero.optimizer.param_groups, optim_by_name["param_groups"]):
         group.update({k: v for k, v in saved.items() if k != "params"})
+
+
+# --------------------------------------------------------------------------- what both ZeRO backends share
+
+class DeepSpeedBackend(Backend):
+    """A run under DeepSpeed (through accelerate): its stage decides the backend (zero12.py, zero3.py)."""
+
+    updates_inside_backward = True  # DeepSpeed steps inside backward() once the gradients are synced
+    accelerate_types = ("DEEPSPEED",)
+
+    @classmethod
+    def check_accelerate_settings(cls, settings: dict, where: str) -> None:
+        import importlib.util
+
+        nvme = [k for k, v in (settings.get("deepspeed_config") or {}).items()
+                if k.startswith("offload_") and str(v).lower() == "nvme"]
+        if nvme:
+            raise ConfigError(f"{where}: {nvme[0]}: nvme is not supported (thumbalign checkpoints the shards DeepSpeed "
+                              "keeps in memory); use none or cpu")
+        if importlib.util.find_spec("deepspeed") is None:
+            raise ConfigError(f"{where}: distributed_type DEEPSPEED needs DeepSpeed (pip install deepspeed)")
+
+    @classmethod
+    def launched(cls) -> bool:
+        return requested()
+
+    @classmethod
+    def accelerator_options(cls, has_accelerator: bool) -> dict:
+        leave_loading_to_thumbalign()
+        if has_accelerator:
+            return {}
+        # on CPU processes accelerate joins them through DeepSpeed only when not told cpu=True, and then needs the
+        # backend named (it knows no default without a GPU)
+        use_gloo_collectives()
+        return {"cpu": False, "backend": "gloo"}
+
+    def __init__(self, accelerator):
+        super().__init__(accelerator)
+        keep_transformers_unsharded(accelerator)
+
+    def configure(self, config) -> None:
+        configure(self.accelerator, config)
+        # DeepSpeed calls collectives torch has renamed, and torch says so at every call
+        warnings.filterwarnings("ignore", category=FutureWarning, message=r"`torch\.distributed\.\w+` is deprecated")
