@@ -113,7 +113,7 @@ def _inject(monkeypatch, point: str, errno_: int):
         raise OSError(errno_, os.strerror(errno_))
 
     if point == "model folder":
-        monkeypatch.setattr("thumbalign.trainers.policy.save_policy", refuse)
+        monkeypatch.setattr("thumbalign.trainers.final_model.write_policy", refuse)
     elif point == "metrics":  # appending is done with open(..., "a") in rundir
         monkeypatch.setattr(rundir, "open", lambda path, mode="r", *a, **k: refuse() if str(path).endswith(name)
                             and "a" in mode else builtins.open(path, mode, *a, **k), raising=False)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,17 +11,16 @@ import numpy as np
 import torch
 
 from ..analysis.judged import format_comparison, judge_answers, judged_generations
-from ..analysis.model_card import model_card
 from ..data.prepare import PreparedData
 from ..data.readers import Source, is_hub_dataset, load_hub_dataset
 from ..data.tokens import Example, examples_digest
 from ..engine.inference import prompt_embeddings, sample_answers
 from ..engine.loop import Engine
-from ..engine.models import (add_lora, cache_root, empty_model, load_causal_lm, load_tokenizer, portable_name,
+from ..engine.models import (add_lora, cache_root, empty_model, load_causal_lm, load_tokenizer,
                              quantized_layers, resolve_model, wants_gradient_checkpointing)
 from ..engine.rundir import RunDir
-from ..errors import ConfigError, DataError, ThumbalignError
-from ..files import content_digest, write_text_atomically
+from ..errors import ConfigError, DataError
+from ..files import content_digest
 from ..methods.udm import DensityRatio, embed_texts, fit_density_ratio, weigh_examples
 
 
@@ -136,16 +134,6 @@ def make_trainable(model, config, task_type: str = "CAUSAL_LM"):
     return model
 
 
-def merged_at_full_precision(model, base_dir: Path, config):
-    """A QLoRA run's adapter merged into its base reloaded unquantised: merging into the 4-/8-bit weights would bake
-    their rounding into every saved weight."""
-    from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
-
-    full = get_peft_model(load_causal_lm(base_dir, config.trust_remote_code), model.peft_config["default"])
-    set_peft_model_state_dict(full, get_peft_model_state_dict(model))
-    return full.merge_and_unload()
-
-
 @dataclass
 class UDMWeights:
     weights: torch.Tensor   # [examples] the density-ratio weight of each training example (used on 👎 only)
@@ -211,67 +199,6 @@ def udm_window_stats(stats: dict[str, torch.Tensor]) -> dict:
         return {}
     return {"udm_weight_min": float(w.min()), "udm_weight_mean": float(w.mean()), "udm_weight_max": float(w.max()),
             "udm_share_clipped": float(clipped.float().mean())}
-
-
-def save_policy(model, tokenizer, folder, config, base_dir: Path) -> None:
-    """The trained model (LoRA merged) in --save-dtype, or with --save-adapter the adapter alone, whose config names
-    the base model as others know it; and the tokenizer."""
-    if config.use_lora and config.save_adapter:
-        for adapter in model.peft_config.values():
-            adapter.base_model_name_or_path = portable_name(config.model, base_dir)
-        model.save_pretrained(folder)
-    else:
-        if config.use_lora and quantized_layers(model):
-            model = merged_at_full_precision(model, base_dir, config)
-        elif config.use_lora:
-            # in place: training is over, and a merged copy would add a whole model to the run's peak memory
-            model = model.merge_and_unload()
-        model.to(save_dtype(config.save_dtype, base_dir))  # training is over: no float32 copy is needed any more
-        model.config.use_cache = True
-        model.save_pretrained(folder, safe_serialization=True, max_shard_size=config.save_max_shard_size)
-        model.config.use_cache = False
-    tokenizer.save_pretrained(folder)
-
-
-def save_dtype(choice: str, base_dir: Path) -> torch.dtype:
-    """--save-dtype: a name, or auto = the dtype the base model's config.json records (float32 when none)."""
-    if choice == "auto":
-        try:
-            recorded = json.loads((Path(base_dir) / "config.json").read_text())
-        except (OSError, ValueError):
-            recorded = {}
-        choice = recorded.get("dtype") or recorded.get("torch_dtype") or "float32"
-    return getattr(torch, choice) if isinstance(getattr(torch, choice, None), torch.dtype) else torch.float32
-
-
-def complete_model_folder(run: RunDir, summary: dict, config, base_dir: Path) -> None:
-    """model/README.md: the Hub's metadata (base model, library, tags) and what the run measured; then, with
-    --push-to-hub, the folder goes to the Hub."""
-    adapter = bool(getattr(config, "save_adapter", False) and config.use_lora)
-    hub_data = [p for p in (getattr(config, "data", None), getattr(config, "prompts", None)) if p and is_hub_dataset(p)]
-    card = model_card(summary, portable_name(config.model, base_dir), adapter, hub_data)
-    write_text_atomically(run.path / "model" / "README.md", card, "the model card")
-    if config.push_to_hub:
-        push_folder(run.path / "model", config.hub_model_id, config.hub_private,
-                    f"thumbalign: {summary.get('method') or summary.get('kind')} on {config.model}")
-
-
-def push_folder(folder: Path, repo_id: str, private: bool, message: str) -> str:
-    """Create the Hub repository if missing and upload the folder in one commit; one line on failure."""
-    from huggingface_hub import HfApi
-    from huggingface_hub.errors import LocalTokenNotFoundError
-
-    api = HfApi()
-    try:
-        api.create_repo(repo_id, private=private, exist_ok=True)
-        commit = api.upload_folder(repo_id=repo_id, folder_path=folder, commit_message=message)
-    except LocalTokenNotFoundError:
-        raise ThumbalignError(f"--push-to-hub {repo_id}: not logged in to the Hub (hf auth login, or set HF_TOKEN); "
-                              f"the model is saved in {folder}") from None
-    except Exception as err:  # the Hub's HTTP errors, the network's, the HTTP client's: the run itself succeeded
-        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise ThumbalignError(f"--push-to-hub {repo_id}: {reason}; the model is saved in {folder}") from None
-    return str(commit)
 
 
 def compare_with_base(config, run: RunDir, base_dir: Path, prompts_file: str, judge, max_new_tokens: int,

@@ -35,9 +35,10 @@ from ..errors import ConfigError
 from ..files import content_digest, write_text_atomically
 from ..methods.online_base import GroupBatch, OnlineObjective, group_statistics, k3_kl, reduce_token_losses
 from ..methods.registry import get_online_objective
-from .common import (answers_on_shards, check_use_liger, compare_with_base, complete_model_folder, count_steps,
+from .common import (answers_on_shards, check_use_liger, compare_with_base, count_steps,
                      describe_settings, final_results, load_policy, make_trainable, model_folder, require_inputs,
-                     sample_in_step, save_policy)
+                     sample_in_step)
+from .final_model import complete_model_folder, save_policy
 from .config import filter_band
 
 
@@ -90,8 +91,7 @@ def _train(config, run: RunDir, log) -> dict:
                                  base=task.reference_model) if config.eval_prompts and engine.sharded else None)
     final = engine.final_model()  # every process takes part: a sharded model is gathered here
     if engine.is_main:
-        run.save_folder("model", lambda folder: save_policy(final, tokenizer, folder, config, model_dir))
-        engine.say(f"Saved the model to {run.path / 'model'}")
+        engine.say(f"Saved the model to {save_policy(run, final, tokenizer, config, model_dir)}")
         if config.eval_prompts:
             summary["judged"] = compare_with_base(config, run, model_dir, config.eval_prompts, rewards.judge,
                                                   config.max_new_tokens, engine.say, answers)

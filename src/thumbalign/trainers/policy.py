@@ -27,9 +27,10 @@ from ..methods.base import Objective, StepInputs
 from ..methods.registry import get_method
 from .common import (UDMWeights, answers_on_shards, check_use_liger, compare_with_base, count_steps, data_fingerprint, fit_udm,
                      load_policy, make_trainable, prompt_clusters,
-                     model_folder, require_inputs, save_policy, udm_window_stats, complete_model_folder,
+                     model_folder, require_inputs, udm_window_stats,
                      final_results, describe_settings)
 from .config import TrainConfig
+from .final_model import complete_model_folder, save_policy
 
 
 def train(config: TrainConfig, log=print) -> dict:
@@ -300,8 +301,7 @@ def _finish(config: TrainConfig, engine: Engine, run: RunDir, model, tokenizer, 
     tokens = get_method(config.method).needs.reward_tokens
     if tokens:
         model.config.thumbalign_reward_tokens = {"up": tokens[0], "down": tokens[1]}
-    run.save_folder("model", lambda folder: save_policy(model, tokenizer, folder, config, model_dir))
-    engine.say(f"Saved the model to {run.path / 'model'}")
+    engine.say(f"Saved the model to {save_policy(run, model, tokenizer, config, model_dir)}")
     if config.eval_prompts:
         judge = load_judge(config.judge, config.reference_field)
         summary["judged"] = compare_with_base(config, run, model_dir, config.eval_prompts, judge,

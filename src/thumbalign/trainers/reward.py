@@ -20,7 +20,8 @@ from ..engine.models import empty_model, load_tokenizer
 from ..engine.reward_model import RewardScores, load_reward_model, score_examples
 from ..engine.rundir import RunDir
 from .common import (UDMWeights, count_steps, data_fingerprint, fit_udm, make_trainable, model_folder, require_inputs,
-                     save_dtype, udm_window_stats, complete_model_folder, final_results, describe_settings)
+                     udm_window_stats, final_results, describe_settings)
+from .final_model import complete_model_folder, save_reward_model
 
 REWARD_DATA = DataNeeds("reward")
 
@@ -60,13 +61,10 @@ def _train(config, run: RunDir, log) -> dict:
         final = trained.merge_and_unload() if config.use_lora else trained
         if data.eval:
             summary["eval"] = calibrate(final, held_out, data, config, engine.say)
-        final.to(save_dtype(config.save_dtype, model_dir))
-        run.save_folder("model", lambda folder: (final.save_pretrained(folder, safe_serialization=True,
-                                                                          max_shard_size=config.save_max_shard_size),
-                                                 tokenizer.save_pretrained(folder)))
+        folder = save_reward_model(run, final, tokenizer, config, model_dir)
         run.write_summary(summary)
         complete_model_folder(run, summary, config, model_dir)
-        engine.say(f"Saved the reward model to {run.path / 'model'}; report: {write_report(run.path)}")
+        engine.say(f"Saved the reward model to {folder}; report: {write_report(run.path)}")
     engine.finish(final_results(engine.main_value(summary)))
     return summary
 
