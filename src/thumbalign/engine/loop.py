@@ -142,6 +142,7 @@ class Engine:
         self.autocast = self.accelerator.autocast
         self.nonfinite = 0
         self.data_fingerprint: dict = {}
+        self.module = self.model = self.optimizer = None  # set by prepare()
         set_seed(config.seed)
 
     @property

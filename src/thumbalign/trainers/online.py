@@ -335,7 +335,6 @@ class OnlineTask:
             stand_in = n >= len(starts)
             chunk = [([self.pad, self.pad], [False, True])] if stand_in else sequences[starts[n]:starts[n] + size]
             t = collate_masked([s for s, _ in chunk], [m for _, m in chunk], self.pad)
-            device = self.engine.device
             with self.engine.autocast():
                 logps = self._token_logps(t)
             mask = t["completion_mask"][:, 1:].to(logps.device)
