@@ -59,14 +59,15 @@ def test_no_private_name_crosses_a_module_boundary():
     assert not crossings, crossings
 
 
-@pytest.mark.parametrize("argv", [["--help"], ["train", "--help"], ["reward", "train", "--help"], ["methods"]])
+@pytest.mark.parametrize("argv", [["--help"], ["train", "--help"], ["reward", "train", "--help"], ["online", "--help"],
+                                  ["methods"], ["config", "--method", "kto"]])
 def test_help_does_not_load_torch(argv):
     code = ("import sys\nfrom thumbalign.cli import main\n"
             f"try:\n    main({argv!r})\nexcept SystemExit:\n    pass\n"
             "print('TORCH LOADED' if 'torch' in sys.modules else 'no torch')")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    expected = "TORCH LOADED" if argv == ["methods"] else "no torch"  # listing methods loads them, and they use torch
-    assert result.stdout.strip().splitlines()[-1] == expected, result.stdout + result.stderr
+    # the method files, read for their settings at every --help and listed by `methods`, defer torch (methods/lazy.py)
+    assert result.stdout.strip().splitlines()[-1] == "no torch", result.stdout + result.stderr
 
 
 def test_every_method_is_one_file_found_by_the_registry():

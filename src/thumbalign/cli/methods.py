@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from ..trainers.config import OnlineConfig, TrainConfig
 
 
@@ -19,11 +21,20 @@ def run(args, argv: list[str]) -> int:
         kind = data_kind(cls.needs)
         default = " (default)" if name == TrainConfig.method else ""
         print(f"  {name:<13} {kind:<36} {cls.summary}{default}")
+        print_settings(cls)
     print("thumbalign online --objective (prompts, rewards on the model's own answers):")
     for name, cls in online_objectives().items():
         default = " (default)" if name == OnlineConfig.objective else ""
         print(f"  {name:<13} {cls.summary}{default}")
+        print_settings(cls)
     return 0
+
+
+def print_settings(method) -> None:
+    """The method's own settings (its file declares them), as flags with their defaults."""
+    if method.settings_class is not None:
+        flags = [f"--{f.name.replace('_', '-')} {f.default}" for f in dataclasses.fields(method.settings_class)]
+        print(f"  {'':<13} settings: {', '.join(flags)}")
 
 
 def data_kind(needs) -> str:

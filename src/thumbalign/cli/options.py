@@ -72,24 +72,36 @@ def add_arguments(parser: argparse.ArgumentParser, cls) -> None:
     Every default is None here so that we can tell which flags the user actually gave."""
     types_ = field_types(cls)
     parser.add_argument("--config", help="YAML file with the same keys as these flags; flags override it.")
+    groups: dict = {}  # a method's own settings under a heading of their own
     for f in dataclasses.fields(cls):
+        target = parser
+        if f.metadata.get("settings") is not None:
+            owner = f.metadata["settings"]
+            if owner not in groups:
+                groups[owner] = parser.add_argument_group(method_heading(f))
+            target = groups[owner]
         flags = flag_names(f.name, cls)
         help_ = (f.metadata["help"] + f" (default: {f.default})").replace("%", "%%")  # argparse formats help with %
         if f.name == "eval_split":  # `--split` as in the issue tracker's wording, same setting
-            parser.add_argument(*flags, "--split", type=float, default=None, help=help_, dest="eval_split",
+            target.add_argument(*flags, "--split", type=float, default=None, help=help_, dest="eval_split",
                                 metavar="SHARE")
         elif f.name == "resume":
-            parser.add_argument(*flags, nargs="?", const="latest", default=None, help=help_, dest=f.name)
+            target.add_argument(*flags, nargs="?", const="latest", default=None, help=help_, dest=f.name)
         elif types_[f.name] is bool:
-            parser.add_argument(*flags, action=argparse.BooleanOptionalAction, default=None, help=help_, dest=f.name)
+            target.add_argument(*flags, action=argparse.BooleanOptionalAction, default=None, help=help_, dest=f.name)
         elif _list_element(types_[f.name]) is not None:  # --reward a b, or --reward a --reward b
-            parser.add_argument(*flags, action="extend", nargs="+", type=_list_element(types_[f.name]), default=None,
+            target.add_argument(*flags, action="extend", nargs="+", type=_list_element(types_[f.name]), default=None,
                                 help=help_ + " Several values: list them, or repeat the flag.",
                                 metavar=f.name.upper(), dest=f.name)
         else:
-            parser.add_argument(*flags, type=types_[f.name], default=None, choices=f.metadata.get("choices"),
+            target.add_argument(*flags, type=types_[f.name], default=None, choices=f.metadata.get("choices"),
                                 help=help_, metavar=f.name.upper() if not f.metadata.get("choices") else None,
                                 dest=f.name)
+
+
+def method_heading(f: dataclasses.Field) -> str:
+    """The heading of a method's own settings: the family's name and the methods that take them."""
+    return f"{f.metadata['settings'].title} settings ({f.metadata['method_flag']} {', '.join(f.metadata['methods'])})"
 
 
 def load_yaml(path: str, cls) -> dict:

@@ -7,6 +7,7 @@ import dataclasses
 import yaml
 
 from ..trainers.config import OnlineConfig, RewardConfig, TrainConfig
+from .options import method_heading
 
 CONFIGS = {"train": TrainConfig, "online": OnlineConfig, "reward": RewardConfig}
 
@@ -22,9 +23,19 @@ def add_parser(commands) -> None:
 
 
 def starter_yaml(cls, overrides: dict) -> str:
+    """Every shared setting, then each method's own under its heading (only the chosen method's, when one is
+    given)."""
     lines = [f"# thumbalign {next(k for k, v in CONFIGS.items() if v is cls)} settings: every flag, with underscores "
              "(flags given on the command line override this file)"]
+    chosen = overrides.get("method") or overrides.get("objective")
+    heading = None
     for f in dataclasses.fields(cls):
+        if f.metadata.get("settings") is not None:
+            if chosen and chosen not in f.metadata["methods"]:
+                continue
+            if method_heading(f) != heading:
+                heading = method_heading(f)
+                lines.append(f"\n# --- {heading}")
         value = overrides.get(f.name, f.default)
         lines.append(f"# {f.metadata['help']}")
         entry = yaml.safe_dump({f.name: value}, allow_unicode=True, default_flow_style=True, width=1000).strip()

@@ -10,10 +10,28 @@ prompt with all its answers; prompts answered with one label only are set aside 
 
 from __future__ import annotations
 
-import torch
+from dataclasses import dataclass
 
 from ..data.prepare import DataNeeds
 from .base import LossOutput, Objective
+from .lazy import torch
+from .settings import MethodSettings, require, setting
+
+
+@dataclass
+class AFTSettings(MethodSettings):
+    """Settings of `aft`."""
+
+    title = "AFT"
+    aft_boundary: float = setting(1.0, "AFT: how far (in length-normalised log-likelihood) a 👎 answer's score may "
+                                       "fall below the worst 👍 answer of its prompt before the constraint pulls it "
+                                       "back.")
+    aft_sft_weight: float = setting(1.0, "AFT: weight λ of the NLL on the 👍 answers trained alongside the ranking "
+                                         "loss (AFT trains L_VFT + L_A); 0 for the ranking loss alone.")
+
+    def validate(self) -> None:
+        require(self.aft_boundary >= 0 and self.aft_sft_weight >= 0,
+                f"aft_boundary and aft_sft_weight must be ≥ 0, got {self.aft_boundary}, {self.aft_sft_weight}")
 
 
 def aft_scores(policy_logps: torch.Tensor, n_tokens: torch.Tensor) -> torch.Tensor:
@@ -84,10 +102,11 @@ class AFT(Objective):
     name = "aft"
     summary = "Alignment Fine-Tuning: rank each prompt's 👍 answers above its 👎 ones, 👎 scores kept in a boundary"
     needs = DataNeeds("aft", grouped=True, row_fields=("rank",))
+    settings_class = AFTSettings
 
     def __init__(self, config, n_up: int, n_down: int, log=print):
         super().__init__(config, n_up, n_down, log)
-        self.boundary, self.sft_weight = config.aft_boundary, config.aft_sft_weight
+        self.boundary, self.sft_weight = self.settings.aft_boundary, self.settings.aft_sft_weight
 
     def loss(self, x):
         ranks = x.ranks if x.ranks is not None and not torch.isnan(x.ranks).all() else None

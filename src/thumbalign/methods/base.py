@@ -10,10 +10,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, ClassVar, Hashable
 
-import torch
-
 from ..data.prepare import DataNeeds
 from ..data.tokens import Example
+from .lazy import torch
+from .settings import MethodSettings
 
 
 @dataclass
@@ -51,9 +51,11 @@ class Objective:
     needs = DataNeeds("")
     uses_udm_weights = False  # takes --udm weights on its thumbs-down losses
     token_meanings: ClassVar[dict[str, str]] = {}  # special tokens the method adds -> words their embeddings start from
+    settings_class: ClassVar[type[MethodSettings] | None] = None  # the method's own settings (settings.py), if any
 
     def __init__(self, config, n_up: int, n_down: int, log=print):
         self.beta = config.beta
+        self.settings = self.settings_class.from_config(config) if self.settings_class else None
 
     @property
     def paired(self) -> bool:

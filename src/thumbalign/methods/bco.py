@@ -6,11 +6,36 @@ label s = thumbs-up (True) or thumbs-down (False), σ the logistic sigmoid.
 
 from __future__ import annotations
 
-import torch
-import torch.nn.functional as F
+from dataclasses import dataclass
 
 from ..data.prepare import DataNeeds
 from .base import LossOutput, Objective
+from .lazy import F, torch
+from .settings import MethodSettings, require, setting
+
+
+@dataclass
+class BCOSettings(MethodSettings):
+    """Settings of `bco` and `bco-pair`."""
+
+    title = "BCO"
+    delta: str = setting("running", "BCO reward shift δ: 'running' = running mean of all rewards (the reference "
+                                    "implementation), 'balanced' = midpoint of the thumbs-up and thumbs-down means, "
+                                    "'prompt' = δ(x), the running mean reward of the prompt's cluster (k-means on "
+                                    "--udm-encoder embeddings) shrunk towards the running mean, so that what the "
+                                    "prompt alone explains is absorbed and the classifier must separate answers.",
+                         choices=("running", "balanced", "prompt"))
+    delta_clusters: int = setting(16, "--delta prompt: number of prompt clusters (fewer when there are fewer "
+                                      "prompts).")
+    delta_prior: float = setting(8.0, "--delta prompt: weight κ, in rewards, of the global δ in each cluster's δ(x).")
+    sft_weight: float | None = setting(None, "BCO: add this weight × the mean token NLL of each 👍 answer to its "
+                                             "loss, an anchor that keeps raising the likelihood of good answers. "
+                                             "Default: 1 for --method bco (the best setting on "
+                                             "benchmarks/shift_quality.py), 0 for bco-pair; 0 gives the paper's BCO.")
+
+    def validate(self) -> None:
+        require((self.sft_weight or 0) >= 0 and self.delta_prior > 0 and self.delta_clusters >= 1,
+                "sft_weight must be ≥ 0, delta_prior > 0 and delta_clusters ≥ 1")
 
 
 def bco_loss(policy_logps: torch.Tensor, ref_logps: torch.Tensor, labels: torch.Tensor, *, beta: float,
@@ -144,16 +169,17 @@ class BCO(Objective):
     summary = "Binary Classifier Optimization: BCE on the implicit reward minus a running shift δ, + NLL of 👍"
     needs = DataNeeds("bco")
     uses_udm_weights = True
+    settings_class = BCOSettings
     # the SFT anchor on 👍 answers is on by default: +0.03 and +0.10 judged 👍 rate over the paper's BCO on the two
     # shifted settings of benchmarks/shift_quality.py (README), the best setting found there
     default_sft_weight = 1.0
 
     def __init__(self, config, n_up, n_down, log=print):
         super().__init__(config, n_up, n_down, log)
-        self.prompt_conditional = config.delta == "prompt"
-        self.shift = PromptRewardShift(config.delta_prior) if self.prompt_conditional else RewardShift(config.delta)
-        chosen = getattr(config, "sft_weight", None)
-        self.sft_weight = self.default_sft_weight if chosen is None else chosen
+        s = self.settings
+        self.prompt_conditional = s.delta == "prompt"
+        self.shift = PromptRewardShift(s.delta_prior) if self.prompt_conditional else RewardShift(s.delta)
+        self.sft_weight = self.default_sft_weight if s.sft_weight is None else s.sft_weight
         if self.sft_weight:
             log(f"{self.name}: with an SFT anchor on the 👍 answers, weight {self.sft_weight} "
                 "(--sft-weight 0 trains the paper's BCO alone)")

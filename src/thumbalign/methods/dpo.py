@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import torch.nn.functional as F
-
 from ..data.prepare import DataNeeds
 from .base import LossOutput, Objective, pair_margins
+from .lazy import F
 
 
 def dpo_loss(policy_logps, ref_logps, *, beta: float) -> LossOutput:

@@ -2,9 +2,22 @@
 
 from __future__ import annotations
 
-import torch
+from dataclasses import dataclass
 
+from .lazy import torch
 from .online_base import GroupBatch, OnlineObjective, clipped_surrogate
+from .settings import MethodSettings, require, setting
+
+
+@dataclass
+class GRPOSettings(MethodSettings):
+    """Settings of `grpo` and `dr_grpo`."""
+
+    title = "GRPO"
+    epsilon: float = setting(0.2, "PPO clip range of the grpo/dr_grpo ratio (inactive on-policy).")
+
+    def validate(self) -> None:
+        require(self.epsilon > 0, f"epsilon must be positive, got {self.epsilon}")
 
 
 def grpo_token_losses(x: GroupBatch, *, epsilon: float = 0.2, std_epsilon: float = 1e-4) -> torch.Tensor:
@@ -32,14 +45,16 @@ def dr_grpo_token_losses(x: GroupBatch, *, epsilon: float = 0.2) -> torch.Tensor
 class GRPO(OnlineObjective):
     name, normalization = "grpo", "sequence"
     summary = "GRPO: advantage (r − mean)/std within each prompt's group, clipped ratio, mean per answer"
+    settings_class = GRPOSettings
 
     def token_losses(self, x):
-        return grpo_token_losses(x, epsilon=self.config.epsilon)
+        return grpo_token_losses(x, epsilon=self.settings.epsilon)
 
 
 class DrGRPO(OnlineObjective):
     name, normalization = "dr_grpo", "constant"
     summary = "Dr. GRPO: advantage r − mean (no std division), token sum over a constant (no length bias)"
+    settings_class = GRPOSettings
 
     def token_losses(self, x):
-        return dr_grpo_token_losses(x, epsilon=self.config.epsilon)
+        return dr_grpo_token_losses(x, epsilon=self.settings.epsilon)

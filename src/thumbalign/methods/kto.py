@@ -8,11 +8,29 @@ policy log-probs, without gradient, at each micro-batch.
 
 from __future__ import annotations
 
-import torch
+from dataclasses import dataclass
 
 from ..data.prepare import DataNeeds
 from ..data.tokens import Example, fit_to_length
 from .base import LossOutput, Objective
+from .lazy import torch
+from .settings import MethodSettings, require, setting
+
+
+@dataclass
+class KTOSettings(MethodSettings):
+    """Settings of `kto`."""
+
+    title = "KTO"
+    desirable_weight: float = setting(1.0, "KTO: weight of thumbs-up losses (w_D).")
+    undesirable_weight: float = setting(1.0, "KTO: weight of thumbs-down losses (w_U).")
+    auto_weights: bool = setting(False, "KTO: choose w_D, w_U from the class counts so that (w_D·n_D)/(w_U·n_U) = 1, "
+                                        "inside the paper's [1, 4/3].")
+
+    def validate(self) -> None:
+        require(self.desirable_weight > 0 and self.undesirable_weight > 0,
+                f"desirable_weight and undesirable_weight must be positive, got {self.desirable_weight}, "
+                f"{self.undesirable_weight}")
 
 
 def kto_loss(policy_logps, ref_logps, labels, *, beta: float, z_ref: float, desirable_weight: float = 1.0,
@@ -58,15 +76,16 @@ def mismatched_example(prompt_of: Example, completion_of: Example, max_length: i
 class KTO(Objective):
     name, summary = "kto", "Kahneman-Tversky Optimization: reference point z_ref from mismatched pairs"
     needs = DataNeeds("kto")
+    settings_class = KTOSettings
 
     def __init__(self, config, n_up, n_down, log=print):
         super().__init__(config, n_up, n_down, log)
-        if config.auto_weights:
+        if self.settings.auto_weights:
             self.w_up, self.w_down = kto_auto_weights(n_up, n_down)
             log(f"KTO auto weights: desirable {self.w_up:.4g}, undesirable {self.w_down:.4g} "
                 f"({n_up} 👍, {n_down} 👎: (w_D·n_D)/(w_U·n_U) = {self.w_up * n_up / (self.w_down * n_down):.3f})")
         else:
-            self.w_up, self.w_down = config.desirable_weight, config.undesirable_weight
+            self.w_up, self.w_down = self.settings.desirable_weight, self.settings.undesirable_weight
             ratio = self.w_up * n_up / (self.w_down * n_down)
             if not 1.0 <= ratio <= 4 / 3:
                 log(f"Note: KTO (w_D·n_D)/(w_U·n_U) = {ratio:.3f}, outside the paper's [1, 4/3]; "

@@ -2,12 +2,28 @@
 
 from __future__ import annotations
 
-import torch
+from dataclasses import dataclass
 
+from .lazy import torch
 from .online_base import GroupBatch, OnlineObjective, ratio
+from .settings import MethodSettings, require, setting
 
 PASS_RATE_RANGE = (0.02, 0.98)
 WEIGHTINGS = ("dr_grpo", "grpo", "constant")
+
+
+@dataclass
+class NFTSettings(MethodSettings):
+    """Settings of `nft`."""
+
+    title = "NFT"
+    nft_weighting: str = setting("dr_grpo", "NFT's prompt weight ω: dr_grpo = 1 − r̂ (the authors' default), grpo "
+                                            "= √((1 − r̂)/r̂), constant = 1.", choices=WEIGHTINGS)
+    nft_negative_floor: float = setting(1.0, "NFT: floor ε of the implicit negative ratio, straight-through "
+                                             "(value clamped, gradient kept).")
+
+    def validate(self) -> None:
+        require(self.nft_negative_floor > 0, f"nft_negative_floor must be positive, got {self.nft_negative_floor}")
 
 
 def straight_through_floor(x: torch.Tensor, floor: float) -> torch.Tensor:
@@ -52,6 +68,8 @@ def nft_token_losses(x: GroupBatch, *, weighting: str = "dr_grpo", negative_floo
 class NFT(OnlineObjective):
     name, normalization = "nft", "constant"
     summary = "NFT: likelihood on 👍 answers, an implicit negative policy on 👎 ones (= GRPO on-policy)"
+    settings_class = NFTSettings
 
     def token_losses(self, x):
-        return nft_token_losses(x, weighting=self.config.nft_weighting, negative_floor=self.config.nft_negative_floor)
+        return nft_token_losses(x, weighting=self.settings.nft_weighting,
+                                negative_floor=self.settings.nft_negative_floor)

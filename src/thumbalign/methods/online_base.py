@@ -10,7 +10,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
+from .lazy import torch
+from .settings import MethodSettings
+
 
 NORMALIZATIONS = ("sequence", "token", "constant")
 
@@ -34,9 +36,11 @@ class OnlineObjective:
     name = ""
     summary = ""
     normalization = "sequence"
+    settings_class: type[MethodSettings] | None = None  # the objective's own settings (settings.py), if any
 
     def __init__(self, config):
         self.config = config
+        self.settings = self.settings_class.from_config(config) if self.settings_class else None
 
     def token_losses(self, x: GroupBatch) -> torch.Tensor:
         """[B, T] loss terms, 0 off the mask."""

@@ -11,8 +11,9 @@ import pkgutil
 from ..errors import ConfigError
 from .base import Objective
 from .online_base import OnlineObjective
+from .settings import MethodSettings
 
-NOT_METHOD_MODULES = {"base", "online_base", "registry", "udm"}
+NOT_METHOD_MODULES = {"base", "online_base", "registry", "udm", "lazy", "settings"}
 
 
 def _defined_here(kind: type) -> dict[str, type]:
@@ -38,6 +39,16 @@ def methods() -> dict[str, type[Objective]]:
 def online_objectives() -> dict[str, type[OnlineObjective]]:
     """Online objectives (`thumbalign online`), name -> class, alphabetical."""
     return dict(sorted(_defined_here(OnlineObjective).items()))
+
+
+def settings_groups(table: dict[str, type]) -> list[tuple[type[MethodSettings], list[str]]]:
+    """The settings classes of the methods of `table` (:func:`methods` or :func:`online_objectives`), each with the
+    names of the methods that take it, in the table's order."""
+    groups: dict[type[MethodSettings], list[str]] = {}
+    for name, cls in table.items():
+        if cls.settings_class is not None:
+            groups.setdefault(cls.settings_class, []).append(name)
+    return list(groups.items())
 
 
 def get_online_objective(name: str) -> type[OnlineObjective]:

@@ -11,10 +11,9 @@ LM loss covers the answer and the feedback, never the prompt or the token."""
 
 from __future__ import annotations
 
-import torch
-
 from ..data.prepare import DataNeeds
 from .base import LossOutput, Objective
+from .lazy import torch
 
 UP_TOKEN, DOWN_TOKEN = "<|thumbs_up|>", "<|thumbs_down|>"
 # new tokens start as the mean embedding of these words, so that even a LoRA run (embeddings frozen) sees two

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import torch
-
 from ..data.prepare import DataNeeds
 from .base import LossOutput, Objective
+from .lazy import torch
 
 
 def sft_positive_loss(policy_logps, ref_logps, labels, *, beta: float, n_tokens: torch.Tensor) -> LossOutput:

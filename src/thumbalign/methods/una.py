@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import torch
-
 from ..data.prepare import DataNeeds
 from .base import LossOutput, Objective
+from .lazy import torch
 
 
 def una_loss(policy_logps, ref_logps, labels, *, beta: float) -> LossOutput:

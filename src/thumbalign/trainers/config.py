@@ -3,24 +3,65 @@ from them (thumbalign.cli.options), so the two always match (``--learning-rate``
 ``learning_rate:`` in the file). A field marked ``resumable`` may change when an interrupted run is resumed; every
 other setting must equal the interrupted run's.
 
-This module imports nothing heavy: ``thumbalign --help`` reads it without loading torch.
+The classes are plain dataclasses, one per group of settings that commands share, each validating its own fields:
+
+    CommonConfig      every trainer: run folder, model, LoRA, optimisation, outputs, processes, checkpoints
+    FeedbackData      a feedback file read into training examples (`train`, `reward train`)
+    PolicyConfig      a language model trained as a policy (`train`, `online`)
+    TrainConfig       `thumbalign train`      = PolicyConfig + FeedbackData + its own + every method's settings
+    RewardConfig      `thumbalign reward train` = CommonConfig + FeedbackData + its own
+    OnlineConfig      `thumbalign online`     = PolicyConfig + its own + every online objective's settings
+
+A method's own settings are not written here: each method declares them next to its loss (methods/settings.py), and
+:func:`with_method_settings` adds them to its command's settings, as flat fields (one flag, one YAML key each).
+
+This module imports nothing heavy: ``thumbalign --help`` reads it without loading torch (the method files defer it).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import re
+import typing
 from dataclasses import dataclass, field
 
 from ..errors import ConfigError
+from ..methods.registry import get_method, get_online_objective, methods, online_objectives, settings_groups
 
 
 def _f(default, help: str, **kw):
     return field(default=default, metadata={"help": help, **kw})
 
 
+def _again(base: type, name: str, default, help: str | None = None):
+    """`base`'s setting `name` with another default (and help) in a subclass: the same flag, the same YAML key."""
+    metadata = dict(base.__dataclass_fields__[name].metadata)
+    if help is not None:
+        metadata["help"] = help
+    return field(default=default, metadata=metadata)
+
+
+def require_positive(config, *names: str) -> None:
+    for name in names:
+        if getattr(config, name) <= 0:
+            raise ConfigError(f"{name} must be positive, got {getattr(config, name)}")
+
+
 @dataclass
-class TrainConfig:
+class Settings:
+    """The root of every settings class: each subclass checks its own fields in `validate`, then calls super()."""
+
+    def validate(self) -> None:
+        pass
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class FeedbackData(Settings):
+    """A feedback file (or Hub dataset) read into training examples."""
+
     # --- data
     data: str | None = _f(None, "Feedback: a JSONL, JSON, CSV or Parquet file, a datasets folder, or a Hugging Face "
                                 "Hub dataset id (owner/name; downloaded once into the datasets cache) (required).")
@@ -35,6 +76,34 @@ class TrainConfig:
     label_field: str = _f("label", "Column holding the thumbs-up / thumbs-down label, when the data names it "
                                    "otherwise.")
     eval_split: float = _f(0.0, "Share of --data held out (seeded) for evaluation when --eval-data is not given.")
+    udm: bool = _f(False, "Underlying distribution matching: reweight 👎 examples by the prompt density ratio "
+                          "p_up(x)/p_down(x), when 👍 and 👎 prompts come from different distributions "
+                          "(see `thumbalign inspect`).")
+    udm_encoder: str = _f("minilm", "Prompt embeddings for --udm: 'minilm' (all-MiniLM-L6-v2, offline package), "
+                                    "'policy' (the model's own mean-pooled hidden states) or a local "
+                                    "sentence-transformers folder.")
+    udm_samples_per_class: int = _f(1024, "Prompts per class the density-ratio classifier is fitted on.")
+    udm_clip_min: float = _f(0.5, "Lower clip of the UDM weight.")
+    udm_clip_max: float = _f(10.0, "Upper clip of the UDM weight.")
+    udm_normalize: bool = _f(False, "Scale the UDM weights of the 👎 examples to mean 1.")
+    max_length: int = _f(1024, "Longest prompt+completion in tokens; prompts are cut from the left to fit, "
+                               "records whose completion alone is longer are dropped (both counted).")
+
+    def validate(self) -> None:
+        if not self.data:
+            raise ConfigError("no training data: pass --data FILE (or 'data:' in the config file)")
+        if not 0.0 <= self.eval_split < 1.0:
+            raise ConfigError(f"eval_split must be in [0, 1), got {self.eval_split}")
+        require_positive(self, "udm_samples_per_class")
+        if not 0 < self.udm_clip_min <= self.udm_clip_max:
+            raise ConfigError(f"UDM clip range [{self.udm_clip_min}, {self.udm_clip_max}] is empty or not positive")
+        super().validate()
+
+
+@dataclass
+class CommonConfig(Settings):
+    """What every trainer takes."""
+
     skip_invalid: bool = _f(False, "Skip rows that cannot be used (counted by reason and reported) instead of "
                                    "stopping at the first one.", resumable=True)
     output_dir: str = _f("runs/thumbalign", "Run folder: checkpoints, metrics.jsonl, summary.json, final model.",
@@ -52,52 +121,12 @@ class TrainConfig:
     lora_alpha: int = _f(32, "LoRA scaling numerator (scale = alpha / r).")
     lora_dropout: float = _f(0.0, "Dropout on the LoRA branch.")
     lora_target_modules: str = _f("all-linear", "Modules that get an adapter: 'all-linear' or comma-separated names.")
-    save_adapter: bool = _f(False, "With --use-lora: save the adapter alone instead of the merged model.")
-    load_in_4bit: bool = _f(False, "QLoRA: hold the base model's linear layers in 4 bits (NF4, bitsandbytes) and "
-                                   "train LoRA adapters on top (needs --use-lora); a 7-8B model then fits a 24 GB "
-                                   "GPU. The saved model is the adapter merged into the full-precision base.")
-    load_in_8bit: bool = _f(False, "Like --load-in-4bit, with 8-bit linear layers (LLM.int8).")
     save_dtype: str = _f("auto", "Precision of the saved model: auto (the base model's, from its config.json), "
                                  "bfloat16, float16 or float32.",
                          choices=("auto", "bfloat16", "float16", "float32"))
     save_max_shard_size: str = _f("5GB", "Largest file of the saved model (e.g. 5GB, 500MB): a bigger model is split "
                                          "into several safetensors files with an index, as transformers writes and "
                                          "loads them.", resumable=True)
-    # --- method
-    method: str = _f("bco", "Training objective; `thumbalign methods` lists them with the data each takes.")
-    beta: float = _f(0.1, "β: scale of the implicit reward r = β·(log π − log π_ref).")
-    delta: str = _f("running", "BCO reward shift δ: 'running' = running mean of all rewards (the reference "
-                               "implementation), 'balanced' = midpoint of the thumbs-up and thumbs-down means, "
-                               "'prompt' = δ(x), the running mean reward of the prompt's cluster (k-means on "
-                               "--udm-encoder embeddings) shrunk towards the running mean, so that what the prompt "
-                               "alone explains is absorbed and the classifier must separate answers.",
-                    choices=("running", "balanced", "prompt"))
-    delta_clusters: int = _f(16, "--delta prompt: number of prompt clusters (fewer when there are fewer prompts).")
-    delta_prior: float = _f(8.0, "--delta prompt: weight κ, in rewards, of the global δ in each cluster's δ(x).")
-    sft_weight: float | None = _f(None, "BCO: add this weight × the mean token NLL of each 👍 answer to its loss, "
-                                        "an anchor that keeps raising the likelihood of good answers. Default: 1 "
-                                        "for --method bco (the best setting on benchmarks/shift_quality.py), 0 for "
-                                        "bco-pair; 0 gives the paper's BCO.")
-    udm: bool = _f(False, "Underlying distribution matching: reweight 👎 examples by the prompt density ratio "
-                          "p_up(x)/p_down(x), when 👍 and 👎 prompts come from different distributions "
-                          "(see `thumbalign inspect`).")
-    udm_encoder: str = _f("minilm", "Prompt embeddings for --udm: 'minilm' (all-MiniLM-L6-v2, offline package), "
-                                    "'policy' (the model's own mean-pooled hidden states) or a local "
-                                    "sentence-transformers folder.")
-    udm_samples_per_class: int = _f(1024, "Prompts per class the density-ratio classifier is fitted on.")
-    udm_clip_min: float = _f(0.5, "Lower clip of the UDM weight.")
-    udm_clip_max: float = _f(10.0, "Upper clip of the UDM weight.")
-    udm_normalize: bool = _f(False, "Scale the UDM weights of the 👎 examples to mean 1.")
-    aft_boundary: float = _f(1.0, "AFT: how far (in length-normalised log-likelihood) a 👎 answer's score may fall "
-                                  "below the worst 👍 answer of its prompt before the constraint pulls it back.")
-    aft_sft_weight: float = _f(1.0, "AFT: weight λ of the NLL on the 👍 answers trained alongside the ranking "
-                                    "loss (AFT trains L_VFT + L_A); 0 for the ranking loss alone.")
-    desirable_weight: float = _f(1.0, "KTO: weight of thumbs-up losses (w_D).")
-    undesirable_weight: float = _f(1.0, "KTO: weight of thumbs-down losses (w_U).")
-    auto_weights: bool = _f(False, "KTO: choose w_D, w_U from the class counts so that (w_D·n_D)/(w_U·n_U) = 1, "
-                                   "inside the paper's [1, 4/3].")
-    max_length: int = _f(1024, "Longest prompt+completion in tokens; prompts are cut from the left to fit, "
-                               "records whose completion alone is longer are dropped (both counted).")
     # --- optimisation
     learning_rate: float = _f(5e-6, "Peak AdamW learning rate. 5e-7 is the paper's value for billion-scale full "
                                     "fine-tunes; small models and LoRA want more (LoRA: try 1e-4).")
@@ -116,27 +145,8 @@ class TrainConfig:
                    choices=("auto", "true", "false"))
     gradient_checkpointing: bool | None = _f(None, "Recompute activations in the backward pass: less memory, ~30% "
                                                    "slower. Unset: on for models of 1B parameters or more.")
-    packing: bool = _f(False, "Padding-free batches: the examples of a micro-batch back to back in one row, with "
-                              "per-example positions and attention (no compute spent on padding).")
     seed: int = _f(42, "Seed for shuffling, the eval split and initialisation of new weights.")
-    dry_run: bool = _f(False, "Read and tokenise the data, say what training would do (examples, steps, truncation), "
-                              "and stop: no weights are loaded, nothing is written.")
-    logps_chunk_size: int = _f(2048, "Completion tokens per chunk of the output projection (bounds logit memory).")
-    use_liger: bool = _f(False, "Completion log-probs through Liger's fused linear cross-entropy (Triton, CUDA GPUs; "
-                                "pip install liger-kernel) instead of the chunked projection. Checked against the "
-                                "chunked computation on the first batch, values and gradients; refused if they differ.")
-    # --- evaluation by generation
-    eval_prompts: str | None = _f(None, "Prompts (JSONL/CSV/..., a 'prompt' per row) never trained on: after training, "
-                                        "the base and the trained model answer them and --judge gives each answer a "
-                                        "thumbs-up or down.", resumable=True)
-    judge: str = _f("vader", "Judge for --eval-prompts: vader (positive sentiment), exact or numeric (against "
-                             "--reference-field), or module:function.", resumable=True)
-    reference_field: str = _f("answer", "Field of a prompt row holding the reference answer (exact/numeric judges).",
-                              resumable=True)
-    eval_max_new_tokens: int = _f(64, "Tokens generated per answer for --eval-prompts.", resumable=True)
-    eval_temperature: float = _f(0.0, "Sampling temperature for --eval-prompts (0: greedy).", resumable=True)
-    report: bool = _f(True, "Write report.html (curves, eval tables, sampled answers) into the run folder at the end.",
-                      resumable=True)
+    # --- outputs
     push_to_hub: bool = _f(False, "At the end, upload the model folder (or the adapter) to the Hugging Face Hub as "
                                   "--hub-model-id (log in first: hf auth login, or set HF_TOKEN).", resumable=True)
     hub_model_id: str | None = _f(None, "The Hub repository to push to, owner/name (created if missing).",
@@ -174,45 +184,217 @@ class TrainConfig:
                               resumable=True)
 
     def validate(self) -> None:
-        if not self.data:
-            raise ConfigError("no training data: pass --data FILE (or 'data:' in the config file)")
         check_shard_size(self.save_max_shard_size)
-        if not 0.0 <= self.eval_split < 1.0:
-            raise ConfigError(f"eval_split must be in [0, 1), got {self.eval_split}")
-        positive = ("per_device_train_batch_size", "gradient_accumulation_steps", "max_length", "logging_steps",
-                    "save_steps", "lora_r", "logps_chunk_size", "eval_batch_size", "udm_samples_per_class")
-        for name in positive:
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
-        if self.beta <= 0 or self.learning_rate <= 0:
-            raise ConfigError("beta and learning_rate must be positive")
-        if (self.sft_weight or 0) < 0 or self.delta_prior <= 0 or self.delta_clusters < 1:
-            raise ConfigError("sft_weight must be ≥ 0, delta_prior > 0 and delta_clusters ≥ 1")
-        if (self.sft_weight or self.delta == "prompt") and self.method not in ("bco", "bco-pair"):
-            raise ConfigError(f"--sft-weight and --delta prompt belong to BCO; --method {self.method} does not "
-                              "use them")
-        if self.aft_boundary < 0 or self.aft_sft_weight < 0:
-            raise ConfigError(f"aft_boundary and aft_sft_weight must be ≥ 0, got {self.aft_boundary}, "
-                              f"{self.aft_sft_weight}")
-        if not 0 < self.udm_clip_min <= self.udm_clip_max:
-            raise ConfigError(f"UDM clip range [{self.udm_clip_min}, {self.udm_clip_max}] is empty or not positive")
-        from ..methods.registry import get_method  # here, not at import: the registry loads torch
+        require_positive(self, "per_device_train_batch_size", "gradient_accumulation_steps", "logging_steps",
+                         "save_steps", "eval_batch_size", "lora_r")
+        if self.learning_rate <= 0:
+            raise ConfigError(f"learning_rate must be positive, got {self.learning_rate}")
+        check_trackers(self.report_to)
+        check_hub_push(self)
+        super().validate()
 
-        method = get_method(self.method)
-        if self.udm and not method.uses_udm_weights:
-            raise ConfigError(f"--udm weights BCO's thumbs-down losses; --method {self.method} does not use them")
+
+@dataclass
+class PolicyConfig(CommonConfig):
+    """A language model trained as a policy: adapters saved alone, k-bit bases, log-probs, judged answers."""
+
+    save_adapter: bool = _f(False, "With --use-lora: save the adapter alone instead of the merged model.")
+    load_in_4bit: bool = _f(False, "QLoRA: hold the base model's linear layers in 4 bits (NF4, bitsandbytes) and "
+                                   "train LoRA adapters on top (needs --use-lora); a 7-8B model then fits a 24 GB "
+                                   "GPU. The saved model is the adapter merged into the full-precision base.")
+    load_in_8bit: bool = _f(False, "Like --load-in-4bit, with 8-bit linear layers (LLM.int8).")
+    beta: float = _f(0.1, "β: scale of the implicit reward r = β·(log π − log π_ref).")
+    logps_chunk_size: int = _f(2048, "Completion tokens per chunk of the output projection (bounds logit memory).")
+    use_liger: bool = _f(False, "Completion log-probs through Liger's fused linear cross-entropy (Triton, CUDA GPUs; "
+                                "pip install liger-kernel) instead of the chunked projection. Checked against the "
+                                "chunked computation on the first batch, values and gradients; refused if they differ.")
+    # --- evaluation by generation
+    eval_prompts: str | None = _f(None, "Prompts (JSONL/CSV/..., a 'prompt' per row) never trained on: after training, "
+                                        "the base and the trained model answer them and --judge gives each answer a "
+                                        "thumbs-up or down.", resumable=True)
+    reference_field: str = _f("answer", "Field of a prompt row holding the reference answer (exact/numeric judges).",
+                              resumable=True)
+    report: bool = _f(True, "Write report.html (curves, eval tables, sampled answers) into the run folder at the end.",
+                      resumable=True)
+
+    def validate(self) -> None:
+        require_positive(self, "logps_chunk_size")
         if self.save_adapter and not self.use_lora:
             raise ConfigError("--save-adapter needs --use-lora")
         check_quantized_loading(self)
+        super().validate()
+
+
+@dataclass
+class TrainConfig(PolicyConfig, FeedbackData):
+    """Settings of `thumbalign train` (and, added below, every offline method's own)."""
+
+    # --- method
+    method: str = _f("bco", "Training objective; `thumbalign methods` lists them with the data each takes.")
+    packing: bool = _f(False, "Padding-free batches: the examples of a micro-batch back to back in one row, with "
+                              "per-example positions and attention (no compute spent on padding).")
+    dry_run: bool = _f(False, "Read and tokenise the data, say what training would do (examples, steps, truncation), "
+                              "and stop: no weights are loaded, nothing is written.")
+    judge: str = _f("vader", "Judge for --eval-prompts: vader (positive sentiment), exact or numeric (against "
+                             "--reference-field), or module:function.", resumable=True)
+    eval_max_new_tokens: int = _f(64, "Tokens generated per answer for --eval-prompts.", resumable=True)
+    eval_temperature: float = _f(0.0, "Sampling temperature for --eval-prompts (0: greedy).", resumable=True)
+
+    def validate(self) -> None:
+        if not self.data:  # first: the most common mistake
+            raise ConfigError("no training data: pass --data FILE (or 'data:' in the config file)")
+        require_positive(self, "max_length")
+        if self.beta <= 0:
+            raise ConfigError("beta and learning_rate must be positive")
+        method = get_method(self.method)
+        check_method_settings(self, method)
+        if self.udm and not method.uses_udm_weights:
+            raise ConfigError(f"--udm weights BCO's thumbs-down losses; --method {self.method} does not use them")
         if (self.load_in_4bit or self.load_in_8bit) and method.needs.reward_tokens:
             raise ConfigError(f"--method {self.method} adds tokens, whose new embeddings would have to train inside "
                               "a quantised model: drop --load-in-4bit / --load-in-8bit")
-        check_trackers(self.report_to)
-        check_hub_push(self)
+        super().validate()
 
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
 
+@dataclass
+class RewardConfig(CommonConfig, FeedbackData):
+    """Settings of `thumbalign reward train` (shared settings mean what they mean for `thumbalign train`)."""
+
+    output_dir: str = _again(CommonConfig, "output_dir", "runs/reward")
+    learning_rate: float = _again(CommonConfig, "learning_rate", 2e-5)
+    eval_split: float = _again(FeedbackData, "eval_split", 0.1)
+    max_length: int = _again(FeedbackData, "max_length", 512)
+    balance_classes: bool = _f(True, "Weight the classes so that 👍 and 👎 count equally in the loss.")
+    calibrate: bool = _f(True, "Fit a temperature on the held-out split so that scores are calibrated probabilities.")
+    principle_field: str | None = _f(None, "Field holding each row's principle (RLBFF): the model learns whether an "
+                                           "answer satisfies *that* principle, so one model serves many; score with "
+                                           "`reward score --principle`.")
+
+    def validate(self) -> None:
+        if not self.data:
+            raise ConfigError("no training data: pass --data FILE")
+        if self.udm and self.udm_encoder == "policy":
+            raise ConfigError("reward models take --udm-encoder minilm or a sentence-transformers folder, not 'policy'")
+        if self.max_length <= 1:
+            raise ConfigError(f"max_length must be at least 2, got {self.max_length}")
+        super().validate()
+
+
+@dataclass
+class OnlineConfig(PolicyConfig):
+    """Settings of `thumbalign online` (shared settings mean what they mean for `thumbalign train`), and, added
+    below, every online objective's own."""
+
+    output_dir: str = _again(CommonConfig, "output_dir", "runs/online")
+    learning_rate: float = _again(CommonConfig, "learning_rate", 1e-5)
+    warmup_ratio: float = _again(CommonConfig, "warmup_ratio", 0.0)
+    logging_steps: int = _again(CommonConfig, "logging_steps", 1)
+    save_steps: int = _again(CommonConfig, "save_steps", 20)
+    per_device_train_batch_size: int = _again(CommonConfig, "per_device_train_batch_size", 4,
+                                              "Prompts per micro-batch on each process, each with --num-generations "
+                                              "answers.")
+    beta: float = _again(PolicyConfig, "beta", 0.0, "KL coefficient towards the starting model (k3 estimator); 0 "
+                                                    "loads no reference. With LoRA the reference is the model with "
+                                                    "its adapter disabled.")
+    eval_prompts: str | None = _again(PolicyConfig, "eval_prompts", None,
+                                      "Prompts never trained on: before and after training the model answers each "
+                                      "greedily and the rewards judge it (pass rate with a 95% interval).")
+    prompts: str | None = _f(None, "Prompts to answer (JSONL/JSON/CSV/Parquet; a 'prompt' or 'messages' per row; "
+                                   "other columns go to the rewards), required.")
+    reward: list[str] | None = _f(None, "A reward: vader, exact, numeric (against --reference-field), rm:PATH (a "
+                                        "thumbalign reward model's P(👍)), or module:function (a judge, or TRL's "
+                                        "f(prompts, completions, **columns)).")
+    reward_weights: list[float] | None = _f(None, "Weight of each --reward in the total (default: 1 each).")
+    pass_threshold: float = _f(0.5, "A total reward at or above this is a 👍 (the binary outcome: pass rates, "
+                                    "filtering, NFT/RFT labels).")
+    objective: str = _f("grpo", "Online objective: grpo, dr_grpo, nft or rft (`thumbalign methods`).")
+    num_generations: int = _f(8, "Answers sampled per prompt (the group).")
+    max_new_tokens: int = _f(64, "Longest answer in tokens; longer ones are cut (their share is logged as "
+                                 "clipped_ratio).")
+    temperature: float = _f(1.0, "Sampling temperature of the answers trained on (the whole distribution, no top-k / "
+                                 "top-p).")
+    generation_batch_size: int = _f(64, "Answers generated together in one batch.", resumable=True)
+    loss_normalization: str = _f("auto", "How token terms sum to the step's loss: sequence (mean per answer, then "
+                                         "over answers), token (mean over the step's tokens), constant (sum / "
+                                         "(answers × max_new_tokens)); auto = the objective's own.",
+                                 choices=("auto", "sequence", "token", "constant"))
+    filter_prompts: str | None = _f(None, "LOW,HIGH: before training, estimate each prompt's pass rate with the "
+                                          "starting model (cached) and keep those inside the band.")
+    retry_turns: int = _f(1, "Turns per conversation: above 1, a 👎 answer is followed by --retry-message and another "
+                             "answer, and success at turn k earns --retry-gamma^k.")
+    retry_message: str = _f("Incorrect. Please think again.", "The user's reply to a 👎 answer.")
+    retry_gamma: float = _f(0.5, "Reward of success at turn k (k = 0 first) is retry_gamma^k.")
+    retry_repetition_penalty: float = _f(0.5, "λ: a conversation's reward loses λ·(1 − unique answers / answers) for "
+                                              "repeating itself.")
+    sar_weight: float = _f(0.0, "Self-aligned reward: add w × clip((ppl(a) − ppl(a|q)) / ppl(a), −1, 1), favouring "
+                                "concise, prompt-specific answers; never used for the binary outcome.")
+
+    def validate(self) -> None:
+        if not self.prompts:
+            raise ConfigError("no prompts: pass --prompts FILE")
+        if not self.reward:
+            raise ConfigError("no reward: pass --reward (vader, exact, numeric, rm:PATH or module:function)")
+        if self.reward_weights is not None and len(self.reward_weights) != len(self.reward):
+            raise ConfigError(f"--reward-weights has {len(self.reward_weights)} values for {len(self.reward)} "
+                              "rewards")
+        require_positive(self, "num_generations", "max_new_tokens", "generation_batch_size", "retry_turns")
+        if self.num_generations < 2:
+            raise ConfigError("num_generations must be at least 2: a group of one carries no relative signal")
+        if self.temperature <= 0:
+            raise ConfigError("temperature must be positive: the answers trained on are sampled")
+        if self.beta < 0:
+            raise ConfigError("beta must be ≥ 0 and learning_rate positive")
+        if self.filter_prompts is not None:
+            band = filter_band(self.filter_prompts)
+            if not 0 <= band[0] <= band[1] <= 1:
+                raise ConfigError(f"--filter-prompts {self.filter_prompts}: expected LOW,HIGH with 0 ≤ LOW ≤ HIGH ≤ 1")
+        check_method_settings(self, get_online_objective(self.objective))
+        super().validate()
+
+
+# --------------------------------------------------------------------------------------------- methods' settings
+
+def with_method_settings(config_class: type, table: dict[str, type], flag: str) -> type:
+    """`config_class` with the settings every method of `table` declares: flat fields after its own, each
+    remembering its methods and the `flag` that chooses them (for the groups of the help and of `thumbalign
+    config`). A subclass, so the fields written above stay what a type checker sees; a method reads its own through
+    its settings class."""
+    taken = {f.name for f in dataclasses.fields(config_class)}
+    added = []
+    for settings_class, names in settings_groups(table):
+        hints = typing.get_type_hints(settings_class)
+        for f in dataclasses.fields(settings_class):
+            if f.name in taken:
+                raise TypeError(f"{settings_class.__qualname__}.{f.name}: {config_class.__name__} already has a "
+                                "setting of that name; name the method's setting after the method")
+            taken.add(f.name)
+            metadata = {**f.metadata, "settings": settings_class, "methods": tuple(names), "method_flag": flag}
+            added.append((f.name, hints[f.name], field(default=f.default, metadata=metadata)))
+    composed = dataclasses.make_dataclass(config_class.__name__, added, bases=(config_class,),
+                                          namespace={"__doc__": config_class.__doc__})
+    composed.__module__ = __name__
+    return composed
+
+
+def check_method_settings(config, method: type) -> None:
+    """The chosen method's settings are valid (its settings class says), and no other method's setting was changed
+    from its default: it would have no effect, which is worth one line rather than a silent run."""
+    foreign = [f for f in dataclasses.fields(config) if f.metadata.get("settings") not in (None, method.settings_class)
+               and getattr(config, f.name) != f.default]
+    if foreign:
+        owner, flag = foreign[0].metadata["settings"], foreign[0].metadata["method_flag"]
+        flags = ", ".join("--" + f.name.replace("_", "-") for f in foreign if f.metadata["settings"] is owner)
+        raise ConfigError(f"settings that belong to {owner.title} ({flag} {', '.join(foreign[0].metadata['methods'])}): "
+                          f"{flags}; {flag} {method.name} does not use them")
+    if method.settings_class is not None:
+        method.settings_class.from_config(config).validate()
+
+
+TrainConfig = with_method_settings(TrainConfig, methods(), "--method")
+OnlineConfig = with_method_settings(OnlineConfig, online_objectives(), "--objective")
+
+
+# --------------------------------------------------------------------------------------------- shared checks
 
 TRACKERS = ("none", "tensorboard", "wandb", "mlflow", "trackio")
 
@@ -242,165 +424,11 @@ def check_hub_push(config) -> None:
         raise ConfigError("--push-to-hub needs --hub-model-id owner/name")
 
 
-def derived_config(name: str, keep: tuple[str, ...], defaults: dict, extra: list, doc: str):
-    """A settings dataclass for another command, made of some of TrainConfig's fields (same flags, same help)
-    with other defaults, plus fields of its own: one definition of each shared setting."""
-    fields_ = []
-    for f in dataclasses.fields(TrainConfig):
-        if f.name in keep:
-            default = defaults.get(f.name, f.default)
-            fields_.append((f.name, f.type, field(default=default, metadata=f.metadata)))
-    cls = dataclasses.make_dataclass(name, fields_ + extra, namespace={
-        "__doc__": doc, "to_dict": lambda self: dataclasses.asdict(self)})
-    cls.__module__ = __name__
-    return cls
-
-
-REWARD_SHARED = ("data", "eval_data", "eval_split", "skip_invalid", "output_dir", "overwrite", "model",
-                 "trust_remote_code", "use_lora", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "udm",
-                 "udm_encoder", "udm_samples_per_class", "udm_clip_min", "udm_clip_max", "udm_normalize",
-                 "max_length", "learning_rate", "weight_decay", "per_device_train_batch_size",
-                 "gradient_accumulation_steps", "num_train_epochs", "max_steps", "warmup_ratio", "lr_scheduler_type",
-                 "max_grad_norm", "bf16", "gradient_checkpointing", "seed", "logging_steps", "save_steps",
-                 "save_total_limit", "resume", "cache_dir", "eval_batch_size", "skip_nonfinite", "num_processes",
-                 "accelerate_config", "num_machines", "machine_rank", "main_process_ip", "main_process_port",
-                 "rendezvous_timeout", "revision", "save_dtype", "save_max_shard_size", "report_to", "data_config",
-                 "data_split",
-                 "eval_data_split", "prompt_field", "completion_field", "label_field", "push_to_hub", "hub_model_id",
-                 "hub_private")
-
-RewardConfig = derived_config(
-    "RewardConfig", REWARD_SHARED,
-    defaults={"output_dir": "runs/reward", "learning_rate": 2e-5, "eval_split": 0.1, "max_length": 512},
-    extra=[("balance_classes", bool, _f(True, "Weight the classes so that 👍 and 👎 count equally in the loss.")),
-           ("calibrate", bool, _f(True, "Fit a temperature on the held-out split so that scores are calibrated "
-                                        "probabilities.")),
-           ("principle_field", str | None, _f(None, "Field holding each row's principle (RLBFF): the model learns "
-                                                   "whether an answer satisfies *that* principle, so one model "
-                                                   "serves many; score with `reward score --principle`."))],
-    doc="Settings of `thumbalign reward train` (shared settings mean what they mean for `thumbalign train`).")
-
-
 def check_shard_size(size: str) -> None:
     """--save-max-shard-size as the Hub's file splitter reads it: a number and KB, MB, GB or TB."""
     if not re.fullmatch(r"\s*\d+(\.\d+)?\s*[KMGT]B\s*", str(size), flags=re.IGNORECASE):
         raise ConfigError(f"--save-max-shard-size {size!r}: give a number and a unit, e.g. 5GB or 500MB "
                           "(units: KB, MB, GB, TB)")
-
-
-def _validate_reward(self) -> None:
-    if not self.data:
-        raise ConfigError("no training data: pass --data FILE")
-    check_shard_size(self.save_max_shard_size)
-    if self.udm and self.udm_encoder == "policy":
-        raise ConfigError("reward models take --udm-encoder minilm or a sentence-transformers folder, not 'policy'")
-    for name in ("per_device_train_batch_size", "gradient_accumulation_steps", "logging_steps", "save_steps",
-                 "eval_batch_size"):
-        if getattr(self, name) <= 0:
-            raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
-    if self.max_length <= 1:
-        raise ConfigError(f"max_length must be at least 2, got {self.max_length}")
-    check_trackers(self.report_to)
-    check_hub_push(self)
-
-
-RewardConfig.validate = _validate_reward
-
-
-ONLINE_SHARED = ("output_dir", "overwrite", "model", "trust_remote_code", "use_lora", "lora_r", "lora_alpha",
-                 "lora_dropout", "lora_target_modules", "save_adapter", "load_in_4bit", "load_in_8bit",
-                 "learning_rate", "weight_decay",
-                 "gradient_accumulation_steps", "num_train_epochs", "max_steps", "warmup_ratio", "lr_scheduler_type",
-                 "max_grad_norm", "bf16", "gradient_checkpointing", "seed", "logps_chunk_size", "use_liger",
-                 "reference_field",
-                 "report", "skip_nonfinite", "skip_invalid", "num_processes", "accelerate_config",
-                 "num_machines", "machine_rank", "main_process_ip", "main_process_port", "rendezvous_timeout",
-                 "logging_steps", "save_steps", "save_total_limit", "resume", "cache_dir", "eval_batch_size",
-                 "revision", "save_dtype", "save_max_shard_size",
-                 "report_to", "push_to_hub", "hub_model_id", "hub_private")
-
-OnlineConfig = derived_config(
-    "OnlineConfig", ONLINE_SHARED,
-    defaults={"output_dir": "runs/online", "learning_rate": 1e-5, "warmup_ratio": 0.0, "logging_steps": 1,
-              "save_steps": 20},
-    extra=[
-        ("prompts", str | None, _f(None, "Prompts to answer (JSONL/JSON/CSV/Parquet; a 'prompt' or 'messages' per "
-                                         "row; other columns go to the rewards), required.")),
-        ("eval_prompts", str | None, _f(None, "Prompts never trained on: before and after training the model "
-                                              "answers each greedily and the rewards judge it (pass rate with a "
-                                              "95% interval).", resumable=True)),
-        ("reward", list[str] | None, _f(None, "A reward: vader, exact, numeric (against --reference-field), "
-                                              "rm:PATH (a thumbalign reward model's P(👍)), or module:function (a "
-                                              "judge, or TRL's f(prompts, completions, **columns)).")),
-        ("reward_weights", list[float] | None, _f(None, "Weight of each --reward in the total (default: 1 each).")),
-        ("pass_threshold", float, _f(0.5, "A total reward at or above this is a 👍 (the binary outcome: pass rates, "
-                                          "filtering, NFT/RFT labels).")),
-        ("objective", str, _f("grpo", "Online objective: grpo, dr_grpo, nft or rft (`thumbalign methods`).")),
-        ("num_generations", int, _f(8, "Answers sampled per prompt (the group).")),
-        ("per_device_train_batch_size", int, _f(4, "Prompts per micro-batch on each process, each with "
-                                                   "--num-generations answers.")),
-        ("max_new_tokens", int, _f(64, "Longest answer in tokens; longer ones are cut (their share is logged as "
-                                       "clipped_ratio).")),
-        ("temperature", float, _f(1.0, "Sampling temperature of the answers trained on (the whole distribution, no "
-                                       "top-k / top-p).")),
-        ("generation_batch_size", int, _f(64, "Answers generated together in one batch.", resumable=True)),
-        ("beta", float, _f(0.0, "KL coefficient towards the starting model (k3 estimator); 0 loads no reference. "
-                                "With LoRA the reference is the model with its adapter disabled.")),
-        ("epsilon", float, _f(0.2, "PPO clip range of the grpo/dr_grpo ratio (inactive on-policy).")),
-        ("loss_normalization", str, _f("auto", "How token terms sum to the step's loss: sequence (mean per answer, "
-                                               "then over answers), token (mean over the step's tokens), constant "
-                                               "(sum / (answers × max_new_tokens)); auto = the objective's own.",
-                                       choices=("auto", "sequence", "token", "constant"))),
-        ("nft_weighting", str, _f("dr_grpo", "NFT's prompt weight ω: dr_grpo = 1 − r̂ (the authors' default), grpo "
-                                             "= √((1 − r̂)/r̂), constant = 1.",
-                                  choices=("dr_grpo", "grpo", "constant"))),
-        ("nft_negative_floor", float, _f(1.0, "NFT: floor ε of the implicit negative ratio, straight-through "
-                                              "(value clamped, gradient kept).")),
-        ("filter_prompts", str | None, _f(None, "LOW,HIGH: before training, estimate each prompt's pass rate with "
-                                                "the starting model (cached) and keep those inside the band.")),
-        ("retry_turns", int, _f(1, "Turns per conversation: above 1, a 👎 answer is followed by --retry-message and "
-                                   "another answer, and success at turn k earns --retry-gamma^k.")),
-        ("retry_message", str, _f("Incorrect. Please think again.", "The user's reply to a 👎 answer.")),
-        ("retry_gamma", float, _f(0.5, "Reward of success at turn k (k = 0 first) is retry_gamma^k.")),
-        ("retry_repetition_penalty", float, _f(0.5, "λ: a conversation's reward loses λ·(1 − unique answers / "
-                                                    "answers) for repeating itself.")),
-        ("sar_weight", float, _f(0.0, "Self-aligned reward: add w × clip((ppl(a) − ppl(a|q)) / ppl(a), −1, 1), "
-                                      "favouring concise, prompt-specific answers; never used for the binary "
-                                      "outcome.")),
-    ],
-    doc="Settings of `thumbalign online` (shared settings mean what they mean for `thumbalign train`).")
-
-
-def _validate_online(self) -> None:
-    if not self.prompts:
-        raise ConfigError("no prompts: pass --prompts FILE")
-    check_shard_size(self.save_max_shard_size)
-    if not self.reward:
-        raise ConfigError("no reward: pass --reward (vader, exact, numeric, rm:PATH or module:function)")
-    if self.reward_weights is not None and len(self.reward_weights) != len(self.reward):
-        raise ConfigError(f"--reward-weights has {len(self.reward_weights)} values for {len(self.reward)} rewards")
-    for name in ("num_generations", "per_device_train_batch_size", "gradient_accumulation_steps", "max_new_tokens",
-                 "logging_steps", "save_steps", "generation_batch_size", "retry_turns", "eval_batch_size"):
-        if getattr(self, name) <= 0:
-            raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
-    if self.num_generations < 2:
-        raise ConfigError("num_generations must be at least 2: a group of one carries no relative signal")
-    if self.temperature <= 0:
-        raise ConfigError("temperature must be positive: the answers trained on are sampled")
-    if self.beta < 0 or self.learning_rate <= 0:
-        raise ConfigError("beta must be ≥ 0 and learning_rate positive")
-    if self.save_adapter and not self.use_lora:
-        raise ConfigError("--save-adapter needs --use-lora")
-    check_quantized_loading(self)
-    if self.filter_prompts is not None:
-        band = filter_band(self.filter_prompts)
-        if not 0 <= band[0] <= band[1] <= 1:
-            raise ConfigError(f"--filter-prompts {self.filter_prompts}: expected LOW,HIGH with 0 ≤ LOW ≤ HIGH ≤ 1")
-    check_trackers(self.report_to)
-    check_hub_push(self)
-    from ..methods.registry import get_online_objective  # here, not at import: the registry loads torch
-
-    get_online_objective(self.objective)
 
 
 def filter_band(text: str) -> tuple[float, float]:
@@ -409,6 +437,3 @@ def filter_band(text: str) -> tuple[float, float]:
     except ValueError:
         raise ConfigError(f"--filter-prompts {text!r}: expected two numbers, LOW,HIGH (e.g. 0.1,0.9)") from None
     return low, high
-
-
-OnlineConfig.validate = _validate_online
