@@ -76,3 +76,44 @@ def test_shift_state_round_trips():
     assert again.value == shift.value and again.state_dict() == shift.state_dict()
     with pytest.raises(ValueError):
         RewardShift("running").load_state_dict(shift.state_dict())
+
+
+def test_label_smoothing_mixes_in_the_other_labels_loss_by_hand():
+    policy, ref = torch.tensor([-10.0, -20.0]), torch.tensor([-11.0, -19.0])
+    labels = torch.tensor([True, False])
+    eps, beta, delta = 0.2, 0.1, 0.03
+    out = bco_loss(policy, ref, labels, beta=beta, delta=delta, weights=torch.tensor([1.0, 1.5]), label_smoothing=eps)
+    z = [0.1 - 0.03, -0.1 - 0.03]  # r − δ
+    expected = [-(1 - eps) * log_sigmoid(z[0]) - eps * log_sigmoid(-z[0]),
+                1.5 * (-(1 - eps) * log_sigmoid(-z[1]) - eps * log_sigmoid(z[1]))]
+    assert out.losses.tolist() == pytest.approx(expected, abs=1e-6)
+
+
+def test_label_smoothing_stops_the_push_at_one_minus_eps():
+    eps, beta = 0.1, 0.5
+    stop = math.log((1 - eps) / eps) / beta  # log-ratio where σ(βρ) = 1 − ε
+    for rho, sign in [(stop - 1.0, -1), (stop + 1.0, +1)]:  # below: keep raising; past: pull back
+        policy = torch.tensor([rho], requires_grad=True)
+        bco_loss(policy, torch.zeros(1), torch.tensor([True]), beta=beta, delta=0.0,
+                 label_smoothing=eps).losses.sum().backward()
+        assert policy.grad.item() * sign > 0
+    policy = torch.tensor([stop], requires_grad=True)
+    bco_loss(policy, torch.zeros(1), torch.tensor([True]), beta=beta, delta=0.0,
+             label_smoothing=eps).losses.sum().backward()
+    assert policy.grad.item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_label_smoothing_is_a_bco_setting_with_its_own_flag_and_bounds(capsys):
+    from thumbalign.cli import main
+    from thumbalign.errors import ConfigError
+    from thumbalign.trainers.config import TrainConfig
+
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    bco_group = capsys.readouterr().out.split("BCO settings (--method bco, bco-pair):")[1].split("settings (")[0]
+    assert "--label-smoothing" in bco_group and "(default: 0.0)" in bco_group  # listed under BCO's own settings
+    TrainConfig(data="x", method="bco-pair", label_smoothing=0.1).validate()
+    with pytest.raises(ConfigError, match=r"label_smoothing must be in \[0, 0.5\)"):
+        TrainConfig(data="x", label_smoothing=0.5).validate()
+    with pytest.raises(ConfigError, match="belong to BCO.*--label-smoothing"):
+        TrainConfig(data="x", method="kto", label_smoothing=0.1).validate()

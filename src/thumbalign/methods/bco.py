@@ -32,19 +32,29 @@ class BCOSettings(MethodSettings):
                                              "loss, an anchor that keeps raising the likelihood of good answers. "
                                              "Default: 1 for --method bco (the best setting on "
                                              "benchmarks/shift_quality.py), 0 for bco-pair; 0 gives the paper's BCO.")
+    label_smoothing: float = setting(0.0, "BCO: the chance ε that a thumb is wrong (a misclick, a lenient rater): "
+                                          "each row's loss is (1 − ε)·BCE(its label) + ε·BCE(the other label), "
+                                          "so the classifier stops at σ(r − δ) = 1 − ε instead of pushing rewards "
+                                          "without end (conservative DPO's smoothing). 0 = the paper's BCO.")
 
     def validate(self) -> None:
         require((self.sft_weight or 0) >= 0 and self.delta_prior > 0 and self.delta_clusters >= 1,
                 "sft_weight must be ≥ 0, delta_prior > 0 and delta_clusters ≥ 1")
+        require(0 <= self.label_smoothing < 0.5, "label_smoothing must be in [0, 0.5): at 0.5 every label is a "
+                                                 "coin flip and nothing is learned")
 
 
 def bco_loss(policy_logps: torch.Tensor, ref_logps: torch.Tensor, labels: torch.Tensor, *, beta: float,
-             delta: float | torch.Tensor, weights: torch.Tensor | None = None) -> LossOutput:
+             delta: float | torch.Tensor, weights: torch.Tensor | None = None,
+             label_smoothing: float = 0.0) -> LossOutput:
     """A logistic classifier whose logit is the implicit reward shifted by δ::
 
         r = β·(log π_θ(y|x) − log π_ref(y|x))
-        loss(thumbs-up)   = −log σ(r − δ)
-        loss(thumbs-down) = −w(x)·log σ(−(r − δ))
+        loss(thumbs-up)   = −(1 − ε)·log σ(r − δ) − ε·log σ(−(r − δ))
+        loss(thumbs-down) = −w(x)·[(1 − ε)·log σ(−(r − δ)) + ε·log σ(r − δ)]
+
+    ε (label smoothing, 0 in the paper) is the chance that a thumb is flipped: the loss of a thumbs-up row is then
+    smallest at σ(r − δ) = 1 − ε, a finite reward, rather than at r → ∞.
 
     δ (the reward shift) is a constant here, one number or one per example (δ(x), see
     :class:`PromptRewardShift`): no gradient flows through it (see :class:`RewardShift`).
@@ -53,7 +63,9 @@ def bco_loss(policy_logps: torch.Tensor, ref_logps: torch.Tensor, labels: torch.
     """
     rewards = beta * (policy_logps - ref_logps)
     logits = rewards - delta
-    losses = torch.where(labels, -F.logsigmoid(logits), -F.logsigmoid(-logits))
+    as_up, as_down = -F.logsigmoid(logits), -F.logsigmoid(-logits)
+    own, other = torch.where(labels, as_up, as_down), torch.where(labels, as_down, as_up)
+    losses = (1 - label_smoothing) * own + label_smoothing * other if label_smoothing else own
     if weights is not None:
         losses = torch.where(labels, losses, losses * weights)
     return LossOutput(losses=losses, rewards=rewards.detach())
@@ -193,7 +205,8 @@ class BCO(Objective):
         else:
             self.shift.update(x.gather(x.rows(rewards)), x.gather(x.rows(x.labels)))
             delta = self.shift.value
-        out = bco_loss(x.policy_logps, x.ref_logps, x.labels, beta=self.beta, delta=delta, weights=x.weights)
+        out = bco_loss(x.policy_logps, x.ref_logps, x.labels, beta=self.beta, delta=delta, weights=x.weights,
+                       label_smoothing=self.settings.label_smoothing)
         if self.sft_weight:
             out.losses = out.losses + self.sft_weight * positive_nll(x.policy_logps, x.labels, x.n_tokens)
         return out
