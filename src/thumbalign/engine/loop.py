@@ -18,7 +18,7 @@ import math
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Iterator, Protocol, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -204,6 +204,13 @@ class Engine:
         many as the busiest process (the others pad with stand-ins, since every forward gathers from all); else
         `mine`."""
         return max(self.gather_objects(mine)) if self.sharded else mine
+
+    def in_lockstep(self, mine: Sequence, stand_in=None) -> Iterator[tuple[Any, bool]]:
+        """(item, True) for each of this process's items, then (stand_in, False) until it has taken as many turns as
+        the busiest process — with sharded weights every forward pass gathers from all, so a process with nothing
+        left must still run one on a stand-in (and drop its result)."""
+        for n in range(self.rounds(len(mine))):
+            yield (mine[n], True) if n < len(mine) else (stand_in, False)
 
     def wait(self) -> None:
         self.accelerator.wait_for_everyone()

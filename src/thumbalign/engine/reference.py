@@ -70,9 +70,8 @@ class ReferenceLogps:
             return load_cached(path), True
         engine.say(f"Computing reference log-probs for {len(examples)} {what} examples (cached for later runs)")
         mine = examples[engine.rank::engine.world]
-        # sharded weights: every forward pass gathers each layer from all processes, so every process runs as many
-        # as the first (which holds the most), repeating an example where it has fewer
-        stand_ins = len(examples[0::engine.world]) - len(mine) if engine.sharded else 0
+        # as many examples as the busiest process (sharded, every forward pass gathers from all): stand-ins repeat one
+        stand_ins = engine.rounds(len(mine)) - len(mine)
         logps = batched_logps(self.model, mine + examples[:1] * stand_ins, self.pad_token_id, self.batch_size,
                               engine.device, engine.autocast, self.chunk_size, desc="reference log-probs",
                               disable_bar=engine.quiet)[:len(mine)]

@@ -268,18 +268,14 @@ def sample_in_step(engine: Engine, model, prompt_ids: list[list[int]], seeds: li
     must call this as often as the others, and each runs as many batches as the busiest one, with a one-token
     stand-in prompt where it has none of its own (its answer is dropped). `eos_token_id` None: the model's own."""
     synced = engine.sharded
-    starts = list(range(0, len(prompt_ids), batch_size))
-    rounds = engine.rounds(len(starts))
+    windows = [slice(start, start + batch_size) for start in range(0, len(prompt_ids), batch_size)]
     out: list[list[int]] = []
     with engine.autocast():
-        for n in range(rounds):
-            if n < len(starts):
-                window = slice(starts[n], starts[n] + batch_size)
-                out += sample_answers(model, prompt_ids[window], seeds[window], max_new_tokens, temperature,
-                                      pad_token_id, eos_token_id, synced)
-            else:
-                sample_answers(model, [[stand_in_token]], [0], max_new_tokens, temperature, pad_token_id,
-                               eos_token_id, synced)
+        for window, own in engine.in_lockstep(windows):
+            prompts, prompt_seeds = (prompt_ids[window], seeds[window]) if own else ([[stand_in_token]], [0])
+            answers = sample_answers(model, prompts, prompt_seeds, max_new_tokens, temperature, pad_token_id,
+                                     eos_token_id, synced)
+            out += answers if own else []
     return out
 
 

@@ -328,17 +328,13 @@ class OnlineTask:
         self.model.eval()
         out = [torch.zeros(0)]
         size = self.config.eval_batch_size
-        starts = list(range(0, len(sequences), size))
-        # sharded weights: as many forward passes as the busiest process, a stand-in where this one has none
-        rounds = self.engine.rounds(len(starts))
-        for n in range(rounds):
-            stand_in = n >= len(starts)
-            chunk = [([self.pad, self.pad], [False, True])] if stand_in else sequences[starts[n]:starts[n] + size]
+        chunks = [sequences[start:start + size] for start in range(0, len(sequences), size)]
+        for chunk, own in self.engine.in_lockstep(chunks, stand_in=[([self.pad, self.pad], [False, True])]):
             t = collate_masked([s for s, _ in chunk], [m for _, m in chunk], self.pad)
             with self.engine.autocast():
                 logps = self._token_logps(t)
             mask = t["completion_mask"][:, 1:].to(logps.device)
-            if not stand_in:
+            if own:
                 out.append(torch.exp(-(logps * mask).sum(1) / mask.sum(1).clamp(min=1)).cpu())
         self.model.train(was_training)
         return torch.cat(out)
@@ -545,10 +541,8 @@ def prompt_pass_rates(prompts: list[PromptRow], sampler: Sampler, rewards: Rewar
     engine.say(f"Estimating the pass rate of {len(prompts)} prompts with the starting model "
                f"({config.num_generations} answers each; cached for later runs)")
     rates = {}
-    # every process takes as many turns as the busiest (sharded weights: each generation needs all of them); a
-    # process past the last prompt samples stand-ins
-    for i in range(engine.rank, math.ceil(len(prompts) / engine.world) * engine.world, engine.world):
-        if i >= len(prompts):
+    for i, own in engine.in_lockstep(range(engine.rank, len(prompts), engine.world)):
+        if not own:  # the sampler's own stand-in keeps this process in step with the busiest
             sampler.answers([], [], config.temperature)
             continue
         row, g = prompts[i], config.num_generations
