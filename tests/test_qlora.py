@@ -12,7 +12,7 @@ from conftest import toy_feedback, write_jsonl
 from thumbalign.cli import main
 from thumbalign.engine.logprobs import completion_logps
 from thumbalign.engine.models import load_causal_lm, quantized_layers, wants_gradient_checkpointing
-from thumbalign.trainers.common import make_trainable
+from thumbalign.trainers.model_setup import make_trainable
 
 pytest.importorskip("bitsandbytes")
 

@@ -28,79 +28,78 @@ from ..data.prompts import PromptRow, load_prompts
 from ..data.tokens import encode_prompt
 from ..engine.logprobs import CompletionLogps, completion_token_logps
 from ..engine.loop import Engine, MicroStep
-from ..engine.models import cache_root, empty_model, load_causal_lm, load_tokenizer
+from ..engine.models import cache_root, empty_model, load_causal_lm
 from ..engine.reference import model_fingerprint
-from ..engine.rundir import RunDir
 from ..errors import ConfigError
 from ..files import content_digest, write_text_atomically
 from ..methods.online_base import GroupBatch, OnlineObjective, group_statistics, k3_kl, reduce_token_losses
 from ..methods.registry import get_online_objective
-from .common import (answers_on_shards, check_use_liger, compare_with_base, count_steps,
-                     describe_settings, final_results, load_policy, make_trainable, model_folder, require_inputs,
-                     sample_in_step)
-from .final_model import complete_model_folder, save_policy
 from .config import filter_band
+from .final_model import complete_model_folder, save_policy
+from .judged import answers_on_shards, compare_with_base, sample_in_step
+from .model_setup import check_use_liger, load_policy, make_trainable
+from .skeleton import Trainer, count_steps
 
 
 def train_online(config, log=print) -> dict:
-    require_inputs(config.prompts, config.eval_prompts)
-    with RunDir.open(config) as run:  # the folder's lock lives as long as the run
-        return _train(config, run, log)
+    return OnlineTrainer(config, log).run()
 
 
-def _train(config, run: RunDir, log) -> dict:
-    engine = Engine(config, log, tracking_dir=run.path / "tracking")
-    engine.say(describe_settings(config))
-    model_dir = model_folder(engine, config)
-    tokenizer = load_tokenizer(model_dir, config.trust_remote_code)
-    prompts = load_prompts(config.prompts)
-    rewards = RewardSet(config.reward, config.reward_weights, config.reference_field, config.pass_threshold)
-    # With sharded weights (FSDP, ZeRO-3) the model is sharded first, from the first process's weights, and
-    # --filter-prompts samples from the shards (the run's length is known after it, so the schedule follows);
-    # otherwise the filter samples from the whole model, which is wrapped after.
-    shard_first = engine.sharded
-    model = load_policy(model_dir, config, engine, shard_first=shard_first)
-    sampler = Sampler(model, tokenizer, config, engine)
-    if shard_first:
-        model = trainable(model, config, engine, sampler, prompts)
+class OnlineTrainer(Trainer):
+    """An online objective on the policy's own answers, rewarded by the run's reward functions."""
+
+    def inputs(self) -> tuple:
+        return self.config.prompts, self.config.eval_prompts
+
+    def set_up(self) -> "OnlineTask":
+        config, engine = self.config, self.engine
+        self.prompts = prompts = load_prompts(config.prompts)
+        self.rewards = rewards = RewardSet(config.reward, config.reward_weights, config.reference_field,
+                                           config.pass_threshold)
+        model = load_policy(self.model_dir, config, engine)
+        sampler = Sampler(model, self.tokenizer, config, engine)
+        self.model = model = trainable(model, config, engine, sampler, prompts)
         sampler.set_model(model)
+        # prepared (sharded, wrapped) before --filter-prompts samples from it: the run's length is known only after
+        # the filter, so the schedule follows
         engine.prepare(CompletionLogps(model, config.logps_chunk_size, config.use_liger), model, None)
         engine.settle_root(sampler.eos)  # sampling calls the model's layers directly
-    if config.filter_prompts:
-        prompts = keep_learnable_prompts(prompts, sampler, rewards, config, engine, model_dir)
-    if not shard_first:
-        model = trainable(model, config, engine, sampler, prompts)
-        sampler.set_model(model)
-    objective = get_online_objective(config.objective)(config)
-    task = OnlineTask(config, engine, prompts, rewards, objective, model, sampler, model_dir)
-    if shard_first:
-        engine.schedule(task.total_steps)
-    else:
-        engine.prepare(CompletionLogps(model, config.logps_chunk_size, config.use_liger), model, task.total_steps)
-    task.load_reference()
-    start = engine.start(run, task, config, task.units_per_step,
-                         {"prompts file": content_digest(config.prompts),
-                          "prompts": hashlib.sha256(json.dumps([p.prompt for p in prompts]).encode()).hexdigest()})
-    task.announce()
-    last_line = engine.run(task, run, start, task.units_per_step, task.steps_per_epoch)
-    summary = {"kind": "online", "method": objective.name, "model": config.model, "model_dir": str(model_dir),
-               "steps": task.total_steps, "world_size": engine.world, "prompts": len(prompts),
-               "final_metrics": last_line, "settings": config.to_dict()}
-    # sharded, the held-out prompts are answered now, on the shards; otherwise from the saved folder below
-    answers = (answers_on_shards(config, engine, model, tokenizer, model_dir, config.max_new_tokens,
-                                 base=task.reference_model) if config.eval_prompts and engine.sharded else None)
-    final = engine.final_model()  # every process takes part: a sharded model is gathered here
-    if engine.is_main:
-        engine.say(f"Saved the model to {save_policy(run, final, tokenizer, config, model_dir)}")
+        if config.filter_prompts:
+            self.prompts = prompts = keep_learnable_prompts(prompts, sampler, rewards, config, engine, self.model_dir)
+        self.objective = get_online_objective(config.objective)(config)
+        self.task = OnlineTask(config, engine, prompts, rewards, self.objective, model, sampler, self.model_dir)
+        engine.schedule(self.task.total_steps)
+        self.task.load_reference()
+        return self.task
+
+    def fingerprint(self) -> dict:
+        return {"prompts file": content_digest(self.config.prompts),
+                "prompts": hashlib.sha256(json.dumps([p.prompt for p in self.prompts]).encode()).hexdigest()}
+
+    def before_training(self, resumed: bool) -> None:
+        self.task.announce()
+
+    def results(self, last_line: dict | None) -> dict:
+        config, engine = self.config, self.engine
+        summary = {"kind": "online", "method": self.objective.name, "model": config.model,
+                   "model_dir": str(self.model_dir), "steps": self.task.total_steps, "world_size": engine.world,
+                   "prompts": len(self.prompts), "final_metrics": last_line, "settings": config.to_dict()}
+        # sharded, the held-out prompts are answered now, on the shards; otherwise from the saved folder in save()
+        self.answers = (answers_on_shards(config, engine, self.model, self.tokenizer, self.model_dir,
+                                          config.max_new_tokens, base=self.task.reference_model)
+                        if config.eval_prompts and engine.sharded else None)
+        return summary
+
+    def save(self, final, summary: dict) -> None:
+        config, engine, run = self.config, self.engine, self.run_dir
+        engine.say(f"Saved the model to {save_policy(run, final, self.tokenizer, config, self.model_dir)}")
         if config.eval_prompts:
-            summary["judged"] = compare_with_base(config, run, model_dir, config.eval_prompts, rewards.judge,
-                                                  config.max_new_tokens, engine.say, answers)
+            summary["judged"] = compare_with_base(config, run, self.model_dir, config.eval_prompts, self.rewards.judge,
+                                                  config.max_new_tokens, engine.say, self.answers)
         engine.say(f"Run summary: {run.write_summary(summary)}")
-        complete_model_folder(run, summary, config, model_dir)
+        complete_model_folder(run, summary, config, self.model_dir)
         if config.report:
             engine.say(f"Report: {write_report(run.path)}")
-    engine.finish(final_results(engine.main_value(summary)))
-    return summary
 
 
 # ------------------------------------------------------------------------------------------------- sampling

@@ -1,10 +1,12 @@
 """`thumbalign train`: the policy trainer, for every offline method. The method supplies its loss; the engine
-supplies the loop; this file says what a step of binary feedback is.
+supplies the loop; the skeleton (skeleton.py) the order of a run; this file says what a step of binary feedback is.
 
 Order of events in a run:
-  records -> tokens (data/) -> reference log-probs, cached (engine/reference.py) -> UDM weights (methods/udm.py)
-  -> for each optimizer step: policy log-probs (engine/logprobs.py) -> loss (methods/<method>.py) -> AdamW step
-  (engine/loop.py) -> checkpoints -> held-out evaluation -> final model folder, summary.json, judged answers, report
+  records -> tokens (data/) -> the model made trainable and prepared by the engine (model_setup.py) -> reference
+  log-probs, cached (engine/reference.py) -> UDM weights (prompt_embeddings.py, methods/udm.py) -> for each optimizer
+  step: policy log-probs (engine/logprobs.py) -> loss (methods/<method>.py) -> AdamW step (engine/loop.py)
+  -> checkpoints -> held-out evaluation -> final model folder (final_model.py), summary.json, judged answers
+  (judged.py), report
 """
 
 from __future__ import annotations
@@ -25,20 +27,20 @@ from ..engine.reference import ReferenceLogps
 from ..engine.rundir import RunDir
 from ..methods.base import Objective, StepInputs
 from ..methods.registry import get_method
-from .common import (UDMWeights, answers_on_shards, check_use_liger, compare_with_base, count_steps, data_fingerprint, fit_udm,
-                     load_policy, make_trainable, prompt_clusters,
-                     model_folder, require_inputs, udm_window_stats,
-                     final_results, describe_settings)
 from .config import TrainConfig
 from .final_model import complete_model_folder, save_policy
+from .judged import answers_on_shards, compare_with_base
+from .model_setup import check_use_liger, load_policy, make_trainable
+from .prompt_embeddings import UDMWeights, fit_udm, prompt_clusters, udm_window_stats
+from .skeleton import Trainer, count_steps, data_fingerprint, require_inputs
 
 
 def train(config: TrainConfig, log=print) -> dict:
-    require_inputs(*data_sources(config), config.eval_prompts)
+    trainer = PolicyTrainer(config, log)
     if config.dry_run:
+        require_inputs(*trainer.inputs())
         return dry_run(config, log)
-    with RunDir.open(config) as run:  # the folder's lock lives as long as the run
-        return _train(config, run, log)
+    return trainer.run()
 
 
 def dry_run(config: TrainConfig, log=print) -> dict:
@@ -54,67 +56,73 @@ def dry_run(config: TrainConfig, log=print) -> dict:
     return {"dry_run": True, "method": method.name, "steps": steps, "data": data.report}
 
 
-def _train(config: TrainConfig, run: RunDir, log) -> dict:
-    engine = Engine(config, log, tracking_dir=run.path / "tracking")
-    engine.say(describe_settings(config))
-    model_dir = model_folder(engine, config)
-    tokenizer = load_tokenizer(model_dir, config.trust_remote_code)
-    method = get_method(config.method)
-    data = prepare_data(config, tokenizer, method.needs, log=engine.say)
-    added = data.report.get("added_tokens", [])
-    # With sharded weights (FSDP, ZeRO-3) the model is sharded first, and the passes before training run on the
-    # shards, every process in step; otherwise they run on the whole model, which is sharded (DDP: wrapped) after.
-    shard_first = engine.sharded
-    model = load_policy(model_dir, config, engine, shard_first=shard_first)
-    grow_embeddings(model, tokenizer, {t: method.token_meanings.get(t, t) for t in added})
-    n_up = sum(e.label for e in data.train)
-    objective = method(config, n_up, len(data.train) - n_up, log=engine.say)
-    liger_sample = [(e.input_ids, [i >= e.prompt_len for i in range(len(e.input_ids))]) for e in data.train[:4]]
-    if shard_first:
-        model = make_trainable(model, config)
-        check_use_liger(config, engine, model, liger_sample, tokenizer.pad_token_id)
+class PolicyTrainer(Trainer):
+    """An offline method on feedback rows: the policy against a frozen reference (its own starting point)."""
+
+    def inputs(self) -> tuple:
+        return (*data_sources(self.config), self.config.eval_prompts)
+
+    def set_up(self) -> "PolicyTask":
+        config, engine, tokenizer = self.config, self.engine, self.tokenizer
+        self.method = method = get_method(config.method)
+        self.data = data = prepare_data(config, tokenizer, method.needs, log=engine.say)
+        added = data.report.get("added_tokens", [])
+        model = load_policy(self.model_dir, config, engine)
+        grow_embeddings(model, tokenizer, {t: method.token_meanings.get(t, t) for t in added})
+        n_up = sum(e.label for e in data.train)
+        self.objective = method(config, n_up, len(data.train) - n_up, log=engine.say)
+        self.model = model = make_trainable(model, config)
+        check_use_liger(config, engine, model, [(e.input_ids, [i >= e.prompt_len for i in range(len(e.input_ids))])
+                                                for e in data.train[:4]], tokenizer.pad_token_id)
+        # prepared (sharded, wrapped) before any pass: sharded, the passes below run on the shards, in step
         engine.prepare(CompletionLogps(model, config.logps_chunk_size, config.use_liger), model,
                        PolicyTask.count(config, data, engine)[0])
         engine.settle_root(tokenizer.pad_token_id)
-    # The model as loaded is the reference (LoRA's fresh adapters add exactly zero): its log-probs are computed
-    # now, once, and cached on disk.
-    reference = ReferenceLogps(engine, engine.scorer(model) if shard_first else model, model_dir,
-                               tokenizer.pad_token_id, config.eval_batch_size, config.logps_chunk_size,
-                               cache_root(config.cache_dir))
-    ref_train, ref_from_cache = reference(data.train, "training")
-    ref_eval = reference(data.eval, "evaluation")[0] if data.eval else torch.zeros(0)
-    udm = fit_udm(config, engine, run, data, model, tokenizer) if config.udm else None
-    clusters = prompt_clusters(config, engine, data, model, tokenizer) if config.delta == "prompt" else None
-    if not shard_first:
-        model = make_trainable(model, config)
-    task = PolicyTask(config, engine, data, objective, model, ref_train, udm, tokenizer.pad_token_id, clusters)
-    task.precompute_extra_references(reference)
-    if not shard_first:
-        check_use_liger(config, engine, model, liger_sample, tokenizer.pad_token_id)
-        engine.prepare(CompletionLogps(model, config.logps_chunk_size, config.use_liger), model, task.total_steps)
-    start = engine.start(run, task, config, task.units_per_step, data_fingerprint(config.data, data.train))
-    if not run.resume_from and data.eval:
-        # measured, not assumed: the policy is still the reference, so every reward must come out exactly 0
-        task.history["eval_before"] = held_out_classifier(engine.scorer(model), data.eval, ref_eval, objective,
-                                                          tokenizer.pad_token_id, config, engine)
-        engine.say(f"Held-out implicit-reward classifier before training: {format_eval(task.history['eval_before'])}")
-    task.announce()
-    last_line = engine.run(task, run, start, task.units_per_step, task.steps_per_epoch)
-    if data.eval:
-        task.history["eval_after"] = held_out_classifier(engine.scorer(model), data.eval, ref_eval, objective, tokenizer.pad_token_id,
-                                                            config, engine)
-        engine.say(f"Held-out implicit-reward classifier after training:  {format_eval(task.history['eval_after'])}")
-    summary = _summary(config, engine, task, model_dir, ref_from_cache, udm, last_line)
-    if method.needs.reward_tokens:  # served models answer as 👍 answers: the template conditions on the 👍 token
-        condition_generation_on(tokenizer, method.needs.reward_tokens[0])
-    # sharded, the held-out prompts are answered now, on the shards; otherwise from the saved folder in _finish
-    answers = (answers_on_shards(config, engine, model, tokenizer, model_dir, config.eval_max_new_tokens)
-               if config.eval_prompts and engine.sharded else None)
-    final = engine.final_model()  # every process takes part: a sharded model is gathered here
-    if engine.is_main:
-        _finish(config, engine, run, final, tokenizer, model_dir, summary, answers)
-    engine.finish(final_results(engine.main_value(summary)))
-    return summary
+        # The model as it starts is the reference (LoRA's fresh adapters add exactly zero): its log-probs are
+        # computed now, once, and cached on disk.
+        reference = ReferenceLogps(engine, engine.scorer(model), self.model_dir, tokenizer.pad_token_id,
+                                   config.eval_batch_size, config.logps_chunk_size, cache_root(config.cache_dir))
+        ref_train, self.ref_from_cache = reference(data.train, "training")
+        self.ref_eval = reference(data.eval, "evaluation")[0] if data.eval else torch.zeros(0)
+        self.udm = fit_udm(config, engine, self.run_dir, data, model, tokenizer) if config.udm else None
+        clusters = prompt_clusters(config, engine, data, model, tokenizer) if config.delta == "prompt" else None
+        self.task = PolicyTask(config, engine, data, self.objective, model, ref_train, self.udm,
+                               tokenizer.pad_token_id, clusters)
+        self.task.precompute_extra_references(reference)
+        return self.task
+
+    def fingerprint(self) -> dict:
+        return data_fingerprint(self.config.data, self.data.train)
+
+    def before_training(self, resumed: bool) -> None:
+        if not resumed and self.data.eval:
+            # measured, not assumed: the policy is still the reference, so every reward must come out exactly 0
+            self.task.history["eval_before"] = self._held_out()
+            self.engine.say(f"Held-out implicit-reward classifier before training: "
+                            f"{format_eval(self.task.history['eval_before'])}")
+        self.task.announce()
+
+    def results(self, last_line: dict | None) -> dict:
+        config, engine, tokenizer = self.config, self.engine, self.tokenizer
+        if self.data.eval:
+            self.task.history["eval_after"] = self._held_out()
+            engine.say(f"Held-out implicit-reward classifier after training:  "
+                       f"{format_eval(self.task.history['eval_after'])}")
+        summary = _summary(config, engine, self.task, self.model_dir, self.ref_from_cache, self.udm, last_line)
+        if self.method.needs.reward_tokens:  # served models answer as 👍 answers: the template conditions on 👍
+            condition_generation_on(tokenizer, self.method.needs.reward_tokens[0])
+        # sharded, the held-out prompts are answered now, on the shards; otherwise from the saved folder in save()
+        self.answers = (answers_on_shards(config, engine, self.model, tokenizer, self.model_dir,
+                                          config.eval_max_new_tokens) if config.eval_prompts and engine.sharded
+                        else None)
+        return summary
+
+    def save(self, final, summary: dict) -> None:
+        _finish(self.config, self.engine, self.run_dir, final, self.tokenizer, self.model_dir, summary, self.answers)
+
+    def _held_out(self) -> dict:
+        return held_out_classifier(self.engine.scorer(self.model), self.data.eval, self.ref_eval, self.objective,
+                                   self.tokenizer.pad_token_id, self.config, self.engine)
 
 
 class PolicyTask:

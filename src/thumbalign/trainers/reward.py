@@ -16,57 +16,66 @@ from ..analysis.report import write_report
 from ..data.batching import collate, micro_batches
 from ..data.prepare import DataNeeds, PreparedData, data_sources, prepare_data
 from ..engine.loop import Engine, MicroStep
-from ..engine.models import empty_model, load_tokenizer
+from ..engine.models import empty_model
 from ..engine.reward_model import RewardScores, load_reward_model, score_examples
-from ..engine.rundir import RunDir
-from .common import (UDMWeights, count_steps, data_fingerprint, fit_udm, make_trainable, model_folder, require_inputs,
-                     udm_window_stats, final_results, describe_settings)
 from .final_model import complete_model_folder, save_reward_model
+from .model_setup import make_trainable
+from .prompt_embeddings import UDMWeights, fit_udm, udm_window_stats
+from .skeleton import Trainer, count_steps, data_fingerprint
 
 REWARD_DATA = DataNeeds("reward")
 
 
 def train_reward_model(config, log=print) -> dict:
-    require_inputs(*data_sources(config))
-    with RunDir.open(config) as run:  # the folder's lock lives as long as the run
-        return _train(config, run, log)
+    return RewardTrainer(config, log).run()
 
 
-def _train(config, run: RunDir, log) -> dict:
-    engine = Engine(config, log, tracking_dir=run.path / "tracking")
-    engine.say(describe_settings(config))
-    model_dir = model_folder(engine, config)
-    tokenizer = load_tokenizer(model_dir, config.trust_remote_code)
-    needs = DataNeeds("reward", principle_field=config.principle_field) if config.principle_field else REWARD_DATA
-    data = prepare_data(config, tokenizer, needs, log=engine.say)
-    # with sharded weights (FSDP, ZeRO-3) only the first process reads them; the others receive their shards
-    model = load_reward(model_dir, config, engine)
-    model.config.pad_token_id = tokenizer.pad_token_id
-    model.config.thumbalign_principled = bool(config.principle_field)  # scoring then needs a principle
-    udm = fit_udm(config, engine, run, data, model, tokenizer) if config.udm else None
-    model = make_trainable(model, config, task_type="SEQ_CLS")  # with LoRA, peft trains the new head whole
-    task = RewardTask(config, engine, data, udm, tokenizer.pad_token_id)
-    core = model.get_base_model() if config.use_lora else model
-    engine.prepare(RewardScores(core), model, task.total_steps)
-    start = engine.start(run, task, config, task.units_per_step, data_fingerprint(config.data, data.train))
-    engine.say(f"Training a reward model on {len(data.train)} examples ({task.n_up} 👍, "
-               f"{len(data.train) - task.n_up} 👎): {task.total_steps} steps of {task.units_per_step}")
-    engine.run(task, run, start, task.units_per_step, task.steps_per_epoch)
-    summary = {"kind": "reward_model", "steps": task.total_steps, "world_size": engine.world, "data": data.report,
-               "settings": config.to_dict(), **({"udm": udm.stats} if udm else {})}
-    # every process scores the held-out examples with the model as trained (sharded: on the shards, in step)
-    held_out = held_out_logits(engine, model, data, tokenizer.pad_token_id, config) if data.eval else None
-    trained = engine.final_model()  # every process takes part: a sharded model is gathered here
-    if engine.is_main:
-        final = trained.merge_and_unload() if config.use_lora else trained
-        if data.eval:
-            summary["eval"] = calibrate(final, held_out, data, config, engine.say)
-        folder = save_reward_model(run, final, tokenizer, config, model_dir)
+class RewardTrainer(Trainer):
+    """A binary reward model: a sequence classifier trained with BCE on thumbs, then calibrated."""
+
+    def inputs(self) -> tuple:
+        return data_sources(self.config)
+
+    def set_up(self) -> "RewardTask":
+        config, engine, tokenizer = self.config, self.engine, self.tokenizer
+        needs = DataNeeds("reward", principle_field=config.principle_field) if config.principle_field else REWARD_DATA
+        self.data = data = prepare_data(config, tokenizer, needs, log=engine.say)
+        # with sharded weights (FSDP, ZeRO-3) only the first process reads them; the others receive their shards
+        model = load_reward(self.model_dir, config, engine)
+        model.config.pad_token_id = tokenizer.pad_token_id
+        model.config.thumbalign_principled = bool(config.principle_field)  # scoring then needs a principle
+        self.udm = fit_udm(config, engine, self.run_dir, data, model, tokenizer) if config.udm else None
+        self.model = model = make_trainable(model, config, task_type="SEQ_CLS")  # LoRA: peft trains the head whole
+        self.task = RewardTask(config, engine, data, self.udm, tokenizer.pad_token_id)
+        core = model.get_base_model() if config.use_lora else model
+        engine.prepare(RewardScores(core), model, self.task.total_steps)
+        return self.task
+
+    def fingerprint(self) -> dict:
+        return data_fingerprint(self.config.data, self.data.train)
+
+    def before_training(self, resumed: bool) -> None:
+        task = self.task
+        self.engine.say(f"Training a reward model on {len(self.data.train)} examples ({task.n_up} 👍, "
+                        f"{len(self.data.train) - task.n_up} 👎): {task.total_steps} steps of {task.units_per_step}")
+
+    def results(self, last_line: dict | None) -> dict:
+        config, engine, data = self.config, self.engine, self.data
+        # every process scores the held-out examples with the model as trained (sharded: on the shards, in step)
+        self.held_out = (held_out_logits(engine, self.model, data, self.tokenizer.pad_token_id, config)
+                         if data.eval else None)
+        return {"kind": "reward_model", "steps": self.task.total_steps, "world_size": engine.world,
+                "data": data.report, "settings": config.to_dict(), **({"udm": self.udm.stats} if self.udm else {})}
+
+    def save(self, final, summary: dict) -> None:
+        config, run = self.config, self.run_dir
+        final = final.merge_and_unload() if config.use_lora else final
+        if self.data.eval:
+            summary["eval"] = calibrate(final, self.held_out, self.data, config, self.engine.say)
+        folder = save_reward_model(run, final, self.tokenizer, config, self.model_dir)
         run.write_summary(summary)
-        complete_model_folder(run, summary, config, model_dir)
-        engine.say(f"Saved the reward model to {folder}; report: {write_report(run.path)}")
-    engine.finish(final_results(engine.main_value(summary)))
-    return summary
+        complete_model_folder(run, summary, config, self.model_dir)
+        self.engine.say(f"Saved the reward model to {folder}; report: {write_report(run.path)}")
 
 
 def load_reward(model_dir, config, engine: Engine):
