@@ -88,8 +88,9 @@ def _readme_method_example() -> str:
     return section.split("```python", 1)[1].split("```", 1)[0]
 
 
-def test_the_readme_recipe_for_a_new_method_works(tmp_path, tiny_llama, monkeypatch):
-    """The 'Adding a method' example, dropped into the methods package as one file, is found, listed and trains."""
+def test_the_readme_recipe_for_a_new_method_works(tmp_path, tiny_llama, monkeypatch, capsys):
+    """The 'Adding a method' example, dropped into the methods package as one file, is found, listed with its
+    setting, and trains — in process, and from the command line with its own flag."""
     import torch
 
     import thumbalign.methods
@@ -112,7 +113,10 @@ def test_the_readme_recipe_for_a_new_method_works(tmp_path, tiny_llama, monkeypa
         out = module.hinge_loss(torch.tensor([-1.0, -4.0]), torch.tensor([-2.0, -2.0]), torch.tensor([True, False]),
                                 beta=0.5)
         assert out.losses.tolist() == pytest.approx([max(0, 1 - 0.5), max(0, 1 - 1.0)])
+        out = module.hinge_loss(torch.tensor([-1.0]), torch.tensor([-2.0]), torch.tensor([True]), beta=0.5, margin=2.0)
+        assert out.losses.tolist() == pytest.approx([2.0 - 0.5])
         assert main(["methods"]) == 0
+        assert "--hinge-margin 1.0" in capsys.readouterr().out
         data = write_jsonl(tmp_path / "f.jsonl", toy_feedback(8))
         summary = train(TrainConfig(data=str(data), model=str(tiny_llama), method="hinge", max_steps=2,
                                     per_device_train_batch_size=4, bf16="false", output_dir=str(tmp_path / "run"),
@@ -120,6 +124,22 @@ def test_the_readme_recipe_for_a_new_method_works(tmp_path, tiny_llama, monkeypa
         assert summary["method"] == "hinge" and summary["steps"] == 2
     finally:
         registry.methods.cache_clear()
+    # a real command line, in a process whose settings are built with the new file in the package
+    launcher = ("import sys, thumbalign.methods as m; m.__path__.append(sys.argv.pop(1)); "
+                "from thumbalign.cli import main; sys.exit(main(sys.argv[1:]))")
+    common = ["--data", str(data), "--model", str(tiny_llama), "--method", "hinge", "--max-steps", "2",
+              "--per-device-train-batch-size", "4", "--bf16", "false", "--no-report"]
+    done = subprocess.run([sys.executable, "-c", launcher, str(extra), "train", *common, "--hinge-margin", "0.5",
+                           "--output-dir", str(tmp_path / "cli")], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "hinge_margin: 0.5" in (tmp_path / "cli" / "run_config.yaml").read_text()
+    refused = subprocess.run([sys.executable, "-c", launcher, str(extra), "train", *common, "--hinge-margin", "-1",
+                              "--output-dir", str(tmp_path / "bad")], capture_output=True, text=True)
+    assert refused.returncode != 0 and "hinge_margin must be > 0" in refused.stderr
+    foreign = subprocess.run([sys.executable, "-c", launcher, str(extra), "train", *common[:4], "--method", "kto",
+                              "--hinge-margin", "0.5", "--output-dir", str(tmp_path / "kto")],
+                             capture_output=True, text=True)
+    assert foreign.returncode != 0 and "belong to Hinge (--method hinge): --hinge-margin" in foreign.stderr
 
 
 def test_only_the_sharding_backends_name_a_sharding_kind():
