@@ -64,3 +64,83 @@ def content_digest(path) -> str:
                 for chunk in iter(lambda: handle.read(1 << 20), b""):
                     digest.update(chunk)
     return digest.hexdigest()
+
+
+# a settings file is small; these bounds keep a hostile one (a FIFO, a binary, an alias bomb, 50 000 levels of
+# nesting) to one line instead of a hang, a MemoryError or a RecursionError
+MAX_SETTINGS_BYTES = 10 << 20
+MAX_YAML_DEPTH = 64
+MAX_YAML_NODES = 100_000
+
+
+def read_settings_text(path, what: str) -> str:
+    """The text of a small settings file: a regular file (never opened otherwise: a FIFO would block), at most
+    MAX_SETTINGS_BYTES, UTF-8 (with or without a byte-order mark)."""
+    import stat
+
+    from .errors import ConfigError
+
+    file = Path(path)
+    with file_operation(f"read {what}", file):
+        mode = os.stat(file).st_mode
+        if not stat.S_ISREG(mode):
+            kind = "a folder" if stat.S_ISDIR(mode) else "not a regular file (a pipe, socket or device)"
+            raise ConfigError(f"{path}: {what} is {kind}; give a YAML file")
+        if os.stat(file).st_size > MAX_SETTINGS_BYTES:
+            raise ConfigError(f"{path}: {what} is larger than {MAX_SETTINGS_BYTES >> 20} MiB; not a settings file")
+        data = file.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: {what} is not UTF-8 text ({err.reason} at byte {err.start})") from None
+
+
+def load_settings_yaml(path, what: str):
+    """A YAML settings file, parsed safely and within bounds: nesting at most MAX_YAML_DEPTH levels, and at most
+    MAX_YAML_NODES values once every alias is expanded (YAML's aliases share nodes: a few hundred bytes of them can
+    stand for billions of values, which whatever walks the result then builds)."""
+    import yaml
+
+    from .errors import ConfigError
+
+    loader = yaml.SafeLoader(read_settings_text(path, what))
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _expanded_size(node, {}, 0, path, what)
+        return loader.construct_document(node)
+    except RecursionError:
+        raise ConfigError(f"{path}: {what} is nested deeper than YAML can read") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: {what} is not valid YAML: {' '.join(str(err).split())}") from None
+    finally:
+        loader.dispose()
+
+
+def _expanded_size(node, sizes: dict, depth: int, path, what: str) -> int:
+    """How many values `node` stands for with its aliases expanded (an alias is the same node object again)."""
+    import yaml
+
+    from .errors import ConfigError
+
+    if depth > MAX_YAML_DEPTH:
+        raise ConfigError(f"{path}: {what} is nested deeper than {MAX_YAML_DEPTH} levels")
+    key = id(node)
+    if key in sizes:
+        if sizes[key] is None:
+            raise ConfigError(f"{path}: {what} holds an alias that refers to itself")
+        return sizes[key]
+    sizes[key] = None  # in progress
+    if isinstance(node, yaml.SequenceNode):
+        children = node.value
+    elif isinstance(node, yaml.MappingNode):
+        children = [item for pair in node.value for item in pair]
+    else:
+        children = []
+    size = 1 + sum(_expanded_size(child, sizes, depth + 1, path, what) for child in children)
+    if size > MAX_YAML_NODES:
+        raise ConfigError(f"{path}: {what} expands to more than {MAX_YAML_NODES} values through its aliases; a "
+                          "settings file needs a few dozen")
+    sizes[key] = size
+    return size

@@ -1,5 +1,5 @@
 """`thumbalign` command line: one module per command. Problems with the user's input end in one line on stderr and
-exit code 2.
+exit code 2; anything else that fails ends in one line too, exit code 1 (THUMBALIGN_DEBUG=1 lets its traceback out).
 
 Each command module builds its parser from light imports only and loads torch inside its `run`, so that
 `thumbalign --help` and `thumbalign train --help` answer at once.
@@ -48,6 +48,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("thumbalign: interrupted; continue with --resume (from the last checkpoint)", file=sys.stderr)
         return 130
+    except Exception as err:  # not foreseen here (a library's failure, a bug): still one line; the trace on request
+        if os.environ.get("THUMBALIGN_DEBUG"):
+            raise
+        detail = " ".join(str(err).split())[:500] or "no message"
+        print(f"thumbalign: error: {type(err).__name__}: {detail} (unexpected: THUMBALIGN_DEBUG=1 shows where it "
+              "happened; please report it)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from .options import finite_float, seed_number
+
 
 def add_parser(commands) -> None:
     bon = commands.add_parser("best-of-n", help="sample N answers per prompt, keep the reward model's favourite",
@@ -13,8 +15,8 @@ def add_parser(commands) -> None:
     bon.add_argument("-o", "--output", required=True, help="JSONL file to write")
     bon.add_argument("--n", type=int, default=4, help="answers per prompt (default: 4)")
     bon.add_argument("--max-new-tokens", type=int, default=64)
-    bon.add_argument("--temperature", type=float, default=1.0)
-    bon.add_argument("--seed", type=int, default=0)
+    bon.add_argument("--temperature", type=finite_float, default=1.0)
+    bon.add_argument("--seed", type=seed_number, default=0)
     bon.set_defaults(run=run)
 
 

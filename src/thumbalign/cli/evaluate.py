@@ -7,6 +7,7 @@ from pathlib import Path
 
 from ..errors import ConfigError
 from ..files import file_operation, write_text_atomically
+from .options import finite_float, seed_number
 
 
 def add_parser(commands) -> None:
@@ -16,12 +17,12 @@ def add_parser(commands) -> None:
                     "the implicit reward of --model against --ref and report accuracy, ROC AUC and calibration (ECE) "
                     "of the implicit classifier, per label and overall; (2) with --baseline, --prompts and --judge, "
                     "generate answers from --model and --baseline, judge each, and report each model's thumbs-up rate "
-                    "and the paired difference with 95%% bootstrap intervals.")
+                    "and the paired difference with 95% bootstrap intervals.")
     ev.add_argument("--model", required=True, help="the model to evaluate (folder, .gguf or 'default')")
     ev.add_argument("--ref", help="reference model for the implicit reward (usually the model training started from)")
     ev.add_argument("--data", help="held-out feedback file (same formats as train --data)")
-    ev.add_argument("--beta", type=float, default=None, help="β of the implicit reward (default: the run's, or 0.1)")
-    ev.add_argument("--threshold", type=float, default=None,
+    ev.add_argument("--beta", type=finite_float, default=None, help="β of the implicit reward (default: the run's, or 0.1)")
+    ev.add_argument("--threshold", type=finite_float, default=None,
                     help="reward above which the classifier says 👍 (default: the run's δ from summary.json, or 0)")
     ev.add_argument("--max-length", type=int, default=1024)
     ev.add_argument("--baseline", help="model to compare against by generation")
@@ -29,11 +30,11 @@ def add_parser(commands) -> None:
     ev.add_argument("--judge", default="vader", help="vader, exact, numeric, rm:PATH or module:function "
                                                      "(default: vader)")
     ev.add_argument("--reference-field", default="answer", help="reference field for exact/numeric judges")
-    ev.add_argument("--judge-threshold", type=float, default=0.5, help="a numeric judge score ≥ this is 👍")
+    ev.add_argument("--judge-threshold", type=finite_float, default=0.5, help="a numeric judge score ≥ this is 👍")
     ev.add_argument("--max-new-tokens", type=int, default=64)
-    ev.add_argument("--temperature", type=float, default=0.0, help="0: greedy; above: seeded sampling")
+    ev.add_argument("--temperature", type=finite_float, default=0.0, help="0: greedy; above: seeded sampling")
     ev.add_argument("--batch-size", type=int, default=8)
-    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--seed", type=seed_number, default=0)
     ev.add_argument("--reward-token", choices=["up", "down", "none"], default=None,
                     help="for a model trained with --method reward-token: answer after the 👍 token (its default), "
                          "the 👎 token, or none")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 from ..errors import ConfigError, DataError
+from .options import finite_float
 
 
 def add_parser(commands) -> None:
@@ -21,7 +22,7 @@ def add_parser(commands) -> None:
     imp.add_argument("-o", "--output", required=True, help="the JSONL file to write")
     imp.add_argument("--score-name", help="Langfuse: the score to use (needed when the export holds several)")
     imp.add_argument("--key", help="LangSmith: the feedback key to use (needed when the export holds several)")
-    imp.add_argument("--threshold", type=float, help="numeric scores: a score ≥ this is a thumbs-up")
+    imp.add_argument("--threshold", type=finite_float, help="numeric scores: a score ≥ this is a thumbs-up")
     imp.add_argument("--label-map", help="raw label values to thumbs, e.g. 'good=1,bad=0' or 'up=1,down=0'")
     imp.add_argument("--prompt-field", default="prompt", help="generic: the prompt column (default: prompt)")
     imp.add_argument("--completion-field", default="completion", help="generic: the completion column")

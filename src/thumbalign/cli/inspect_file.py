@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+from .options import seed_number
+
 
 def add_parser(commands) -> None:
     inspect = commands.add_parser(
@@ -20,7 +22,7 @@ def add_parser(commands) -> None:
                          help="sentence encoder for the prompt-shift AUC: 'minilm', a local folder, or 'none'")
     inspect.add_argument("--sample-per-class", type=int, default=1024,
                          help="prompts per label sampled for the prompt-shift AUC (default: 1024)")
-    inspect.add_argument("--seed", type=int, default=0)
+    inspect.add_argument("--seed", type=seed_number, default=0)
     inspect.add_argument("--json", action="store_true", help="print the report as JSON")
     inspect.set_defaults(run=run)
 

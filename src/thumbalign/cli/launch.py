@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..errors import ConfigError
+from ..files import load_settings_yaml
 from .options import build_config
 
 LAUNCHER_FLAGS = ("--num-processes", "--accelerate-config", "--num-machines", "--machine-rank", "--main-process-ip",
@@ -41,18 +42,11 @@ def accelerate_config_path(choice: str):
 def check_accelerate_config(config) -> None:
     """What the accelerate config asks for must run here, said in one line naming the setting before any process
     starts (afterwards a failure is N tracebacks from N processes)."""
-    import yaml
-
     if not config.accelerate_config:
         return
     where = f"--accelerate-config {config.accelerate_config}"
     path = accelerate_config_path(config.accelerate_config)
-    try:
-        settings = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except OSError as err:
-        raise ConfigError(f"{where}: cannot read {path} ({err.strerror or err})") from None
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{where}: {path} is not valid YAML ({str(err).splitlines()[0]})") from None
+    settings = load_settings_yaml(path, "the accelerate config") or {}
     if not isinstance(settings, dict):
         raise ConfigError(f"{where}: {path} is not a mapping of accelerate settings")
     from ..engine.sharding import check_accelerate_settings

@@ -13,9 +13,8 @@ import types
 import typing
 from pathlib import Path
 
-import yaml
-
 from ..errors import ConfigError
+from ..files import load_settings_yaml
 
 # TRL / transformers.TrainingArguments names -> thumbalign's, where they mean the same setting
 TRL_ALIASES = {"model_name_or_path": "model", "dataset_name": "data", "use_peft": "use_lora",
@@ -38,6 +37,24 @@ TRL_IGNORED = {
     "ddp_find_unused_parameters": "every trained parameter is used",
     "remove_unused_columns": "columns are read by name",
 }
+
+
+def finite_float(text: str) -> float:
+    """An argparse type: a number, refusing nan and ±inf (which float() accepts and would run on as nonsense)."""
+    import math
+
+    value = float(text)
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
+
+
+def seed_number(text: str) -> int:
+    """An argparse type: a seed numpy and torch accept, 0 to 2**32 - 1."""
+    value = int(text)
+    if not 0 <= value < 2**32:
+        raise argparse.ArgumentTypeError(f"{text} is not a seed from 0 to 2**32 - 1")
+    return value
 
 
 def flag_names(name: str, cls) -> list[str]:
@@ -83,7 +100,7 @@ def add_arguments(parser: argparse.ArgumentParser, cls) -> None:
         flags = flag_names(f.name, cls)
         help_ = (f.metadata["help"] + f" (default: {f.default})").replace("%", "%%")  # argparse formats help with %
         if f.name == "eval_split":  # `--split` as in the issue tracker's wording, same setting
-            target.add_argument(*flags, "--split", type=float, default=None, help=help_, dest="eval_split",
+            target.add_argument(*flags, "--split", type=finite_float, default=None, help=help_, dest="eval_split",
                                 metavar="SHARE")
         elif f.name == "resume":
             target.add_argument(*flags, nargs="?", const="latest", default=None, help=help_, dest=f.name)
@@ -105,13 +122,9 @@ def method_heading(f: dataclasses.Field) -> str:
 
 
 def load_yaml(path: str, cls) -> dict:
-    file = Path(path)
-    if not file.exists():
+    if not Path(path).exists():
         raise ConfigError(f"{path}: no such config file")
-    try:
-        data = yaml.safe_load(file.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: invalid YAML: {err}".replace("\n", " ")) from None
+    data = load_settings_yaml(path, "the config file") or {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of settings, got {type(data).__name__}")
     names = {f.name for f in dataclasses.fields(cls)}
@@ -166,6 +179,7 @@ def build_config(args: argparse.Namespace, cls):
         if given is not None:
             values[f.name] = given
     config = cls(**values)
+    config.read_from = args.config if getattr(args, "config", None) else None  # an input too (not a setting)
     for f in dataclasses.fields(cls):
         choices = f.metadata.get("choices")
         if choices and getattr(config, f.name) not in choices:

@@ -163,8 +163,11 @@ def _openwebui_row(item, options, where, path):
     if not chat:
         raise Skip("no conversation snapshot")
     if message_id in history:
-        branch, node = [], history[message_id]
+        branch, node, visited = [], history[message_id], set()
         while node is not None:  # walk up the tree: the rated branch of the conversation
+            if id(node) in visited:  # a parentId chain that loops: no root to reach
+                raise Skip("conversation tree with a cycle (parentId)")
+            visited.add(id(node))
             branch.append(node)
             node = history.get(node.get("parentId")) if node.get("parentId") else None
         branch.reverse()
@@ -356,6 +359,10 @@ class ImportReport:
                 "skipped": dict(self.skipped), "conflicting_pairs": self.conflicts,
                 "conflict_examples": self.conflict_examples}
 
+    def describe_inline(self) -> str:
+        skipped = ", ".join(f"{n} skipped: {reason}" for reason, n in self.skipped.most_common())
+        return f"read {self.rows_read} rows" + (f"; {skipped}" if skipped else "")
+
     def describe(self) -> str:
         lines = [f"read {self.rows_read} rows; wrote {self.written[True] + self.written[False]} "
                  f"({self.written[True]} 👍, {self.written[False]} 👎)"]
@@ -407,7 +414,20 @@ def run_import(source: str, paths: list[str], out: str, options: Options, progre
                     labels_of[pair] = bits
                     handle.write(json.dumps(row, ensure_ascii=False) + "\n")
                     report.written[row["label"]] += 1
+        if not sum(report.written.values()):  # before the rename: an earlier file of that name stays as it was
+            raise DataError(", ".join(paths), None, None, f"no usable feedback row ({report.describe_inline()}); "
+                                                          f"{out} was not written")
 
-    # written aside and renamed when complete: a failure (bad input, full disk) leaves no partial file behind
+    _refuse_writing_over_an_input(paths, out)
+    # written aside and renamed when complete: a failure (bad input, full disk, no usable row) leaves no partial file
+    # behind and the earlier output untouched
     write_atomically(Path(out), write, "the imported feedback")
     return report
+
+
+def _refuse_writing_over_an_input(paths: list[str], out: str) -> None:
+    target = Path(out)
+    for path in paths:
+        if target.exists() and Path(path).exists() and Path(path).resolve() == target.resolve():
+            raise ConfigError(f"-o {out} is also an input: the import would replace the export it reads; write to "
+                              "another file")

@@ -21,7 +21,7 @@ from .records import (
     with_feedback,
     with_principle,
 )
-from .tokens import Example, tokenize_records
+from .tokens import MAX_RECORD_CHARS, Example, tokenize_records
 
 
 @dataclass(frozen=True)
@@ -132,12 +132,14 @@ def prepare_data(config, tokenizer, needs: DataNeeds, log=print) -> PreparedData
 
     train_records, eval_records = adapt_records(needs, train_records, eval_records, report, log)
     condition, eval_condition = reward_token_conditions(needs, tokenizer, report)
-    train, train_tok = tokenize_records(tokenizer, train_records, config.max_length, condition)
+    max_chars = getattr(config, "max_record_chars", MAX_RECORD_CHARS)
+    train, train_tok = tokenize_records(tokenizer, train_records, config.max_length, condition, max_chars)
     log(f"Tokenised training data: {train_tok.describe()}")
     report["train_tokens"] = train_tok.as_dict()
     eval_examples = []
     if eval_records:
-        eval_examples, eval_tok = tokenize_records(tokenizer, eval_records, config.max_length, eval_condition)
+        eval_examples, eval_tok = tokenize_records(tokenizer, eval_records, config.max_length, eval_condition,
+                                                   max_chars)
         log(f"Tokenised evaluation data: {eval_tok.describe()}")
         report["eval_tokens"] = eval_tok.as_dict()
     if needs.paired:

@@ -32,6 +32,8 @@ BYTE_ORDER_MARKS = ((codecs.BOM_UTF32_LE, "utf-32-le"), (codecs.BOM_UTF32_BE, "u
                     (codecs.BOM_UTF8, "utf-8"), (codecs.BOM_UTF16_LE, "utf-16-le"), (codecs.BOM_UTF16_BE, "utf-16-be"))
 RECORD_FIELDS = {"prompt", "completion", "label", "chosen", "rejected", "preferred_output", "non_preferred_output"}
 CHUNK = 1 << 20
+# deeper JSON nesting is refused: no feedback record needs it, and parsers' memory grows with the depth
+MAX_JSON_DEPTH = 256
 HUB_DATASET_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
 FILE_SUFFIXES = (".jsonl", ".ndjson", ".json", ".csv", ".tsv", ".parquet", ".pq")
 
@@ -89,6 +91,8 @@ def _iter_source(source: Source) -> Iterator[tuple[str, Any]]:
     if path.is_dir():
         yield from _iter_saved_dataset(path)
         return
+    if not path.is_file():  # a FIFO, socket or device: opening one would wait for a writer that never comes
+        raise DataError(path, None, None, "not a regular file (a pipe, socket or device); give a data file")
     suffix = path.suffix.lower()
     try:
         if suffix in (".jsonl", ".ndjson"):
@@ -232,25 +236,39 @@ def _first_line(err: Exception) -> str:
 
 
 def _json_shape(path: Path) -> tuple[str, str | None]:
-    """("list", None), ("record", None) or ("page", the key of its list), from a pass over the top-level keys."""
+    """("list", None), ("record", None) or ("page", the key of its list), from one pass over the whole file that
+    also bounds its nesting (ijson's item parser keeps a path per level: memory grows with the square of the
+    depth, 21 GB for 200 KB of brackets)."""
     import ijson
 
     with Utf8Reader(path) as stream:
-        events = ijson.parse(stream, use_float=True)
+        events = ijson.basic_parse(stream, use_float=True)
         first = next(events, None)
         if first is None:
             raise DataError(path, None, None, "is empty")
-        if first[1] == "start_array":
-            return "list", None
-        if first[1] != "start_map":
+        if first[0] not in ("start_array", "start_map"):
             raise DataError(path, None, None, "expected a JSON list of records (or one record, or an object "
                                               "holding one list)")
-        keys, lists = set(), []
-        for prefix, event, value in events:
-            if prefix == "" and event == "map_key":
+        depth, key, keys, lists, items = 1, None, set(), [], 0
+        for event, value in events:
+            if event in ("start_map", "start_array"):
+                if depth == 1 and first[0] == "start_map" and event == "start_array":
+                    lists.append(key)
+                items += depth == 1
+                depth += 1
+                if depth > MAX_JSON_DEPTH:
+                    where = f"item {items - 1}" if first[0] == "start_array" else None
+                    raise DataError(path, where, None, f"nested deeper than {MAX_JSON_DEPTH} levels; no feedback "
+                                                       "record is (the limit keeps memory bounded)")
+            elif event in ("end_map", "end_array"):
+                depth -= 1
+            elif depth == 1 and event == "map_key":
+                key = value
                 keys.add(value)
-            elif event == "start_array" and prefix in keys:
-                lists.append(prefix)
+            else:
+                items += depth == 1
+    if first[0] == "start_array":
+        return "list", None
     if keys & RECORD_FIELDS or {"messages", "label"} <= keys:
         return "record", None
     if len(lists) != 1:

@@ -14,10 +14,14 @@
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import asdict, dataclass
 
 from ..errors import DataError
 from .records import Record
+
+# a record larger than this (characters of prompt and completion) is dropped before tokenising (--max-record-chars)
+MAX_RECORD_CHARS = 1_000_000
 
 
 @dataclass
@@ -40,13 +44,16 @@ class TokenizeReport:
     kept: int = 0
     prompt_truncated: int = 0
     dropped_completion_too_long: int = 0
+    dropped_too_large: int = 0
 
     def as_dict(self) -> dict:
         return asdict(self)
 
     def describe(self) -> str:
         return (f"{self.kept} of {self.records} records kept; {self.prompt_truncated} prompts cut from the left; "
-                f"{self.dropped_completion_too_long} dropped because the completion alone exceeds max_length")
+                f"{self.dropped_completion_too_long} dropped because the completion alone exceeds max_length"
+                + (f"; {self.dropped_too_large} dropped unread, larger than max_record_chars"
+                   if self.dropped_too_large else ""))
 
 
 def _render_chat(tokenizer, record: Record) -> tuple[str, str]:
@@ -117,13 +124,24 @@ def fit_to_length(prompt_ids: list[int], completion_ids: list[int], max_length: 
     return prompt_ids[-budget:] if len(prompt_ids) > budget else prompt_ids
 
 
-def tokenize_records(tokenizer, records: list[Record], max_length: int,
-                     condition=None) -> tuple[list[Example], TokenizeReport]:
+def record_chars(record: Record) -> int:
+    """Characters of a record's prompt and completion (plain text, or messages as their JSON)."""
+    return sum(len(part) if isinstance(part, str) else len(json.dumps(part, ensure_ascii=False))
+               for part in (record.prompt, record.completion))
+
+
+def tokenize_records(tokenizer, records: list[Record], max_length: int, condition=None,
+                     max_chars: int = MAX_RECORD_CHARS) -> tuple[list[Example], TokenizeReport]:
     """Examples of `records`; `condition(record)`, when given, returns token ids put between the prompt and the
-    completion (a reward token): part of the prompt, so conditioned on and never trained."""
+    completion (a reward token): part of the prompt, so conditioned on and never trained. A record of more than
+    `max_chars` characters is dropped (counted) before the tokenizer sees it: a tokenizer's memory grows with the
+    text (gigabytes for a 50 MB answer), and at most max_length tokens of it would be trained on."""
     report = TokenizeReport(records=len(records))
     examples = []
     for index, record in enumerate(records):
+        if record_chars(record) > max_chars:
+            report.dropped_too_large += 1
+            continue
         prompt_ids, completion_ids = encode_record(tokenizer, record)
         if not completion_ids:
             raise DataError(record.source, None, "completion", "tokenises to nothing")

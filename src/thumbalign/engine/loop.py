@@ -268,6 +268,7 @@ class Engine:
             return self.resume(run, task, units_per_step)
         if self.is_main:
             run.write_config(config)
+            run.started()  # the data read, the model loaded and prepared: a run --overwrite replaced can go now
         return 0
 
     def resume(self, run: RunDir, task: Task, units_per_step: int) -> int:

@@ -6,6 +6,8 @@
     run_config.yaml       the resolved settings; --resume refuses to continue with different ones
     summary.json          data counts, settings, final metrics, evaluations
     model/                the final model folder, written aside and renamed into place
+    .replaced/            with --overwrite, the earlier run moved aside: deleted once the new run has started
+                          (written its run_config.yaml), moved back if it fails before that
 
 Every write goes through thumbalign.files: a failure is one line naming the operation and the path, and nothing is
 left half-written under a real name.
@@ -28,6 +30,7 @@ from . import checkpoint as ckpt
 RUN_FILES = ("checkpoints", "metrics.jsonl", "summary.json", "model", "run_config.yaml", "udm_classifier.json",
              "generations.jsonl", "report.html")
 LOCK_FILE = ".lock"
+REPLACED = ".replaced"
 
 
 def changed_settings(config, saved: dict) -> list[str]:
@@ -44,14 +47,25 @@ def is_first_process() -> bool:
 class RunDir:
     """Use as a context manager: the lock is released when the run ends, however it ends."""
 
-    def __init__(self, path: Path, resume_from: Path | None, lock=None):
+    def __init__(self, path: Path, resume_from: Path | None, lock=None, replaced: Path | None = None):
         self.path, self.resume_from, self._lock = path, resume_from, lock
+        self._replaced = replaced  # the earlier run, moved aside by --overwrite, until this one has started
 
     def __enter__(self) -> "RunDir":
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, *exc) -> None:
+        if self._replaced is not None:
+            # failed (or interrupted) before it started: the earlier run comes back as it was
+            _move_back(self.path, self._replaced) if exc_type is not None else self.started()
         self.close()
+
+    def started(self) -> None:
+        """The new run has started cleanly (its settings are written): the run it replaced is deleted now."""
+        if self._replaced is not None:
+            with file_operation("delete the replaced run", self._replaced):
+                shutil.rmtree(self._replaced)
+            self._replaced = None
 
     def close(self) -> None:
         if self._lock is not None:
@@ -76,6 +90,7 @@ class RunDir:
             return cls(out, _checkpoint_to_resume(out, config) if config.resume else None)
         lock = take_lock(out)
         try:
+            _recover_replaced(out)
             ckpt.remove_stale_staging(out / "checkpoints")
             if config.resume:
                 return cls(out, _checkpoint_to_resume(out, config), lock)
@@ -83,11 +98,8 @@ class RunDir:
             if existing and not config.overwrite:
                 raise ConfigError(f"{out} already holds a run ({', '.join(existing)}); continue it with --resume "
                                   "or replace it with --overwrite")
-            with file_operation("clear the earlier run from", out):
-                for name in existing:
-                    path = out / name
-                    shutil.rmtree(path) if path.is_dir() else path.unlink()
-            return cls(out, None, lock)
+            _refuse_inputs_inside(out, existing, config)
+            return cls(out, None, lock, _move_aside(out, existing) if existing else None)
         except BaseException:
             lock.close()
             raise
@@ -135,6 +147,67 @@ class RunDir:
                 shutil.rmtree(target)
             staging.rename(target)
         return target
+
+
+def input_paths(config) -> list[tuple[str, Path]]:
+    """(flag, path) of every file or folder the run may read: each setting's value (rm:PATH as PATH) and the YAML
+    file the settings were read from (`read_from`, set by the command line)."""
+    found = [("--config", Path(config.read_from))] if getattr(config, "read_from", None) else []
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        for item in value if isinstance(value, (list, tuple)) else [value]:
+            if isinstance(item, str) and item and f.name != "output_dir":
+                found.append((f"--{f.name.replace('_', '-')}", Path(item.removeprefix("rm:"))))
+    return found
+
+
+def _refuse_inputs_inside(out: Path, names: list[str], config) -> None:
+    """--overwrite removes the earlier run's files: none of them may be something this run reads."""
+    doomed = [(out / name).resolve() for name in names]
+    for flag, path in input_paths(config):
+        try:
+            where = path.resolve() if path.exists() else None
+        except (OSError, RuntimeError):  # a name too long or a symlink loop: not a file this run can read
+            continue
+        if where is not None and any(where == d or d in where.parents for d in doomed):
+            raise ConfigError(f"{flag} {path} lies inside the earlier run in {out}, which --overwrite would delete; "
+                              f"move it out of {out} first, or choose another --output-dir")
+
+
+def _move_aside(out: Path, names: list[str]) -> Path:
+    """The earlier run's files, renamed into OUT/.replaced (the same file system: nothing is copied)."""
+    aside = out / REPLACED
+    with file_operation("move the earlier run aside in", out):
+        aside.mkdir()
+        for name in names:
+            (out / name).rename(aside / name)
+    return aside
+
+
+def _move_back(out: Path, aside: Path) -> None:
+    """Undo :func:`_move_aside`: whatever the failed run wrote under the same names goes, the earlier files return."""
+    with file_operation("restore the earlier run in", out):
+        for kept in aside.iterdir():
+            target = out / kept.name
+            if target.is_dir() and not target.is_symlink():
+                shutil.rmtree(target)
+            elif target.exists() or target.is_symlink():
+                target.unlink()
+            kept.rename(target)
+        aside.rmdir()
+
+
+def _recover_replaced(out: Path) -> None:
+    """A run killed between moving the earlier run aside and starting: the earlier run is moved back. Killed after
+    it started (its run_config.yaml is written), the aside copy is what it replaced and is deleted."""
+    aside = out / REPLACED
+    if not aside.is_dir():
+        return
+    if (out / "run_config.yaml").exists():  # moved aside with the rest, so written by the new run: it started
+        with file_operation("delete the replaced run", aside):
+            shutil.rmtree(aside)
+    else:
+        _move_back(out, aside)
 
 
 def take_lock(out: Path):

@@ -21,6 +21,7 @@ This module imports nothing heavy: ``thumbalign --help`` reads it without loadin
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import typing
 from dataclasses import dataclass, field
@@ -52,7 +53,13 @@ class Settings:
     """The root of every settings class: each subclass checks its own fields in `validate`, then calls super()."""
 
     def validate(self) -> None:
-        pass
+        """Every number is finite: NaN and ±inf are refused for every setting here, before anything runs (a NaN
+        temperature or threshold would otherwise train on nonsense and exit 0)."""
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            for item in value if isinstance(value, (list, tuple)) else [value]:
+                if isinstance(item, float) and not math.isfinite(item):
+                    raise ConfigError(f"{f.name}: {item} is not a finite number")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -88,13 +95,16 @@ class FeedbackData(Settings):
     udm_normalize: bool = _f(False, "Scale the UDM weights of the 👎 examples to mean 1.")
     max_length: int = _f(1024, "Longest prompt+completion in tokens; prompts are cut from the left to fit, "
                                "records whose completion alone is longer are dropped (both counted).")
+    max_record_chars: int = _f(1_000_000, "Records with more characters (prompt and completion together) are "
+                                          "dropped, and counted, before tokenising: a tokenizer's memory grows with "
+                                          "the text.")
 
     def validate(self) -> None:
         if not self.data:
             raise ConfigError("no training data: pass --data FILE (or 'data:' in the config file)")
         if not 0.0 <= self.eval_split < 1.0:
             raise ConfigError(f"eval_split must be in [0, 1), got {self.eval_split}")
-        require_positive(self, "udm_samples_per_class")
+        require_positive(self, "udm_samples_per_class", "max_record_chars")
         if not 0 < self.udm_clip_min <= self.udm_clip_max:
             raise ConfigError(f"UDM clip range [{self.udm_clip_min}, {self.udm_clip_max}] is empty or not positive")
         super().validate()
@@ -138,8 +148,10 @@ class CommonConfig(Settings):
     num_train_epochs: float = _f(1.0, "Passes over the training data (ignored when --max-steps is set).")
     max_steps: int = _f(-1, "Optimizer steps to run; overrides --num-train-epochs when > 0.")
     warmup_ratio: float = _f(0.1, "Share of the steps spent warming the learning rate up from 0.")
-    lr_scheduler_type: str = _f("linear", "Decay after warm-up: linear, cosine, constant_with_warmup, ... "
-                                          "(transformers.get_scheduler names).")
+    lr_scheduler_type: str = _f("linear", "Decay after warm-up (transformers.get_scheduler names that need no other "
+                                          "setting).",
+                                choices=("linear", "cosine", "cosine_with_restarts", "polynomial", "constant",
+                                         "constant_with_warmup", "inverse_sqrt"))
     max_grad_norm: float = _f(1.0, "Clip the gradient norm to this (0 turns clipping off).")
     bf16: str = _f("auto", "bfloat16 autocast: 'auto' (on where the hardware supports it), 'true' or 'false'.",
                    choices=("auto", "true", "false"))
@@ -189,6 +201,8 @@ class CommonConfig(Settings):
                          "save_steps", "eval_batch_size", "lora_r")
         if self.learning_rate <= 0:
             raise ConfigError(f"learning_rate must be positive, got {self.learning_rate}")
+        if not 0 <= self.seed < 2**32:  # what numpy and torch can seed with
+            raise ConfigError(f"seed must be a whole number from 0 to 2**32 - 1, got {self.seed}")
         check_trackers(self.report_to)
         check_hub_push(self)
         super().validate()

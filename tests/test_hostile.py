@@ -1,0 +1,241 @@
+"""Hostile input and faults: nothing the user had is deleted or replaced by a run that then fails, and the error is
+one line. Each test runs the real command line on real files."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from conftest import toy_feedback, write_jsonl
+from thumbalign.cli import main
+
+
+def _train(data, model, out, *extra):
+    return ["train", "--data", str(data), "--model", str(model), "--output-dir", str(out), "--bf16", "false",
+            "--warmup-ratio", "0", "--no-report", "--max-steps", "1", "--per-device-train-batch-size", "4",
+            *map(str, extra)]
+
+
+def _snapshot(folder) -> dict:
+    """Every file under `folder` (the run lock aside) and its bytes."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file() and p.name != ".lock"}
+
+
+def _earlier_run(out, tiny_llama) -> dict:
+    """A run folder as a finished run leaves it: its model, generations, metrics, summary, settings, a checkpoint."""
+    out.mkdir(parents=True)
+    write_jsonl(out / "generations.jsonl", toy_feedback(16))
+    shutil.copytree(tiny_llama, out / "model")
+    (out / "metrics.jsonl").write_text('{"step": 1, "loss": 0.69}\n')
+    (out / "summary.json").write_text('{"steps": 1}')
+    (out / "run_config.yaml").write_text(f"data: {out / 'generations.jsonl'}\nmodel: {tiny_llama}\n")
+    (out / "checkpoints" / "step-000001").mkdir(parents=True)
+    (out / "checkpoints" / "step-000001" / "trainer_state.json").write_text("{}")
+    return _snapshot(out)
+
+
+def _one_line(capsys) -> str:
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("thumbalign: error:")]
+    assert len(errors) == 1 and "Traceback" not in err, err[-2000:]
+    return errors[0]
+
+
+# ------------------------------------------------------------------------------------- --overwrite
+
+@pytest.mark.parametrize("flag, inside", [("--data", "generations.jsonl"), ("--model", "model"),
+                                          ("--config", "run_config.yaml")])
+def test_overwrite_refuses_an_input_inside_the_run_it_would_delete(tmp_path, tiny_llama, capsys, flag, inside):
+    out = tmp_path / "runs" / "x"
+    before = _earlier_run(out, tiny_llama)
+    inputs = {"--data": tmp_path / "f.jsonl", "--model": tiny_llama}
+    write_jsonl(inputs["--data"], toy_feedback(16))
+    args = _train(inputs["--data"], inputs["--model"], out, "--overwrite")
+    if flag == "--config":
+        args += ["--config", str(out / inside)]
+    else:
+        args[args.index(flag) + 1] = str(out / inside)
+    assert main(args) == 2
+    line = _one_line(capsys)
+    assert f"{flag} {out / inside} lies inside the earlier run" in line and "--overwrite would delete" in line
+    assert _snapshot(out) == before
+
+
+def test_a_replacing_run_that_fails_before_it_starts_leaves_the_earlier_run_as_it_was(tmp_path, tiny_llama, capsys):
+    out = tmp_path / "run"
+    before = _earlier_run(out, tiny_llama)
+    data = write_jsonl(tmp_path / "f.jsonl", toy_feedback(16))
+    assert main(_train(data, tmp_path / "no-such-model", out, "--overwrite")) == 2
+    assert "no-such-model" in _one_line(capsys)
+    assert _snapshot(out) == before and not (out / ".replaced").exists()
+
+
+def test_overwrite_replaces_the_earlier_run_once_the_new_one_has_started(tmp_path, tiny_llama):
+    out = tmp_path / "run"
+    _earlier_run(out, tiny_llama)
+    data = write_jsonl(tmp_path / "f.jsonl", toy_feedback(16))
+    assert main(_train(data, tiny_llama, out, "--overwrite", "--max-steps", "2", "--save-steps", "2")) == 0
+    assert json.loads((out / "summary.json").read_text())["steps"] == 2
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-000002"]  # the earlier step-000001 is gone
+    assert not (out / ".replaced").exists()
+
+
+def test_a_kill_before_the_replacing_run_started_brings_the_earlier_run_back(tmp_path, tiny_llama):
+    out = tmp_path / "run"
+    before = _earlier_run(out, tiny_llama)
+    # enough rows that the reference pass, which comes before the run starts, outlasts the kill
+    data = write_jsonl(tmp_path / "f.jsonl", toy_feedback(16) * 200)
+    env = {**os.environ, "THUMBALIGN_CACHE": str(tmp_path / "cache"), "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "thumbalign", *_train(data, tiny_llama, out, "--overwrite")],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
+    for line in proc.stdout:
+        if line.startswith("Computing reference log-probs"):  # said by the run, before it starts
+            proc.send_signal(signal.SIGKILL)
+            break
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    assert (out / ".replaced" / "summary.json").exists() and not (out / "run_config.yaml").exists()
+    # the next command on the folder finds the earlier run where it was
+    again = subprocess.run([sys.executable, "-m", "thumbalign", *_train(data, tiny_llama, out)],
+                           capture_output=True, text=True, env=env, timeout=300)
+    assert again.returncode == 2 and "already holds a run" in again.stderr
+    assert _snapshot(out) == before
+
+
+# ------------------------------------------------------------------------------------- import
+
+def test_an_import_with_no_usable_row_leaves_the_earlier_output_untouched(tmp_path, capsys):
+    out = write_jsonl(tmp_path / "feedback.jsonl", toy_feedback(8))
+    before = out.read_bytes()
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    unusable = write_jsonl(tmp_path / "unlabelled.jsonl", [{"prompt": "p", "completion": "c", "label": "maybe"}] * 3)
+    for source in (empty, unusable):
+        assert main(["import", str(source), "--from", "generic", "-o", str(out)]) == 2
+        line = _one_line(capsys)
+        assert "no usable feedback row" in line and f"{out} was not written" in line
+        assert out.read_bytes() == before
+    assert "3 skipped" in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.jsonl", "feedback.jsonl", "unlabelled.jsonl"]
+
+
+def test_an_import_refuses_to_write_over_its_own_input(tmp_path, capsys):
+    data = write_jsonl(tmp_path / "feedback.jsonl", toy_feedback(8))
+    before = data.read_bytes()
+    assert main(["import", str(data), "--from", "generic", "-o", str(data)]) == 2
+    assert "is also an input" in _one_line(capsys)
+    assert data.read_bytes() == before
+
+
+# ------------------------------------------------------------------------------------- numbers
+
+@pytest.mark.parametrize("command, flag, value", [
+    ("train", "--learning-rate", "nan"), ("train", "--beta", "inf"), ("train", "--seed", "-1"),
+    ("train", "--lr-scheduler-type", "bogus"), ("train", "--label-smoothing", "nan"),
+    ("online", "--temperature", "nan"), ("online", "--pass-threshold", "nan"), ("online", "--reward-weights", "nan"),
+    ("eval", "--temperature", "nan"), ("import", "--threshold", "-inf"), ("inspect", "--seed", "-5"),
+])
+def test_a_number_that_is_not_finite_or_out_of_range_is_refused_before_anything_runs(tmp_path, tiny_llama, capsys,
+                                                                                      command, flag, value):
+    data = write_jsonl(tmp_path / "f.jsonl", toy_feedback(8))
+    prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "hi"}] * 2)
+    base = {"train": _train(data, tiny_llama, tmp_path / "run"),
+            "online": ["online", "--prompts", str(prompts), "--model", str(tiny_llama), "--reward", "vader",
+                       "--output-dir", str(tmp_path / "run")],
+            "eval": ["eval", "--model", str(tiny_llama), "--prompts", str(prompts), "--judge", "vader"],
+            "import": ["import", str(data), "--from", "generic", "-o", str(tmp_path / "out.jsonl")],
+            "inspect": ["inspect", str(data)]}[command]
+    try:
+        code = main(base + [flag, value])
+    except SystemExit as stop:  # argparse refuses a flag's value itself
+        code = stop.code
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and (value in err or flag.lstrip("-").replace("-", "_") in err), err[-1000:]
+    assert not (tmp_path / "run").exists() and not (tmp_path / "out.jsonl").exists()
+
+
+# ------------------------------------------------------------------------------------- bounded memory and time
+
+LIMITS = ("import resource, runpy, sys; "
+          "resource.setrlimit(resource.RLIMIT_AS, (4 << 30, 4 << 30)); "
+          "resource.setrlimit(resource.RLIMIT_CPU, (60, 60)); "
+          "sys.argv = ['thumbalign', *sys.argv[1:]]; runpy.run_module('thumbalign', run_name='__main__')")
+
+
+def _bounded(args, tmp_path) -> str:
+    """The command in a process held to 4 GB of address space and 60 s (CPU, and wall clock): one error line, exit 2."""
+    done = subprocess.run([sys.executable, "-c", LIMITS, *map(str, args)], capture_output=True, text=True,
+                          timeout=60, env={**os.environ, "THUMBALIGN_CACHE": str(tmp_path / "cache")})
+    errors = [line for line in done.stderr.splitlines() if line.startswith("thumbalign: error:")]
+    assert done.returncode == 2 and len(errors) == 1 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    return errors[0]
+
+
+def test_deeply_nested_json_is_refused_in_bounded_memory(tmp_path, tiny_llama):
+    deep = tmp_path / "deep.json"
+    deep.write_text("[" * 100_000 + "]" * 100_000)  # 200 KB: 21 GB through ijson's item parser
+    assert "nested deeper than 256 levels" in _bounded(["inspect", deep, "--model", tiny_llama], tmp_path)
+    inside = tmp_path / "inside.json"
+    inside.write_text('[{"prompt": "p", "completion": "c", "label": true}, ' + "[" * 50_000 + "]" * 50_000 + "]")
+    line = _bounded(["import", inside, "--from", "generic", "-o", tmp_path / "out.jsonl"], tmp_path)
+    assert "item 1" in line and "nested deeper" in line
+
+
+@pytest.mark.parametrize("name, text, expected", [
+    ("bomb.yaml", "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
+        f"{chr(98 + i)}: &{chr(98 + i)} [{', '.join(['*' + chr(97 + i)] * 9)}]\n" for i in range(8)),
+     "expands to more than"),
+    ("deep.yaml", "data: " + "[" * 50_000 + "]" * 50_000 + "\n", "nested deeper"),
+    ("self.yaml", "data: &a [*a]\n", "refers to itself"),
+    ("binary.yaml", b"\x00\xff\xfe\x80" * 100, "is not UTF-8 text"),
+])
+def test_a_hostile_config_file_is_one_line(tmp_path, name, text, expected):
+    config = tmp_path / name
+    config.write_bytes(text if isinstance(text, bytes) else text.encode())
+    assert expected in _bounded(["train", "--config", config], tmp_path)
+    assert expected in _bounded(["train", "--data", "x.jsonl", "--num-processes", "2", "--accelerate-config", config],
+                                tmp_path)
+
+
+@pytest.mark.parametrize("command", ["data", "config", "import"])
+def test_a_fifo_is_refused_up_front_instead_of_waiting_for_a_writer(tmp_path, tiny_llama, command):
+    fifo = tmp_path / "feedback.jsonl"
+    os.mkfifo(fifo)
+    args = {"data": ["inspect", fifo, "--model", tiny_llama], "config": ["train", "--config", fifo],
+            "import": ["import", fifo, "--from", "generic", "-o", tmp_path / "out.jsonl"]}[command]
+    assert "not a regular file" in _bounded(args, tmp_path)
+
+
+def test_an_openwebui_export_whose_parent_chain_loops_is_skipped_and_counted(tmp_path, capsys):
+    history = {"a": {"id": "a", "parentId": "b", "role": "user", "content": "hi"},
+               "b": {"id": "b", "parentId": "c", "role": "assistant", "content": "hello"},
+               "c": {"id": "c", "parentId": "a", "role": "user", "content": "again"},
+               "d": {"id": "d", "parentId": "e", "role": "assistant", "content": "a fine answer"},
+               "e": {"id": "e", "role": "user", "content": "a question"}}
+    rows = [{"data": {"rating": 1}, "meta": {"message_id": mid},
+             "snapshot": {"chat": {"chat": {"history": {"messages": history}}}}} for mid in ("b", "d")]
+    export = tmp_path / "export.json"
+    export.write_text(json.dumps(rows))
+    out = tmp_path / "out.jsonl"
+    assert main(["import", str(export), "--from", "openwebui", "-o", str(out), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["skipped"] == {"conversation tree with a cycle (parentId)": 1} and report["written_up"] == 1
+
+
+def test_a_huge_record_is_dropped_and_counted_before_the_tokenizer(tmp_path, tiny_llama):
+    from thumbalign.trainers.config import TrainConfig
+    from thumbalign.trainers.policy import train
+
+    rows = toy_feedback(16) + [{"prompt": "p", "completion": "y" * 5_000, "label": True}]
+    data = write_jsonl(tmp_path / "f.jsonl", rows)
+    summary = train(TrainConfig(data=str(data), model=str(tiny_llama), output_dir=str(tmp_path / "run"),
+                                max_steps=1, per_device_train_batch_size=4, bf16="false", report=False,
+                                max_record_chars=1_000, max_length=8192), log=lambda *a: None)
+    tokens = summary["data"]["train_tokens"]
+    assert tokens["dropped_too_large"] == 1 and tokens["kept"] == 16 and tokens["records"] == 17
