@@ -46,6 +46,8 @@ def check_accelerate_config(config) -> None:
         return
     where = f"--accelerate-config {config.accelerate_config}"
     path = accelerate_config_path(config.accelerate_config)
+    if not path.exists():
+        raise ConfigError(f"{where}: cannot read {path} (No such file or directory)")
     settings = load_settings_yaml(path, "the accelerate config") or {}
     if not isinstance(settings, dict):
         raise ConfigError(f"{where}: {path} is not a mapping of accelerate settings")
