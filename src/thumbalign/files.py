@@ -11,7 +11,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
 
-from .errors import ThumbalignError
+from .errors import ConfigError, ThumbalignError
 
 
 class FileSystemError(ThumbalignError):
@@ -78,15 +78,15 @@ def read_settings_text(path, what: str) -> str:
     MAX_SETTINGS_BYTES, UTF-8 (with or without a byte-order mark)."""
     import stat
 
-    from .errors import ConfigError
 
     file = Path(path)
     with file_operation(f"read {what}", file):
-        mode = os.stat(file).st_mode
+        info = os.stat(file)
+        mode = info.st_mode
         if not stat.S_ISREG(mode):
             kind = "a folder" if stat.S_ISDIR(mode) else "not a regular file (a pipe, socket or device)"
             raise ConfigError(f"{path}: {what} is {kind}; give a YAML file")
-        if os.stat(file).st_size > MAX_SETTINGS_BYTES:
+        if info.st_size > MAX_SETTINGS_BYTES:
             raise ConfigError(f"{path}: {what} is larger than {MAX_SETTINGS_BYTES >> 20} MiB; not a settings file")
         data = file.read_bytes()
     try:
@@ -101,7 +101,6 @@ def load_settings_yaml(path, what: str):
     stand for billions of values, which whatever walks the result then builds)."""
     import yaml
 
-    from .errors import ConfigError
 
     loader = yaml.SafeLoader(read_settings_text(path, what))
     try:
@@ -122,7 +121,6 @@ def _expanded_size(node, sizes: dict, depth: int, path, what: str) -> int:
     """How many values `node` stands for with its aliases expanded (an alias is the same node object again)."""
     import yaml
 
-    from .errors import ConfigError
 
     if depth > MAX_YAML_DEPTH:
         raise ConfigError(f"{path}: {what} is nested deeper than {MAX_YAML_DEPTH} levels")
