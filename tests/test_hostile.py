@@ -9,9 +9,14 @@ import subprocess
 import sys
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from conftest import toy_feedback, write_jsonl
 from thumbalign.cli import main
+from thumbalign.engine.checkpoint import damage
+from thumbalign.trainers.config import TrainConfig
+from thumbalign.trainers.policy import train
 
 
 def _train(data, model, out, *extra):
@@ -229,9 +234,6 @@ def test_an_openwebui_export_whose_parent_chain_loops_is_skipped_and_counted(tmp
 
 
 def test_a_huge_record_is_dropped_and_counted_before_the_tokenizer(tmp_path, tiny_llama):
-    from thumbalign.trainers.config import TrainConfig
-    from thumbalign.trainers.policy import train
-
     rows = toy_feedback(16) + [{"prompt": "p", "completion": "y" * 5_000, "label": True}]
     data = write_jsonl(tmp_path / "f.jsonl", rows)
     summary = train(TrainConfig(data=str(data), model=str(tiny_llama), output_dir=str(tmp_path / "run"),
@@ -239,3 +241,108 @@ def test_a_huge_record_is_dropped_and_counted_before_the_tokenizer(tmp_path, tin
                                 max_record_chars=1_000, max_length=8192), log=lambda *a: None)
     tokens = summary["data"]["train_tokens"]
     assert tokens["dropped_too_large"] == 1 and tokens["kept"] == 16 and tokens["records"] == 17
+
+
+# ------------------------------------------------------------------------------------- damaged checkpoints
+
+def _six_steps(tmp_path, tiny_llama, folder, **extra):
+    data = write_jsonl(tmp_path / "f.jsonl", toy_feedback(16))
+    return TrainConfig(data=str(data), model=str(tiny_llama), output_dir=str(tmp_path / folder), max_steps=6,
+                       save_steps=2, save_total_limit=3, per_device_train_batch_size=4, learning_rate=1e-3,
+                       warmup_ratio=0.0, bf16="false", report=False, **extra)
+
+
+def _truncate(path):
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def _flip_middle(path):  # the header still parses: only the digest can tell
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2 + 64] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+DAMAGE = {
+    "truncated weights": ("weights.safetensors", _truncate),
+    "a changed byte in the optimizer moments": ("optimizer.safetensors", _flip_middle),
+    "random bytes for the trainer state": ("trainer_state.json", lambda p: p.write_bytes(os.urandom(300))),
+    "a missing scheduler": ("scheduler.json", lambda p: p.unlink()),
+}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, tiny_llama):
+    tmp = tmp_path_factory.mktemp("straight")
+    summary = train(_six_steps(tmp, tiny_llama, "run"), log=lambda *a: None)
+    return summary, load_file(str(tmp / "run" / "model" / "model.safetensors"))
+
+
+@pytest.mark.parametrize("what", list(DAMAGE))
+def test_a_damaged_latest_checkpoint_costs_that_checkpoint_only(tmp_path, tiny_llama, uninterrupted, what):
+    train(_six_steps(tmp_path, tiny_llama, "run"), log=lambda *a: None)
+    run = tmp_path / "run"
+    name, spoil = DAMAGE[what]
+    spoil(run / "checkpoints" / "step-000006" / name)
+    said = []
+    summary = train(_six_steps(tmp_path, tiny_llama, "run", resume="latest"), log=said.append)
+    passed = [line for line in map(str, said) if "step-000006 is damaged" in line]
+    assert len(passed) == 1 and name in passed[0], said
+    assert any("Resumed from" in str(line) and "step-000004" in str(line) for line in said), said
+    expected_summary, expected = uninterrupted
+    got = load_file(str(run / "model" / "model.safetensors"))
+    assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in got)
+    assert summary["reward_shift"] == expected_summary["reward_shift"]
+    assert damage(run / "checkpoints" / "step-000006") is None  # saved again, whole
+
+
+def test_resuming_from_a_named_damaged_checkpoint_or_from_none_intact_is_one_line(tmp_path, tiny_llama, capsys):
+    train(_six_steps(tmp_path, tiny_llama, "run"), log=lambda *a: None)
+    run = tmp_path / "run"
+    args = _train(tmp_path / "f.jsonl", tiny_llama, run) + ["--max-steps", "6", "--save-steps", "2",
+                                                            "--save-total-limit", "3", "--learning-rate", "1e-3"]
+    _truncate(run / "checkpoints" / "step-000004" / "weights.safetensors")
+    assert main(args + ["--resume", str(run / "checkpoints" / "step-000004")]) == 2
+    line = _one_line(capsys)
+    assert "step-000004" in line and "damaged (weights.safetensors differs" in line
+    for step in ("000002", "000006"):
+        _flip_middle(run / "checkpoints" / f"step-{step}" / "weights.safetensors")
+    assert main(args + ["--resume", "latest"]) == 2
+    line = _one_line(capsys)
+    assert "no intact checkpoint" in line and all(f"step-{s} is damaged" in line for s in ("000002", "000004", "000006"))
+
+
+@pytest.mark.parametrize("spoil", [_truncate, _flip_middle])
+def test_a_damaged_reference_log_prob_cache_entry_is_computed_again(tmp_path, tiny_llama, spoil):
+    config = lambda out: TrainConfig(data=str(write_jsonl(tmp_path / "f.jsonl", toy_feedback(16))),  # noqa: E731
+                                     model=str(tiny_llama), output_dir=str(tmp_path / out), max_steps=1,
+                                     per_device_train_batch_size=4, bf16="false", report=False,
+                                     cache_dir=str(tmp_path / "cache"))
+    first = train(config("a"), log=lambda *a: None)
+    [entry] = (tmp_path / "cache" / "reflogps").iterdir()
+    spoil(entry)
+    said = []
+    second = train(config("b"), log=said.append)
+    lines = [str(line) for line in said if "are damaged (" in str(line)]
+    assert len(lines) == 1, said
+    line = lines[0]
+    assert line.startswith(f"The cached reference log-probs {entry} are damaged (") and line.endswith("computed again")
+    assert first["reference_logps_from_cache"] is False and second["reference_logps_from_cache"] is False
+    assert train(config("c"), log=lambda *a: None)["reference_logps_from_cache"] is True  # the entry was rewritten
+    assert first["final_metrics"]["loss"] == second["final_metrics"]["loss"]
+
+
+def test_a_damaged_prompt_embedding_cache_entry_is_computed_again(tmp_path):
+    from thumbalign.methods.udm import embed_texts
+
+    texts = ["how do I sort a list", "write a poem about rain", "what is 2 + 2"]
+    first = embed_texts(texts, cache_dir=tmp_path, disable_bar=True)
+    [entry] = (tmp_path / "embeddings").iterdir()
+    _flip_middle(entry)
+    said = []
+    again = embed_texts(texts, cache_dir=tmp_path, disable_bar=True, say=said.append)
+    assert said == [f"The cached prompt embeddings {entry} are damaged (its bytes differ from those written): "
+                    "computed again"]
+    assert (again == first).all()
+    assert embed_texts(texts, cache_dir=tmp_path, disable_bar=True, say=said.append).tolist() == first.tolist()
+    assert len(said) == 1  # read from the rewritten entry
+

@@ -52,6 +52,36 @@ def write_text_atomically(path: Path, text: str, what: str) -> Path:
     return write_atomically(path, lambda tmp: tmp.write_text(text, encoding="utf-8"), what)
 
 
+def write_cached_tensor(path: Path, tensor, what: str) -> None:
+    """A cache entry: one tensor in a safetensors file whose metadata holds the sha256 of its bytes, so that a
+    damaged entry is recognised (and computed again) rather than read as numbers."""
+    from safetensors.torch import save_file
+
+    tensor = tensor.detach().cpu().contiguous()
+    digest = hashlib.sha256(tensor.numpy().tobytes()).hexdigest()
+    write_atomically(path, lambda tmp: save_file({"values": tensor}, str(tmp), metadata={"sha256": digest}), what)
+
+
+def read_cached_tensor(path: Path, rows: int):
+    """(the cached tensor, None); (None, None) when there is no entry; (None, what is wrong) when the entry is
+    damaged: unreadable, its bytes not those written, or not `rows` rows long."""
+    from safetensors import SafetensorError, safe_open
+
+    if not Path(path).is_file():
+        return None, None
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            digest = (handle.metadata() or {}).get("sha256")
+            tensor = handle.get_tensor("values")
+    except (OSError, SafetensorError) as err:
+        return None, f"unreadable: {err}"
+    if digest != hashlib.sha256(tensor.numpy().tobytes()).hexdigest():
+        return None, "its bytes differ from those written"
+    if tensor.shape[0] != rows:
+        return None, f"{tensor.shape[0]} rows for {rows} examples"
+    return tensor, None
+
+
 def content_digest(path) -> str:
     """sha256 of a file's bytes, or of a folder's files (names and bytes, in name order); streamed."""
     path = Path(path)

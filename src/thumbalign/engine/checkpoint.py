@@ -22,7 +22,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
+
+from ..errors import ThumbalignError
+from ..files import content_digest
 
 CHECKPOINT_RE = re.compile(r"^step-(\d+)$")
 STATE_FILE = "trainer_state.json"
@@ -155,8 +159,58 @@ def _write_rest(staging: Path, scheduler, trainer_state: dict) -> None:
     rng_tensors, rng_plain = rng_state()
     _save_tensors(staging / "rng.safetensors", rng_tensors)
     _write_json(staging / "rng.json", rng_plain)
-    _write_json(staging / STATE_FILE, trainer_state)  # last: its presence marks a complete checkpoint
+    # last: its presence marks a complete checkpoint, and its digests of every other file an intact one
+    _write_json(staging / STATE_FILE, {**trainer_state, FILES_KEY: _digests(staging)})
     _fsync_dir(staging)
+
+
+# --------------------------------------------------------------------------- damage
+
+FILES_KEY = "files"
+
+
+def _digests(folder: Path) -> dict[str, str]:
+    """sha256 of every file under `folder` (the shards of every process included), by path relative to it."""
+    return {str(p.relative_to(folder)): content_digest(p) for p in sorted(folder.rglob("*"))
+            if p.is_file() and p.name != STATE_FILE}
+
+
+def damage(path: Path) -> str | None:
+    """Why the checkpoint `path` cannot be resumed from (a file missing, truncated or changed since it was written,
+    its state unreadable), or None when it is intact. A checkpoint from before digests were kept is checked for
+    readable JSON and safetensors headers only."""
+    try:
+        state = json.loads((path / STATE_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        return f"{STATE_FILE} unreadable ({type(err).__name__})"
+    if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+        return f"{STATE_FILE} holds no step"
+    digests = state.get(FILES_KEY)
+    if not isinstance(digests, dict):
+        return _legacy_damage(path)
+    for name, digest in digests.items():
+        file = path / name
+        if not file.is_file():
+            return f"{name} missing"
+        try:
+            if content_digest(file) != digest:
+                return f"{name} differs from what was written (truncated or corrupted)"
+        except ThumbalignError as err:
+            return str(err)
+    return None
+
+
+def _legacy_damage(path: Path) -> str | None:
+    for file in sorted(path.rglob("*")):
+        try:
+            if file.suffix == ".json":
+                json.loads(file.read_text(encoding="utf-8"))
+            elif file.suffix == ".safetensors":
+                with safe_open(str(file), framework="pt"):
+                    pass
+        except (OSError, ValueError, SafetensorError) as err:
+            return f"{file.relative_to(path)} unreadable ({type(err).__name__})"
+    return None
 
 
 def list_checkpoints(checkpoints_dir: Path) -> list[Path]:

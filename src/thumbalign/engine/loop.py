@@ -274,6 +274,8 @@ class Engine:
     def resume(self, run: RunDir, task: Task, units_per_step: int) -> int:
         """Load the checkpoint `run` resumes from into the model, optimizer, scheduler, RNG and task; return its
         step. `units_per_step` (batch × accumulation × processes) must equal the interrupted run's."""
+        for line in run.passed_over:
+            self.say(f"Checkpoint {line}: passed over")
         state = self.backend.load_checkpoint(run.resume_from, self.module, self.model, self.optimizer, self.scheduler)
         saved_data = state.get("data", {})
         changed = [k for k, v in self.data_fingerprint.items() if k in saved_data and saved_data[k] != v]

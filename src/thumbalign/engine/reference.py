@@ -12,13 +12,12 @@ import hashlib
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 
 from ..data.tokens import Example, examples_digest
-from ..files import write_atomically
+from ..files import read_cached_tensor, write_cached_tensor
 from .inference import batched_logps
 
-CACHE_VERSION = "1"  # bump when the log-prob computation changes
+CACHE_VERSION = "2"  # bump when the log-prob computation changes
 
 
 def model_fingerprint(model_dir: Path) -> str:
@@ -41,14 +40,9 @@ def cache_path(cache_dir: Path, key: str) -> Path:
     return cache_dir / "reflogps" / f"{key}.safetensors"
 
 
-def load_cached(path: Path) -> torch.Tensor:
-    return load_file(str(path))["logps"]
-
-
 def store(path: Path, logps: torch.Tensor) -> None:
     """Write aside, then rename: a reader never sees a half-written cache file."""
-    write_atomically(path, lambda tmp: save_file({"logps": logps.contiguous()}, str(tmp)),
-                     "the reference log-probs cache (--cache-dir chooses another place)")
+    write_cached_tensor(path, logps, "the reference log-probs cache (--cache-dir chooses another place)")
 
 
 class ReferenceLogps:
@@ -65,9 +59,12 @@ class ReferenceLogps:
         """(log-probs in input order, whether they came from the cache)."""
         engine = self.engine
         path = cache_path(self.cache_dir, cache_key(self.model_dir, examples, engine.precision))
-        if engine.main_value(path.exists()):  # every process must take the same branch
+        cached, damaged = read_cached_tensor(path, len(examples))
+        if engine.main_value(cached is not None):  # every process must take the same branch
             engine.say(f"Reference log-probs for {len(examples)} {what} examples loaded from cache ({path.stem})")
-            return load_cached(path), True
+            return cached, True
+        if damaged:
+            engine.say(f"The cached reference log-probs {path} are damaged ({damaged}): computed again")
         engine.say(f"Computing reference log-probs for {len(examples)} {what} examples (cached for later runs)")
         mine = examples[engine.rank::engine.world]
         # as many examples as the busiest process (sharded, every forward pass gathers from all): stand-ins repeat one

@@ -47,8 +47,10 @@ def is_first_process() -> bool:
 class RunDir:
     """Use as a context manager: the lock is released when the run ends, however it ends."""
 
-    def __init__(self, path: Path, resume_from: Path | None, lock=None, replaced: Path | None = None):
+    def __init__(self, path: Path, resume_from: Path | None, lock=None, replaced: Path | None = None,
+                 passed_over: list[str] | None = None):
         self.path, self.resume_from, self._lock = path, resume_from, lock
+        self.passed_over = passed_over or []  # damaged checkpoints newer than resume_from, each with what is wrong
         self._replaced = replaced  # the earlier run, moved aside by --overwrite, until this one has started
 
     def __enter__(self) -> "RunDir":
@@ -87,13 +89,17 @@ class RunDir:
         another run unless `overwrite`. Processes other than the first only work out the paths."""
         out = Path(config.output_dir)
         if not is_first_process():
-            return cls(out, _checkpoint_to_resume(out, config) if config.resume else None)
+            if not config.resume:
+                return cls(out, None)
+            resume_from, passed_over = _checkpoint_to_resume(out, config)
+            return cls(out, resume_from, passed_over=passed_over)
         lock = take_lock(out)
         try:
             _recover_replaced(out)
             ckpt.remove_stale_staging(out / "checkpoints")
             if config.resume:
-                return cls(out, _checkpoint_to_resume(out, config), lock)
+                resume_from, passed_over = _checkpoint_to_resume(out, config)
+                return cls(out, resume_from, lock, passed_over=passed_over)
             existing = [name for name in RUN_FILES if (out / name).exists()]
             if existing and not config.overwrite:
                 raise ConfigError(f"{out} already holds a run ({', '.join(existing)}); continue it with --resume "
@@ -234,20 +240,37 @@ def take_lock(out: Path):
     return handle
 
 
-def _checkpoint_to_resume(out: Path, config) -> Path:
+def _checkpoint_to_resume(out: Path, config) -> tuple[Path, list[str]]:
+    """The checkpoint to resume from, and a line for each damaged newer one passed over on the way to it."""
     if config.resume == "latest":
-        found = ckpt.list_checkpoints(out / "checkpoints")
-        if not found:
-            raise ConfigError(f"--resume: no complete checkpoint in {out / 'checkpoints'}")
-        resume_from = found[-1]
+        resume_from, passed_over = _newest_intact(out / "checkpoints")
     else:
-        resume_from = Path(config.resume)
+        resume_from, passed_over = Path(config.resume), []
         if not (resume_from / ckpt.STATE_FILE).exists():
             raise ConfigError(f"--resume {config.resume}: not a complete checkpoint folder")
+        why = ckpt.damage(resume_from)
+        if why:
+            raise ConfigError(f"--resume {config.resume}: the checkpoint is damaged ({why}); resume from another "
+                              "one, or with --resume latest from the newest intact one")
     saved_file = out / "run_config.yaml"
     saved = yaml.safe_load(saved_file.read_text()) if saved_file.exists() else {}
     changed = changed_settings(config, saved)
     if changed:
         raise ConfigError("--resume with settings that differ from the interrupted run: "
                           + ", ".join(f"{k} {saved[k]!r} -> {getattr(config, k)!r}" for k in changed))
-    return resume_from
+    return resume_from, passed_over
+
+
+def _newest_intact(checkpoints: Path) -> tuple[Path, list[str]]:
+    """A damaged checkpoint (a disk that filled, a copy cut short, bytes changed) costs that checkpoint only: the
+    newest intact one is resumed from, and each one passed over is named with what is wrong with it."""
+    found = ckpt.list_checkpoints(checkpoints)
+    if not found:
+        raise ConfigError(f"--resume: no complete checkpoint in {checkpoints}")
+    passed_over = []
+    for path in reversed(found):
+        why = ckpt.damage(path)
+        if why is None:
+            return path, passed_over
+        passed_over.append(f"{path.name} is damaged ({why})")
+    raise ConfigError(f"--resume: no intact checkpoint in {checkpoints}: " + "; ".join(passed_over))

@@ -15,16 +15,16 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from ..errors import ConfigError
-from ..files import write_atomically, write_text_atomically
+from ..files import read_cached_tensor, write_cached_tensor, write_text_atomically
 
 DEFAULT_ENCODER = "minilm"
 
@@ -85,19 +85,26 @@ class Pooling:
 
 @torch.no_grad()
 def embed_texts(texts: list[str], encoder: str = DEFAULT_ENCODER, batch_size: int = 64, cache_dir: Path | None = None,
-                disable_bar: bool = False) -> np.ndarray:
+                disable_bar: bool = False, say=None) -> np.ndarray:
     """Sentence embeddings as the encoder folder defines them (sentence-transformers itself when it is installed;
     else its pooling and normalisation settings, read here), cached on disk."""
     path = encoder_path(encoder)
-    key = hashlib.sha256(("\x00".join(texts) + "|" + str(path.resolve())).encode()).hexdigest()[:32]
+    key = hashlib.sha256(("v2\x00" + "\x00".join(texts) + "|" + str(path.resolve())).encode()).hexdigest()[:32]
     cached = cache_dir / "embeddings" / f"{key}.safetensors" if cache_dir else None
-    if cached and cached.exists():
-        return load_file(str(cached))["embeddings"].numpy()
+    if cached:
+        found, damaged = read_cached_tensor(cached, len(texts))
+        if found is not None:
+            return found.numpy()
+        if damaged:
+            (say or _to_stderr)(f"The cached prompt embeddings {cached} are damaged ({damaged}): computed again")
     embeddings = _encode(texts, path, batch_size, disable_bar)
     if cached:
-        write_atomically(cached, lambda tmp: save_file({"embeddings": embeddings.contiguous()}, str(tmp)),
-                         "the prompt-embeddings cache (--cache-dir chooses another place)")
+        write_cached_tensor(cached, embeddings, "the prompt-embeddings cache (--cache-dir chooses another place)")
     return embeddings.numpy()
+
+
+def _to_stderr(line: str) -> None:
+    print(line, file=sys.stderr)
 
 
 def _encode(texts: list[str], path: Path, batch_size: int, disable_bar: bool) -> torch.Tensor:

@@ -29,7 +29,7 @@ def training_prompt_embeddings(config, engine: Engine, data: PreparedData, model
         return prompt_embeddings(model, data.train, tokenizer.pad_token_id, config.eval_batch_size, engine.device,
                                  disable_bar=engine.quiet)
     return embed_texts(data.train_prompts, config.udm_encoder, cache_dir=cache_root(config.cache_dir),
-                       disable_bar=engine.quiet)
+                       disable_bar=engine.quiet, say=engine.say)
 
 
 def prompt_clusters(config, engine: Engine, data: PreparedData, model, tokenizer) -> torch.Tensor:
