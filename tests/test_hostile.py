@@ -346,3 +346,36 @@ def test_a_damaged_prompt_embedding_cache_entry_is_computed_again(tmp_path):
     assert embed_texts(texts, cache_dir=tmp_path, disable_bar=True, say=said.append).tolist() == first.tolist()
     assert len(said) == 1  # read from the rewritten entry
 
+
+# ------------------------------------------------------------------------------------- rewards, judges, reward models
+
+@pytest.mark.parametrize("spec, expected", [
+    ("rm:{model}", "is not a trained reward model: its checkpoint has no classification head (score.weight"),
+    ("rm:{tmp}/notes", "is not a reward model folder (it has no config.json)"),
+    ("broken:score", "importing broken failed: SyntaxError: invalid syntax (broken.py, line 1)"),
+    ("raising:score", "importing raising failed: RuntimeError: no network at import"),
+    (":score", "expected module:function"),
+    ("os:no_such_function", "os has no function no_such_function"),
+])
+def test_a_reward_or_judge_that_cannot_be_loaded_is_one_line_before_anything_runs(tmp_path, tiny_llama, capsys,
+                                                                                  monkeypatch, spec, expected):
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "broken.py").write_text("def score(:\n")
+    (tmp_path / "raising.py").write_text("raise RuntimeError('no network at import')\ndef score(p, c): return 1\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "hi"}] * 2)
+    spec = spec.format(model=tiny_llama, tmp=tmp_path)
+    online = ["online", "--prompts", str(prompts), "--model", str(tiny_llama), "--reward", spec, "--output-dir",
+              str(tmp_path / "run"), "--max-steps", "1", "--bf16", "false"]
+    judge = ["eval", "--prompts", str(prompts), "--model", str(tiny_llama), "--baseline", str(tiny_llama), "--judge",
+             spec, "--output-dir", str(tmp_path / "eval")]
+    for args in (online, judge):
+        assert main(args) == 2
+        assert expected in _one_line(capsys)
+    assert not (tmp_path / "run" / "model").exists()
+
+
+def test_scoring_with_a_plain_language_model_is_refused(tmp_path, tiny_llama, capsys):
+    data = write_jsonl(tmp_path / "f.jsonl", toy_feedback(4))
+    assert main(["reward", "score", "--model", str(tiny_llama), "--data", str(data), "-o", str(tmp_path / "s.jsonl")]) == 2
+    assert "is not a trained reward model" in _one_line(capsys) and not (tmp_path / "s.jsonl").exists()

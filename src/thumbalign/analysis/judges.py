@@ -73,6 +73,25 @@ def _numeric(field: str):
     return judge
 
 
+def import_function(spec: str, what: str):
+    """The user's `module:function`. Importing a module runs its code, with the user's rights: a judge or a reward
+    is trusted code, like a training script. Whatever the import raises (a syntax error, an exception at import)
+    is one line naming the spec."""
+    module_name, _, name = spec.partition(":")
+    if not module_name or not name:
+        raise ConfigError(f"cannot load {what} {spec!r}: expected module:function (a module importable from the "
+                          "working folder or PYTHONPATH, and a function in it)")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as err:  # the user's code can fail at import in any way
+        raise ConfigError(f"cannot load {what} {spec!r}: importing {module_name} failed: "
+                          f"{type(err).__name__}: {err}") from None
+    function = getattr(module, name, None)
+    if not callable(function):
+        raise ConfigError(f"cannot load {what} {spec!r}: {module_name} has no function {name}")
+    return function
+
+
 def load_judge(spec: str, reference_field: str = "answer", threshold: float = 0.5) -> Judge:
     if spec == "vader":
         return _vader()
@@ -84,11 +103,7 @@ def load_judge(spec: str, reference_field: str = "answer", threshold: float = 0.
         return reward_model_judge(spec[3:], threshold)
     if ":" not in spec:
         raise ConfigError(f"unknown judge {spec!r}: use vader, exact, numeric or module:function")
-    module_name, _, name = spec.partition(":")
-    try:
-        function = getattr(importlib.import_module(module_name), name)
-    except (ImportError, AttributeError) as err:
-        raise ConfigError(f"cannot load judge {spec!r}: {err}") from None
+    function = import_function(spec, "judge")
     try:
         takes_row = len(inspect.signature(function).parameters) >= 2
     except (TypeError, ValueError):

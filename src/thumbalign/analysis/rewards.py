@@ -15,13 +15,12 @@ the total reaches ``pass_threshold``) decides pass rates, filtering and the NFT/
 
 from __future__ import annotations
 
-import importlib
 import inspect
 from dataclasses import dataclass
 from typing import Callable
 
 from ..errors import ConfigError, ThumbalignError
-from .judges import Judge, JudgeFailure, load_judge
+from .judges import Judge, JudgeFailure, import_function, load_judge
 
 BUILTIN = ("vader", "exact", "numeric")
 
@@ -69,7 +68,7 @@ class Reward:
         elif spec in BUILTIN or ":" not in spec:
             self.judge = load_judge(spec, reference_field, threshold)
         else:
-            function = _import(spec)
+            function = import_function(spec, "reward")
             is_batch, self.accepts = _batch_signature(function)
             if is_batch:
                 self.batch_function = function
@@ -124,12 +123,6 @@ class Reward:
         return out
 
 
-def _import(spec: str):
-    module_name, _, name = spec.partition(":")
-    try:
-        return getattr(importlib.import_module(module_name), name)
-    except (ImportError, AttributeError) as err:
-        raise ConfigError(f"cannot load reward {spec!r}: {err}") from None
 
 
 class RewardSet:

@@ -41,11 +41,26 @@ class RewardScores(torch.nn.Module):
         return self.model.score(pooled).squeeze(-1).float()
 
 
-def load_reward_model(path, trust_remote_code: bool = False):
+def load_reward_model(path, trust_remote_code: bool = False, trained: bool = False):
+    """A sequence classifier with one logit. `trained`: the folder must hold its classification head (a reward model
+    thumbalign saved); a plain language model would get a randomly initialised head and score noise."""
     from transformers import AutoModelForSequenceClassification
+    from transformers.utils import logging as hf_logging
 
-    return AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=torch.float32,
-                                                              trust_remote_code=trust_remote_code)
+    verbosity = hf_logging.get_verbosity()
+    if trained:  # what is missing is said below, in one line, instead of transformers' loading report
+        hf_logging.set_verbosity_error()
+    try:
+        model, info = AutoModelForSequenceClassification.from_pretrained(
+            path, num_labels=1, dtype=torch.float32, trust_remote_code=trust_remote_code, output_loading_info=True)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    prefix = f"{model.base_model_prefix}."
+    head = sorted(name for name in info["missing_keys"] if not name.startswith(prefix))
+    if trained and head:
+        raise ConfigError(f"{path} is not a trained reward model: its checkpoint has no classification head "
+                          f"({', '.join(head)} would be random); train one with `thumbalign reward train`")
+    return model
 
 
 @torch.no_grad()
@@ -74,8 +89,11 @@ class RewardModel:
     """A trained reward model folder, ready to score (prompt, completion) pairs as calibrated P(👍)."""
 
     def __init__(self, path, max_length: int = 512, batch_size: int = 16):
+        if not (Path(path) / "config.json").is_file():
+            raise ConfigError(f"{path} is not a reward model folder (it has no config.json); give the model folder "
+                              "that `thumbalign reward train` wrote (its --output-dir/model)")
         self.tokenizer = load_tokenizer(Path(path))
-        self.model = load_reward_model(path).eval()
+        self.model = load_reward_model(path, trained=True).eval()
         self.model.config.pad_token_id = self.model.config.pad_token_id or self.tokenizer.pad_token_id
         self.temperature, self.max_length, self.batch_size = temperature_of(self.model), max_length, batch_size
 
