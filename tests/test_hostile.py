@@ -379,3 +379,31 @@ def test_scoring_with_a_plain_language_model_is_refused(tmp_path, tiny_llama, ca
     data = write_jsonl(tmp_path / "f.jsonl", toy_feedback(4))
     assert main(["reward", "score", "--model", str(tiny_llama), "--data", str(data), "-o", str(tmp_path / "s.jsonl")]) == 2
     assert "is not a trained reward model" in _one_line(capsys) and not (tmp_path / "s.jsonl").exists()
+
+
+# ------------------------------------------------------------------------------------- two processes
+
+def _two_processes(args, tmp_path, **popen):
+    return subprocess.Popen([sys.executable, "-m", "thumbalign", *map(str, args), "--num-processes", "2"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "THUMBALIGN_CACHE": str(tmp_path / "cache"), "PYTHONUNBUFFERED": "1"},
+                            **popen)
+
+
+def _only_one_line(stderr: str, start: str) -> str:
+    """Every process's own line once, none of the launcher's report (traceback, ChildFailedError table, log lines)."""
+    lines = [line for line in stderr.splitlines() if line.startswith("thumbalign: ")]
+    assert len(lines) == 1 and lines[0].startswith(start), stderr[-3000:]
+    assert not any(noise in stderr for noise in ("Traceback", "ChildFailedError", "torch/distributed", "Root Cause",
+                                                 "SignalException")), stderr[-3000:]
+    return lines[0]
+
+
+def test_a_bad_row_under_two_processes_is_one_line_with_the_processes_exit_code(tmp_path, tiny_llama):
+    rows = toy_feedback(16) + [{"prompt": "p", "completion": "c", "label": "maybe"}]
+    data = write_jsonl(tmp_path / "f.jsonl", rows)
+    proc = _two_processes(_train(data, tiny_llama, tmp_path / "run"), tmp_path)
+    _, err = proc.communicate(timeout=240)
+    assert proc.returncode == 2
+    assert "line 17: field 'label'" in _only_one_line(err, "thumbalign: error: ")
+

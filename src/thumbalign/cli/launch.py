@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from importlib import resources
 from pathlib import Path
 from typing import Callable
 
-from ..errors import ConfigError
+from ..errors import ConfigError, ThumbalignError
 from ..files import load_settings_yaml
+from .launcher_output import LauncherOutput
 from .options import build_config
 
 LAUNCHER_FLAGS = ("--num-processes", "--accelerate-config", "--num-machines", "--machine-rank", "--main-process-ip",
@@ -89,24 +91,51 @@ def launch_processes(argv: list[str], config) -> int:
     where = f" on machine {config.machine_rank} of {machines}" if machines > 1 else ""
     print(f"Launching {n} process{'es' if n > 1 else ''}{where}: {' '.join(command)}", flush=True)
     env = {**os.environ, LAUNCHED: "1"}  # for the processes started below
-    if machines == 1:
-        return subprocess.call(command, env=env)
-    code, tail = _call_watching_stderr(command, env)
-    failure = rendezvous_failure(tail, config) if code else None
+    code, tail, output, interrupted = _call_watching_stderr(command, env)
+    failure = rendezvous_failure(tail, config) if code and machines > 1 else None
     if failure:
         raise ConfigError(failure)
-    return code
+    if code and not output.said:  # the processes were stopped before they could say why
+        if interrupted:
+            raise KeyboardInterrupt
+        raise LaunchError(f"a process of the {n} ended with exit code {output.child_exit_code or code} (its output "
+                          "is above)")
+    return output.child_exit_code if code and output.child_exit_code and output.child_exit_code > 0 else code
 
 
-def _call_watching_stderr(command: list[str], env: dict) -> tuple[int, str]:
-    """Run `command` with its stderr passed through as it comes (progress bars included) and its last 64 KiB kept."""
+class LaunchError(ThumbalignError):
+    pass
+
+
+def _call_watching_stderr(command: list[str], env: dict) -> tuple[int, str, LauncherOutput, bool]:
+    """Run `command` with its stderr passed through as it comes (progress bars included), less the launcher's own
+    report on a failed process (THUMBALIGN_DEBUG=1 keeps it), and its last 64 KiB kept. Ctrl-C is passed on to
+    the launcher, which stops its processes; returns the exit code, the tail, the filter, and whether Ctrl-C came."""
     proc = subprocess.Popen(command, stderr=subprocess.PIPE, env=env)
-    tail = b""
-    while chunk := os.read(proc.stderr.fileno(), 65536):
-        sys.stderr.buffer.write(chunk)
-        sys.stderr.buffer.flush()
+    output, tail, interrupted, ends_line = LauncherOutput(), b"", False, True
+    raw = bool(os.environ.get("THUMBALIGN_DEBUG"))
+    while True:
+        try:
+            chunk = os.read(proc.stderr.fileno(), 65536)
+        except KeyboardInterrupt:
+            proc.send_signal(signal.SIGINT)  # a terminal's Ctrl-C reaches it too; a second one changes nothing
+            interrupted = True
+            continue
+        if not chunk:
+            break
         tail = (tail + chunk)[-65536:]
-    return proc.wait(), tail.decode("utf-8", "replace")
+        shown = chunk.decode("utf-8", "replace") if raw else output.feed(chunk.decode("utf-8", "replace"))
+        sys.stderr.write(shown)
+        sys.stderr.flush()
+        ends_line = shown.endswith("\n") if shown else ends_line
+    rest = output.close()
+    sys.stderr.write(rest + ("" if (rest.endswith("\n") if rest else ends_line) else "\n"))  # after a bar
+    while True:
+        try:
+            return proc.wait(), tail.decode("utf-8", "replace"), output, interrupted
+        except KeyboardInterrupt:
+            proc.send_signal(signal.SIGINT)
+            interrupted = True
 
 
 def rendezvous_failure(stderr_tail: str, config) -> str | None:
