@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import os
 import signal
 import subprocess
@@ -114,6 +115,7 @@ def _call_watching_stderr(command: list[str], env: dict) -> tuple[int, str, Laun
     proc = subprocess.Popen(command, stderr=subprocess.PIPE, env=env)
     output, tail, interrupted, ends_line = LauncherOutput(), b"", False, True
     raw = bool(os.environ.get("THUMBALIGN_DEBUG"))
+    decoder = codecs.getincrementaldecoder("utf-8")("replace")  # a 👍 may be split between two reads
     while True:
         try:
             chunk = os.read(proc.stderr.fileno(), 65536)
@@ -124,7 +126,8 @@ def _call_watching_stderr(command: list[str], env: dict) -> tuple[int, str, Laun
         if not chunk:
             break
         tail = (tail + chunk)[-65536:]
-        shown = chunk.decode("utf-8", "replace") if raw else output.feed(chunk.decode("utf-8", "replace"))
+        text = decoder.decode(chunk)
+        shown = text if raw else output.feed(text)
         sys.stderr.write(shown)
         sys.stderr.flush()
         ends_line = shown.endswith("\n") if shown else ends_line
