@@ -39,6 +39,11 @@ def trl_reward(prompts, completions, target, completion_ids, **kwargs):
     texts = [c if isinstance(c, str) else c[0]["content"] for c in completions]  # conversations: message lists
     return [None if t == "skip" else float(bool(c) and ord(c[0]) < 128) for c, t in zip(texts, target)]
 
+def graded(prompts, completions, **kwargs):
+    """A graded reward below the pass threshold for every answer: every outcome is 👎, the rewards still differ."""
+    texts = [c if isinstance(c, str) else c[0]["content"] for c in completions]
+    return [0.1 + 0.3 * float(bool(t) and ord(t[0]) < 128) for t in texts]
+
 def always(text):
     return True
 
@@ -217,6 +222,21 @@ def test_groups_without_signal_change_nothing(tmp_path, tiny_llama, reward_modul
     assert all(m["frac_zero_std"] == 1.0 and m["loss"] is None for m in _metrics(tmp_path / "run"))
     before, after = _weights(tiny_llama), _weights(tmp_path / "run" / "model")
     assert all(torch.equal(before[k], after[k]) for k in before)  # all-👍 or all-👎 groups: not one weight moved
+
+
+@pytest.mark.parametrize("objective, learns", [("grpo", True), ("nft", False)])
+def test_a_graded_reward_is_a_signal_for_grpo_even_when_every_outcome_is_thumbs_down(tmp_path, tiny_llama,
+                                                                                   reward_module, objective, learns):
+    """A reward model's P(👍) can rank answers that all fall short of the pass threshold: GRPO compares rewards within
+    a group and learns from that; NFT learns from the binary outcome, and an all-👎 group carries nothing for it."""
+    module, _ = reward_module
+    train_online(_config(tmp_path, tiny_llama, f"{module}:graded", objective=objective), log=lambda *a: None)
+    metrics = _metrics(tmp_path / "run")
+    assert all(m["pass_rate"] == 0.0 for m in metrics)
+    before, after = _weights(tiny_llama), _weights(tmp_path / "run" / "model")
+    moved = not all(torch.equal(before[k], after[k]) for k in before)
+    assert moved == learns
+    assert all((m["frac_zero_std"] < 1.0) == learns for m in metrics)
 
 
 def test_the_policy_learns_a_reward_it_can_reach(tmp_path, tiny_llama, reward_module):

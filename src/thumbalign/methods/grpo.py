@@ -46,6 +46,7 @@ class GRPO(OnlineObjective):
     name, normalization = "grpo", "sequence"
     summary = "GRPO: advantage (r − mean)/std within each prompt's group, clipped ratio, mean per answer"
     settings_class = GRPOSettings
+    learns_from = "reward"
 
     def token_losses(self, x):
         return grpo_token_losses(x, epsilon=self.settings.epsilon)
@@ -55,6 +56,7 @@ class DrGRPO(OnlineObjective):
     name, normalization = "dr_grpo", "constant"
     summary = "Dr. GRPO: advantage r − mean (no std division), token sum over a constant (no length bias)"
     settings_class = GRPOSettings
+    learns_from = "reward"
 
     def token_losses(self, x):
         return dr_grpo_token_losses(x, epsilon=self.settings.epsilon)

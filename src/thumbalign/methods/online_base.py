@@ -37,6 +37,9 @@ class OnlineObjective:
     summary = ""
     normalization = "sequence"
     settings_class: type[MethodSettings] | None = None  # the objective's own settings (settings.py), if any
+    # what the loss compares within a group: "outcome" (the binary 👍/👎: a group of one outcome carries no signal)
+    # or "reward" (the shaped reward, e.g. a reward model's P(👍): a group carries signal when its rewards differ)
+    learns_from = "outcome"
 
     def __init__(self, config):
         self.config = config
