@@ -22,6 +22,13 @@ CURVES = [  # (title, [(metrics key, label)])
     ("Pass rate of sampled answers (online)", [("pass_rate", "share of thumbs-up")]),
     ("Groups without signal (online)", [("frac_zero_std", "all thumbs-up or all thumbs-down")]),
     ("Answer length (online)", [("answer_length", "tokens")]),
+    ("Reward model: the policy's answers against held-out thumbs (online)",
+     [("rm_score", "P(up) of the policy's answers"), ("rm_held_out_up", "P(up) of held-out thumbs-up answers"),
+      ("rm_held_out_down", "P(up) of held-out thumbs-down answers")]),
+    ("Drift from the starting model (online)", [("length_drift", "answer length, relative change"),
+                                                ("kl", "KL to the starting model")]),
+    ("Check judge (online, --check-judge)", [("check_pass_rate", "its pass rate"),
+                                             ("check_agreement", "its agreement with the reward")]),
 ]
 
 PAGE = """<!doctype html>

@@ -140,12 +140,22 @@ class RewardSet:
 
     def score(self, answers: list[Answer]) -> list[float | None]:
         """The weighted total of each answer, None when any reward left it out."""
+        return self.score_parts(answers)[0]
+
+    @property
+    def reward_model(self):
+        """The first rm:PATH reward's model, or None: the reward whose over-optimisation online training watches."""
+        return next((r.reward_model for r in self.rewards if r.reward_model is not None), None)
+
+    def score_parts(self, answers: list[Answer]) -> tuple[list[float | None], list[float | None]]:
+        """(the weighted totals, the first reward model's own values — None without one)."""
         per_reward = [reward(answers) for reward in self.rewards]
+        first_rm = next((values for reward, values in zip(self.rewards, per_reward) if reward.reward_model), None)
         totals = []
         for values in zip(*per_reward):
             totals.append(None if any(v is None for v in values)
                           else sum(w * v for w, v in zip(self.weights, values)))
-        return totals
+        return totals, first_rm if first_rm is not None else [None] * len(answers)
 
     def passed(self, total: float) -> bool:
         return total >= self.pass_threshold

@@ -14,6 +14,13 @@ examples:
   thumbalign online --prompts p.jsonl --reward rm:runs/rm/model --use-lora --learning-rate 1e-4
   thumbalign online --prompts p.jsonl --reward mymodule:my_trl_reward --reward numeric --reward-weights 0.2 1
   thumbalign online --config online.yaml --resume
+  thumbalign online --feedback thumbs.jsonl --use-lora --learning-rate 2e-4 --output-dir runs/route
+
+--feedback THUMBS: the route from logged thumbs to on-policy learning in one command. A reward model is trained on
+the thumbs (OUTPUT_DIR/reward), their distinct prompts become the prompts (a share kept apart for evaluation,
+OUTPUT_DIR/prompts), and the policy learns online against the reward model's calibrated P(👍) (OUTPUT_DIR/policy).
+When thumbs-up and thumbs-down come from different prompts, this beats offline methods on the same file: answers to
+one prompt are compared with each other, so what the reward model learned about prompts cancels.
 
 prompts: a "prompt" (text or messages) or "messages" per row; other columns (a reference answer, test cases) go
 to the rewards. A reward is a judge (vader, exact, numeric), rm:PATH, or module:function: a judge taking the answer
@@ -36,8 +43,9 @@ def add_parser(commands) -> None:
 
 def run(args, argv: list[str]) -> int:
     def trainer():
+        from ..trainers.feedback_route import train_from_feedback
         from ..trainers.online import train_online
 
-        return train_online
+        return lambda config: (train_from_feedback if config.feedback else train_online)(config)
 
     return run_training(args, argv, OnlineConfig, trainer)

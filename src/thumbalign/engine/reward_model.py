@@ -107,6 +107,12 @@ class RewardModel:
         return Example(kept + completion, len(kept), bool(record.label), -1)
 
     @property
+    def held_out(self) -> dict | None:
+        """Mean calibrated P(👍) of its held-out 👍 and 👎 answers, and its AUC, as measured after training (None
+        for a model trained without a held-out split)."""
+        return getattr(self.model.config, "thumbalign_held_out", None)
+
+    @property
     def principled(self) -> bool:
         """Trained with --principle-field: it judges an answer against a principle given at scoring time."""
         return bool(getattr(self.model.config, "thumbalign_principled", False))

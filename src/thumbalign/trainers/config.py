@@ -312,7 +312,8 @@ class OnlineConfig(PolicyConfig):
                                                     "its adapter disabled.")
     eval_prompts: str | None = _again(PolicyConfig, "eval_prompts", None,
                                       "Prompts never trained on: before and after training the model answers each "
-                                      "greedily and the rewards judge it (pass rate with a 95% interval).")
+                                      "greedily and the rewards (or --check-judge, when given) judge it (pass rate "
+                                      "with a 95% interval).")
     prompts: str | None = _f(None, "Prompts to answer (JSONL/JSON/CSV/Parquet; a 'prompt' or 'messages' per row; "
                                    "other columns go to the rewards), required.")
     reward: list[str] | None = _f(None, "A reward: vader, exact, numeric (against --reference-field), rm:PATH (a "
@@ -342,11 +343,31 @@ class OnlineConfig(PolicyConfig):
                                               "repeating itself.")
     sar_weight: float = _f(0.0, "Self-aligned reward: add w × clip((ppl(a) − ppl(a|q)) / ppl(a), −1, 1), favouring "
                                 "concise, prompt-specific answers; never used for the binary outcome.")
+    check_judge: str | None = _f(None, "A judge you trust more than the reward (vader, exact, numeric or "
+                                       "module:function, which imports MODULE and runs it: name only code you trust), "
+                                       "never trained on: its pass rate on the sampled answers and its agreement "
+                                       "with the reward's verdicts are logged, and a warning is given when the "
+                                       "reward rises while that agreement falls (the reward is being gamed).",
+                               resumable=True)
+    # --- the feedback route: thumbs -> reward model -> online
+    feedback: str | None = _f(None, "Thumbs (any file `thumbalign train` reads): first a reward model is trained on "
+                                    "them (into OUTPUT_DIR/reward; --reward rm:PATH reuses one instead), then the "
+                                    "policy learns online against its calibrated P(👍) on the file's own prompts, "
+                                    "deduplicated, with --feedback-eval-share of them kept apart for evaluation "
+                                    "(into OUTPUT_DIR/policy). Replaces --prompts.")
+    feedback_eval_share: float = _f(0.1, "With --feedback: share of the distinct prompts (seeded) kept apart from "
+                                         "training, answered before and after training (--eval-prompts).")
+    reward_model_epochs: float = _f(2.0, "With --feedback: passes of the reward model over the thumbs.")
+    reward_model_learning_rate: float = _f(5e-5, "With --feedback: the reward model's peak learning rate (full "
+                                                 "fine-tune, 10% held out for its calibration and AUC).")
 
     def validate(self) -> None:
-        if not self.prompts:
-            raise ConfigError("no prompts: pass --prompts FILE")
-        if not self.reward:
+        if self.feedback:
+            check_feedback_route(self)
+        elif not self.prompts:
+            raise ConfigError("no prompts: pass --prompts FILE (or --feedback THUMBS: a reward model is trained on "
+                              "them first)")
+        elif not self.reward:
             raise ConfigError("no reward: pass --reward (vader, exact, numeric, rm:PATH or module:function)")
         if self.reward_weights is not None and len(self.reward_weights) != len(self.reward):
             raise ConfigError(f"--reward-weights has {len(self.reward_weights)} values for {len(self.reward)} "
@@ -364,6 +385,22 @@ class OnlineConfig(PolicyConfig):
                 raise ConfigError(f"--filter-prompts {self.filter_prompts}: expected LOW,HIGH with 0 ≤ LOW ≤ HIGH ≤ 1")
         check_method_settings(self, get_online_objective(self.objective))
         super().validate()
+
+
+def check_feedback_route(config: OnlineConfig) -> None:
+    """--feedback: the prompts come from the file and the reward is the model trained on it (or one given)."""
+    if config.prompts:
+        raise ConfigError("--feedback takes its prompts from the feedback file: drop --prompts (or drop --feedback "
+                          "and pass --reward)")
+    if config.reward and (len(config.reward) != 1 or not config.reward[0].startswith("rm:")):
+        raise ConfigError("with --feedback, --reward can only be one rm:PATH (a reward model to reuse instead of "
+                          "training one on the thumbs)")
+    if not 0 <= config.feedback_eval_share < 1:
+        raise ConfigError(f"feedback_eval_share must be in [0, 1), got {config.feedback_eval_share}")
+    require_positive(config, "reward_model_epochs", "reward_model_learning_rate")
+    if config.resume not in (None, "latest"):
+        raise ConfigError("with --feedback, --resume continues both stages from their latest checkpoints: give it "
+                          "without a path")
 
 
 # --------------------------------------------------------------------------------------------- methods' settings

@@ -38,6 +38,7 @@ from .config import filter_band
 from .final_model import complete_model_folder, save_policy
 from .judged import answers_on_shards, compare_with_base, sample_in_step
 from .model_setup import check_use_liger, load_policy, make_trainable
+from .reward_watch import RewardWatch
 from .skeleton import Trainer, count_steps
 
 
@@ -94,7 +95,8 @@ class OnlineTrainer(Trainer):
         config, engine, run = self.config, self.engine, self.run_dir
         engine.say(f"Saved the model to {save_policy(run, final, self.tokenizer, config, self.model_dir)}")
         if config.eval_prompts:
-            summary["judged"] = compare_with_base(config, run, self.model_dir, config.eval_prompts, self.rewards.judge,
+            judge = self.task.watch.check or self.rewards.judge  # the judge trusted more than the reward, if any
+            summary["judged"] = compare_with_base(config, run, self.model_dir, config.eval_prompts, judge,
                                                   config.max_new_tokens, engine.say, self.answers)
         engine.say(f"Run summary: {run.write_summary(summary)}")
         complete_model_folder(run, summary, config, self.model_dir)
@@ -167,9 +169,10 @@ class Rollout:
 
 
 def score_group(rewards: RewardSet, row: PromptRow, rollouts: list[Rollout], answer_ids: list[list[int]]):
-    """Rewards of one prompt's answers (the last answer of each conversation)."""
+    """Rewards of one prompt's answers (the last answer of each conversation): (totals, the reward model's own
+    values, None each without one)."""
     answers = [Answer(row.prompt, r.answers[-1], row.row, ids, row.source) for r, ids in zip(rollouts, answer_ids)]
-    return rewards.score(answers)
+    return rewards.score_parts(answers)
 
 
 # ------------------------------------------------------------------------------------------------- the task
@@ -200,9 +203,11 @@ class OnlineTask:
         self.reference_model = None
         self.pending: list[dict] = []   # rollout statistics of the steps since the last log line (all processes)
         self.skipped_invalid = 0
+        self.watch = RewardWatch(rewards.reward_model, config, engine.say)
 
     def announce(self) -> None:
         c, e = self.config, self.engine
+        self.watch.announce()
         e.say(f"Online {self.objective.name} on {len(self.prompts)} prompts: {self.total_steps} steps of "
               f"{self.units_per_step} prompts × {c.num_generations} answers ({self.micro} × {self.accumulation} "
               f"accumulation × {e.world} processes), loss normalised per {self.normalization}, "
@@ -268,16 +273,18 @@ class OnlineTask:
         for members in by_prompt.values():
             row = self.prompts[members[0].prompt_index]
             try:
-                totals = score_group(self.rewards, row, members, [r.stats["answer_ids"] for r in members])
+                totals, rm_values = score_group(self.rewards, row, members, [r.stats["answer_ids"] for r in members])
             except RewardFailure:
                 if not self.config.skip_invalid:
                     raise
                 self.skipped_invalid += 1
-                totals = [None] * len(members)
-            for r, total in zip(members, totals):
+                totals = rm_values = [None] * len(members)
+            for r, total, rm_value in zip(members, totals, rm_values):
                 if total is None:
                     r.reward, r.outcome = None, 0.0
                     continue
+                if rm_value is not None:
+                    r.stats["rm"] = rm_value
                 passed = self.rewards.passed(total)
                 r.outcome = float(passed)
                 r.stats["turn"] = turn
@@ -339,7 +346,9 @@ class OnlineTask:
         return torch.cat(out)
 
     def _group(self, rollouts: list[Rollout]) -> None:
-        """Group statistics over each prompt's rewarded answers; a group of all 👍 or all 👎 is not trained on."""
+        """Group statistics over each prompt's rewarded answers. A group without signal is not trained on: all 👍
+        or all 👎 for an objective that learns from the outcome; rewards all equal for one that learns from the
+        reward (the same, for a 0/1 reward; a reward model's P(👍) differs between answers that all fall short)."""
         scored = [r for r in rollouts if r.reward is not None]
         if scored:
             rewards = torch.tensor([r.reward for r in scored], dtype=torch.float32)
@@ -348,8 +357,10 @@ class OnlineTask:
             mean, std, rate = group_statistics(rewards, outcomes, groups)
             for r, m, s, p in zip(scored, mean.tolist(), std.tolist(), rate.tolist()):
                 r.stats.update(group_mean=m, group_std=s, pass_rate=p)
+        by_reward = self.objective.learns_from == "reward"
         for r in rollouts:
-            r.stats["kept"] = r.reward is not None and 0.0 < r.stats.get("pass_rate", 0.0) < 1.0
+            r.stats["kept"] = r.reward is not None and (r.stats["group_std"] > 0 if by_reward
+                                                        else 0.0 < r.stats["pass_rate"] < 1.0)
         self._record(rollouts)
 
     def _record(self, rollouts: list[Rollout]) -> None:
@@ -362,12 +373,30 @@ class OnlineTask:
                 "lengths": [r.answer_tokens for r in rollouts], "truncated": [r.truncated for r in rollouts],
                 "excluded": sum(r.reward is None for r in rollouts), "groups": len(groups),
                 "zero_std": sum(not any(m.stats["kept"] for m in g) for g in groups.values()),
-                "sar": [r.stats["sar"] for r in rollouts if "sar" in r.stats]}
+                "sar": [r.stats["sar"] for r in rollouts if "sar" in r.stats],
+                "rm": [r.stats["rm"] for r in rollouts if "rm" in r.stats], "check": self._check(rollouts)}
         merged = {}
         for part in self.engine.gather_objects(mine):
             for key, value in part.items():
                 merged[key] = merged.get(key, 0 if isinstance(value, int) else []) + value
         self.pending.append(merged)
+
+    def _check(self, rollouts: list[Rollout]) -> list[tuple[bool, bool]]:
+        """(the check judge's verdict, the reward's) of each rewarded last answer; empty without --check-judge."""
+        if self.watch.check is None:
+            return []
+        out = []
+        for r in rollouts:
+            if r.reward is None:
+                continue
+            row = self.prompts[r.prompt_index]
+            try:
+                verdict = bool(self.watch.check(r.answers[-1], row.row))
+            except Exception as err:  # a user's judge can raise anything: name the prompt it failed on
+                raise RewardFailure(f"{row.source}: --check-judge {self.config.check_judge} raised "
+                                    f"{type(err).__name__}: {err}") from None
+            out.append((verdict, bool(r.outcome)))
+        return out
 
     def _step_totals(self, kept: list[Rollout]) -> dict:
         counts = torch.tensor([[len(kept), sum(r.answer_tokens for r in kept)]], dtype=torch.float64,
@@ -457,6 +486,8 @@ class OnlineTask:
         sar = [v for s in steps for v in s["sar"]]
         if sar:
             line["sar_mean"] = _mean(sar)
+        line.update(self.watch.measure([v for s in steps for v in s["rm"]], [v for s in steps for v in s["check"]],
+                                       line["answer_length"]))
         if stats:
             kept = stats["weight"] > 0
             line["loss"] = float(stats["loss_share"].sum()) / max(len(steps), 1)
@@ -465,6 +496,7 @@ class OnlineTask:
                 line["kl"] = float(stats["kl"][kept].mean()) if kept.any() else None
         if self.skipped_invalid:
             line["skipped_invalid_prompts"] = self.skipped_invalid
+        self.watch.warn(line)
         return line
 
     def format_line(self, m: dict) -> str:
@@ -474,13 +506,14 @@ class OnlineTask:
         return (f"step {m['step']}: loss {f(m['loss'], '.4f')}  reward {f(m['reward_mean'])}  pass {f(m['pass_rate'])}"
                 f"  zero-std groups {f(m['frac_zero_std'], '.2f')}  length {f(m['answer_length'], '.1f')}  "
                 f"clipped {f(m['clipped_ratio'], '.2f')}  " + (f"kl {f(m.get('kl'), '.4f')}  " if "kl" in m else "")
-                + f"lr {m['lr']:.2e}  {m['samples_per_s']:.2f} answers/s")
+                + self.watch.format(m) + f"lr {m['lr']:.2e}  {m['samples_per_s']:.2f} answers/s" + self.watch.warning(m))
 
     def state_dict(self) -> dict:
-        return {"skipped_invalid": self.skipped_invalid}
+        return {"skipped_invalid": self.skipped_invalid, "watch": self.watch.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         self.skipped_invalid = state.get("skipped_invalid", 0)
+        self.watch.load_state_dict(state.get("watch", {}))
 
 
 def _mean(values) -> float | None:
@@ -548,7 +581,7 @@ def prompt_pass_rates(prompts: list[PromptRow], sampler: Sampler, rewards: Rewar
         answers = sampler.answers([sampler.prompt_ids(row)] * g, [answer_seed(config.seed, -1, i, k) for k in range(g)],
                                   config.temperature)
         members = [Rollout(i, 0, 0, [], [], [sampler.text(a)], False) for a in answers]
-        totals = score_group(rewards, row, members, answers)
+        totals, _ = score_group(rewards, row, members, answers)
         scored = [t for t in totals if t is not None]
         rates[i] = sum(rewards.passed(t) for t in scored) / len(scored) if scored else 0.0
     for part in engine.gather_objects(rates):

@@ -167,6 +167,13 @@ def calibrate(model, logits: torch.Tensor, data: PreparedData, config, say) -> d
     held["temperature"] = temperature
     held["reliability"] = reliability_bins(torch.sigmoid(logits / temperature), labels)
     model.config.thumbalign_temperature = temperature
+    # what the model scores held-out 👍 and 👎 answers: online training compares its answers' scores with these
+    p_up = torch.sigmoid(logits / temperature)
+    model.config.thumbalign_held_out = {
+        "p_up_of_up": float(p_up[labels].mean()) if labels.any() else None,
+        "p_up_of_down": float(p_up[~labels].mean()) if (~labels).any() else None, "auc": held["auc"]}
+    held.update(p_up_of_up=model.config.thumbalign_held_out["p_up_of_up"],
+                p_up_of_down=model.config.thumbalign_held_out["p_up_of_down"])
     auc = "n/a (one class)" if held["auc"] is None else f"{held['auc']:.3f}"
     say(f"Held-out: accuracy {held['accuracy']:.3f}, ROC AUC {auc}, ECE {held['ece']:.3f} "
         f"(before temperature scaling {held['ece_before_calibration']:.3f}, T = {temperature:.3f})")

@@ -1,0 +1,160 @@
+"""`thumbalign online --feedback THUMBS`: logged thumbs → a binary reward model → the policy learning online.
+
+    OUTPUT_DIR/reward/    stage 1: `thumbalign reward train` on the thumbs (its own run folder: model, report)
+    OUTPUT_DIR/prompts/   the thumbs' distinct prompts: train.jsonl, and eval.jsonl (kept apart, seeded)
+    OUTPUT_DIR/policy/    stage 2: `thumbalign online` against the reward model's calibrated P(👍) (model, report)
+    OUTPUT_DIR/summary.json   both stages' closing numbers and the route's settings
+
+Why a reward model and then online learning, rather than an offline method on the same thumbs: when 👍 and 👎 come
+from different prompts, an offline classifier learns partly *which prompt* gets 👍. Online, each prompt's answers
+are compared with each other (the group-relative advantage subtracts the prompt's mean reward), so what the reward
+model learned about prompts cancels and only *which answer* is left.
+
+Each stage is an ordinary run of its trainer, with its checkpoints: `--resume` continues the stage that was
+interrupted and skips a finished one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from pathlib import Path
+
+from ..data.records import load_records
+from ..engine.rundir import is_first_process
+from ..errors import ConfigError
+from ..files import write_text_atomically
+from .config import RewardConfig
+from .online import train_online
+from .reward import train_reward_model
+
+# settings the reward-model stage takes from the route's, unchanged: where and how to run
+SHARED = ("model", "revision", "trust_remote_code", "seed", "bf16", "cache_dir", "skip_invalid", "skip_nonfinite",
+          "num_processes", "accelerate_config", "num_machines", "machine_rank", "main_process_ip",
+          "main_process_port", "rendezvous_timeout", "save_total_limit", "eval_batch_size", "report_to",
+          "save_dtype", "save_max_shard_size", "gradient_checkpointing", "logging_steps", "save_steps")
+
+
+def train_from_feedback(config, log=print) -> dict:
+    out = Path(config.output_dir)
+    log = log if is_first_process() else (lambda *_: None)  # the stages' own lines come from their engines
+    reward_model = reward_stage(config, out, log)
+    train_prompts, eval_prompts = prompt_files(config, out / "prompts", log)
+    policy = policy_stage_config(config, out / "policy", reward_model, train_prompts, eval_prompts, log)
+    summary = finished_summary(out / "policy")
+    if summary is not None:
+        log(f"The policy stage has finished already: {out / 'policy' / 'model'}")
+    else:
+        summary = train_online(policy, log)
+    route = route_summary(config, out, reward_model, summary)
+    if is_first_process():
+        path = write_text_atomically(out / "summary.json", json.dumps(route, indent=1, ensure_ascii=False),
+                                     "the route summary")
+        log(f"Route summary: {path}")
+    return route
+
+
+# ------------------------------------------------------------------------------------------------- stage 1
+
+def reward_stage(config, out: Path, log) -> Path:
+    """The reward model's folder: the one given (--reward rm:PATH), the one this route trained earlier, or one
+    trained now on the thumbs."""
+    if config.reward:
+        given = Path(config.reward[0][3:])
+        log(f"Reward model: {given} (given with --reward; not trained again)")
+        return given
+    folder = out / "reward"
+    if finished_summary(folder) is not None:
+        log(f"Reward model: {folder / 'model'} (trained by this route earlier; reused)")
+        return folder / "model"
+    settings = {name: getattr(config, name) for name in SHARED}
+    rm_config = RewardConfig(data=config.feedback, output_dir=str(folder), num_train_epochs=config.reward_model_epochs,
+                             learning_rate=config.reward_model_learning_rate, **settings,
+                             **stage_start(config, folder, "reward-model", log))
+    rm_config.validate()
+    log(f"Stage 1 of 2: a reward model on {config.feedback} ({config.reward_model_epochs:g} epochs, learning rate "
+        f"{config.reward_model_learning_rate:g}) into {folder}")
+    train_reward_model(rm_config, log)
+    return folder / "model"
+
+
+def stage_start(config, folder: Path, name: str, log) -> dict:
+    """resume / overwrite for one stage: --resume continues the stage from its latest checkpoint, or starts it
+    afresh when it has none (it was interrupted before its first)."""
+    if not config.resume:
+        return {"resume": None, "overwrite": config.overwrite}
+    if any((folder / "checkpoints").glob("step-*")):
+        return {"resume": "latest", "overwrite": config.overwrite}
+    if folder.exists():
+        log(f"The {name} stage has no checkpoint to continue from: starting it again")
+    return {"resume": None, "overwrite": True}
+
+
+def finished_summary(folder: Path) -> dict | None:
+    """The summary of a stage that ran to its end (summary.json is written once its model folder is in place)."""
+    path = folder / "summary.json"
+    if not ((folder / "model").is_dir() and path.is_file()):
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None  # half there: the stage runs (or resumes) again
+
+
+# ------------------------------------------------------------------------------------------------- prompts
+
+def prompt_files(config, folder: Path, log) -> tuple[Path, Path | None]:
+    """The thumbs' distinct prompts, a seeded share of them kept apart for evaluation. Which prompt is held out
+    depends on its text and the seed only, so a resumed route (and every process) makes the same files."""
+    records, report = load_records(config.feedback, config.skip_invalid)
+    distinct: dict[str, object] = {}
+    for record in records:
+        distinct.setdefault(json.dumps(record.prompt, sort_keys=True, ensure_ascii=False), record.prompt)
+
+    def rank(key: str) -> str:
+        return hashlib.sha256(f"{config.seed}/{key}".encode()).hexdigest()
+
+    ordered = sorted(distinct, key=rank)
+    n_held = int(round(config.feedback_eval_share * len(ordered)))
+    if len(ordered) - n_held < 1:
+        raise ConfigError(f"{config.feedback}: {len(ordered)} distinct prompt(s); none would be left to train on "
+                          f"after keeping {config.feedback_eval_share:g} of them apart (--feedback-eval-share)")
+    held, train = set(ordered[:n_held]), [k for k in distinct if k not in set(ordered[:n_held])]
+    train_path = write_prompts(folder / "train.jsonl", [distinct[k] for k in train])
+    eval_path = write_prompts(folder / "eval.jsonl", [distinct[k] for k in distinct if k in held]) if held else None
+    log(f"Prompts: {len(distinct)} distinct in {report.records} thumbs; {len(train)} to train on, {len(held)} kept "
+        f"apart for evaluation ({folder})")
+    return train_path, eval_path
+
+
+def write_prompts(path: Path, prompts: list) -> Path:
+    # every process writes the same bytes (atomically), so none reads a file another is still writing
+    text = "".join(json.dumps({"prompt": p}, ensure_ascii=False) + "\n" for p in prompts)
+    return write_text_atomically(path, text, "the route's prompts")
+
+
+# ------------------------------------------------------------------------------------------------- stage 2
+
+def policy_stage_config(config, folder: Path, reward_model: Path, train_prompts: Path, eval_prompts: Path | None,
+                        log):
+    """The online run's settings: the route's, with the prompts and the reward the route made."""
+    start = stage_start(config, folder, "policy", log) if finished_summary(folder) is None else {}
+    policy = dataclasses.replace(config, feedback=None, prompts=str(train_prompts), reward=[f"rm:{reward_model}"],
+                                 reward_weights=None, output_dir=str(folder),
+                                 eval_prompts=config.eval_prompts or (str(eval_prompts) if eval_prompts else None),
+                                 **start)
+    policy.validate()
+    if start:
+        log(f"Stage 2 of 2: the policy, online against rm:{reward_model}, into {folder}")
+    return policy
+
+
+def route_summary(config, out: Path, reward_model: Path, policy: dict) -> dict:
+    reward = finished_summary(reward_model.parent) or {}
+    judged = policy.get("judged") or {}
+    held_out = {k: v for k, v in (reward.get("eval") or {}).items() if k in ("accuracy", "auc", "ece", "n")}
+    return {"kind": "feedback_route", "feedback": config.feedback, "reward_model": str(reward_model),
+            "reward_model_eval": held_out or None, "policy_model": str(out / "policy" / "model"),
+            "policy_final_metrics": policy.get("final_metrics"), "judged": judged or None,
+            "settings": config.to_dict()}
