@@ -21,7 +21,9 @@ good": the largest drop on a kind where the base passes ≥ 0.8.
     .venv/bin/python benchmarks/shift_quality.py --settings constraints --runs "bco --sft-weight 0" "bco --udm"
 
 "bco --sft-weight 0" is the paper's BCO, the yardstick; "bco" alone is the default thumbalign run (BCO with the SFT
-anchor on 👍 answers).
+anchor on 👍 answers). "route" is `thumbalign online --feedback` on the same file: a reward model trained on the
+thumbs (2 epochs, full fine-tune), then GRPO against its calibrated P(👍) on the file's prompts (--route-steps × 4
+prompts × 8 answers, LoRA r16); words after "route" are passed to it (e.g. "route --beta 0.05").
 
 The sampled feedback and each trained model are kept under --work; a rerun reuses them (delete --work to redo).
 """
@@ -78,7 +80,7 @@ CONSTRAINTS = {
 
 PLAIN_BCO = "bco --sft-weight 0"  # the paper's BCO: the yardstick
 RUNS = [PLAIN_BCO, "bco --udm --sft-weight 0", "bco --delta prompt --sft-weight 0", "kto", "sft-positive", "aft",
-        "reward-token", "bco", "bco --udm"]
+        "reward-token", "bco", "bco --udm", "route"]
 
 
 def constraint_judge(text: str, row: dict) -> bool:
@@ -155,16 +157,33 @@ def feedback(args, setting: str, train_prompts: list[dict], judge) -> Path:
     return path
 
 
+ROUTE = "route"  # `thumbalign online --feedback`: a reward model on the thumbs, then GRPO against its P(👍)
+
+
+def route_command(args, data: Path, out: Path, extra: list[str]) -> list[str]:
+    """The reward-model route on the same thumbs: every prompt of the file is trained on (the benchmark's own
+    held-out prompts are the evaluation), LoRA r16 as the offline runs, answers as long as the evaluation's."""
+    return [str(args.thumbalign), "online", "--feedback", str(data), "--output-dir", str(out), "--overwrite",
+            "--feedback-eval-share", "0", "--use-lora", "--learning-rate", str(args.route_learning_rate),
+            "--max-steps", str(args.route_steps), "--per-device-train-batch-size", "4", "--num-generations", "8",
+            "--max-new-tokens", str(args.max_new_tokens), "--seed", str(args.seed), "--save-steps", "1000",
+            "--logging-steps", "5", "--no-report", *extra]
+
+
 def train(args, setting: str, run: str, data: Path) -> tuple[Path, float]:
     out = args.work / setting / run.replace(" ", "_").replace("--", "")
     timing = out.with_suffix(".seconds")
-    if (out / "model" / "config.json").exists():
-        return out / "model", float(timing.read_text()) if timing.exists() else 0.0
+    is_route = shlex.split(run)[0] == ROUTE
+    model = out / "policy" / "model" if is_route else out / "model"
+    if (model / "config.json").exists():
+        return model, float(timing.read_text()) if timing.exists() else 0.0
     command = [str(args.thumbalign), "train", "--data", str(data), "--output-dir", str(out), "--overwrite",
                "--use-lora", "--learning-rate", str(args.learning_rate), "--beta", str(args.beta),
                "--max-steps", str(args.steps), "--per-device-train-batch-size", "8", "--seed", str(args.seed),
                "--max-length", "256", "--save-steps", "1000", "--logging-steps", "10", "--no-report",
                "--method", *shlex.split(run)]
+    if is_route:
+        command = route_command(args, data, out, shlex.split(run)[1:])
     start = time.perf_counter()
     with open(out.with_suffix(".log"), "w") as log:
         code = subprocess.call(command, stdout=log, stderr=subprocess.STDOUT)
@@ -172,7 +191,7 @@ def train(args, setting: str, run: str, data: Path) -> tuple[Path, float]:
         sys.exit(f"failed ({code}): {shlex.join(command)}; see {out.with_suffix('.log')}")
     seconds = time.perf_counter() - start
     timing.write_text(f"{seconds:.1f}")
-    return out / "model", seconds
+    return model, seconds
 
 
 def judged(args, setting: str, models: dict[str, Path], held: list[dict], judge) -> dict[str, list[dict]]:
@@ -241,6 +260,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--learning-rate", type=float, default=1e-4)
     parser.add_argument("--beta", type=float, default=0.1)
+    parser.add_argument("--route-steps", type=int, default=30, help="online steps of the 'route' run (× 4 prompts × "
+                                                                    "8 answers)")
+    parser.add_argument("--route-learning-rate", type=float, default=2e-4)
     parser.add_argument("--answers", type=int, default=2, help="sampled answers per training prompt")
     parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("--keep-minor", type=float, default=0.15)

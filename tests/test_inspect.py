@@ -44,6 +44,11 @@ def test_prompt_shift_auc_is_chance_for_one_pool_and_high_for_two(tmp_path):
     assert shifted["prompt_shift_auc"] > 0.8 and "differ strongly" in shifted["recommendation"]
     assert "--udm" in shifted["recommendation"]
     assert "not needed" in same["recommendation"]
+    # a large shift over enough prompts: the reward-model route is recommended; no shift, or few prompts: not
+    assert shifted["prompts"] >= 100 and "online --feedback" in shifted["route_hint"]
+    assert same["route_hint"] is None
+    few = inspect_file(str(_file(tmp_path, shifted=True, n=60)), progress=False)
+    assert few["prompt_shift_auc"] > 0.8 and few["route_hint"] is None
 
 
 def test_inspect_counts_labels_lengths_duplicates_conflicts_and_truncation(tmp_path, tokenizer):

@@ -119,7 +119,25 @@ def inspect_file(path: str, tokenizer=None, max_length: int = 1024, encoder: str
         report["prompt_shift_auc"] = auc
         report["prompt_shift_sample"] = {"up": len(reservoir[True]), "down": len(reservoir[False])}
         report["recommendation"] = recommend(auc)
+        report["route_hint"] = route_hint(auc, report["prompts"], path)
     return report
+
+
+ROUTE_MIN_AUC = 0.7       # the prompts alone predict the label this well: the shift is large
+ROUTE_MIN_PROMPTS = 100   # enough distinct prompts for online steps that do not repeat them many times
+
+
+def route_hint(auc: float, prompts: int, path) -> str | None:
+    """The reward-model route (`online --feedback`) when the shift is large and there are prompts enough to learn
+    online from: it compares answers to the same prompt, so the prompt's share of the label cancels."""
+    if auc < ROUTE_MIN_AUC or prompts < ROUTE_MIN_PROMPTS:
+        return None
+    return (f"large prompt shift and {prompts} distinct prompts: try `thumbalign online --feedback {path}` (a reward "
+            f"model on the thumbs, then online learning on these prompts against it), {ROUTE_MEASURED}")
+
+
+ROUTE_MEASURED = ("which compares answers to the same prompt, so what the label owes to the prompt cancels "
+                  "(README, 'Learning the answer, not the prompt')")
 
 
 def recommend(auc: float) -> str:
@@ -163,6 +181,8 @@ def format_report(r: dict) -> str:
         lines.append(f"  prompt shift: cross-validated AUC {r['prompt_shift_auc']:.3f} on {s['up']} 👍 and "
                      f"{s['down']} 👎 prompts (0.5 = no shift)")
         lines.append(f"  => {r['recommendation']}")
+    if r.get("route_hint"):
+        lines.append(f"  => {r['route_hint']}")
     if r.get("method_hint"):
         lines.append(f"  => {r['method_hint']}")
     return "\n".join(l for l in lines if l)
