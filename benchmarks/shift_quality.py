@@ -182,11 +182,16 @@ def train(args, setting: str, run: str, data: Path) -> tuple[Path, float]:
                "--max-steps", str(args.steps), "--per-device-train-batch-size", "8", "--seed", str(args.seed),
                "--max-length", "256", "--save-steps", "1000", "--logging-steps", "10", "--no-report",
                "--method", *shlex.split(run)]
+    env = None
     if is_route:
-        command = route_command(args, data, out, shlex.split(run)[1:])
+        # the gold judge as --check-judge: it never trains, it shows how far the reward model's verdicts on the
+        # policy's answers agree with it as training goes (check_agreement in metrics.jsonl)
+        check = "vader" if setting == "topic" else "shift_quality:constraint_judge"
+        command = route_command(args, data, out, ["--check-judge", check, *shlex.split(run)[1:]])
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "benchmarks"), os.environ.get("PYTHONPATH", "")])}
     start = time.perf_counter()
     with open(out.with_suffix(".log"), "w") as log:
-        code = subprocess.call(command, stdout=log, stderr=subprocess.STDOUT)
+        code = subprocess.call(command, stdout=log, stderr=subprocess.STDOUT, env=env)
     if code:
         sys.exit(f"failed ({code}): {shlex.join(command)}; see {out.with_suffix('.log')}")
     seconds = time.perf_counter() - start

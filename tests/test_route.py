@@ -21,7 +21,7 @@ from thumbalign.trainers.reward_watch import RewardWatch
 def _thumbs(tmp_path, n=40):
     """10 prompts, each with a cheerful 👍 answer and a gloomy 👎 one (a reward model learns it in a few steps)."""
     rows = [{"prompt": f"question {i % 10}?", "completion": "yay great!" if i % 2 == 0 else "no.",
-             "label": i % 2 == 0} for i in range(n)]
+             "label": i % 2 == 0, "kind": f"k{i % 10}"} for i in range(n)]
     return write_jsonl(tmp_path / "thumbs.jsonl", rows)
 
 
@@ -71,7 +71,9 @@ def test_one_command_trains_both_stages_and_resumes_each_exactly(tmp_path, tiny_
     for stage in ("reward", "policy"):
         assert (straight / stage / "model" / "config.json").is_file()
         assert (straight / stage / "run_config.yaml").is_file() and (straight / stage / "summary.json").is_file()
-    train = [json.loads(line)["prompt"] for line in (straight / "prompts" / "train.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (straight / "prompts" / "train.jsonl").read_text().splitlines()]
+    assert all(row["kind"] == f"k{row['prompt'].split()[1][:-1]}" for row in rows)  # other columns go to rewards
+    train = [row["prompt"] for row in rows]
     held = [json.loads(line)["prompt"] for line in (straight / "prompts" / "eval.jsonl").read_text().splitlines()]
     assert len(train) == 8 and len(held) == 2 and not set(train) & set(held)  # 10 distinct prompts, 20% apart
     assert sorted(train + held) == sorted({f"question {i}?" for i in range(10)})

@@ -139,10 +139,18 @@ def _common_prefix(a: Messages, b: Messages) -> int:
     return n
 
 
+# the fields a row's feedback is read from; `keep=OTHER_FIELDS` keeps every other one (a reference answer, a kind)
+FEEDBACK_FIELDS = frozenset({"prompt", "completion", "label", "messages", "chosen", "rejected", "input",
+                             "preferred_output", "non_preferred_output"})
+OTHER_FIELDS = ("*",)
+
+
 def row_to_records(row, path, where, keep: tuple[str, ...] = ()) -> list[Record]:
     """Turn one input row into one record (unpaired) or two (a pair split into thumbs-up and thumbs-down); the
     row's fields named in `keep` travel with each record in ``record.fields``."""
     made = _row_to_records(row, path, where)
+    if keep == OTHER_FIELDS:
+        keep = tuple(name for name in row if name not in FEEDBACK_FIELDS)
     kept = {name: row[name] for name in keep if row.get(name) is not None}
     for record in made:
         record.fields = dict(kept)

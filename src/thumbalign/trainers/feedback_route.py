@@ -21,7 +21,7 @@ import hashlib
 import json
 from pathlib import Path
 
-from ..data.records import load_records
+from ..data.records import OTHER_FIELDS, load_records
 from ..engine.rundir import is_first_process
 from ..errors import ConfigError
 from ..files import write_text_atomically
@@ -107,10 +107,11 @@ def finished_summary(folder: Path) -> dict | None:
 def prompt_files(config, folder: Path, log) -> tuple[Path, Path | None]:
     """The thumbs' distinct prompts, a seeded share of them kept apart for evaluation. Which prompt is held out
     depends on its text and the seed only, so a resumed route (and every process) makes the same files."""
-    records, report = load_records(config.feedback, config.skip_invalid)
-    distinct: dict[str, object] = {}
+    records, report = load_records(config.feedback, config.skip_invalid, keep=OTHER_FIELDS)
+    distinct: dict[str, dict] = {}  # a prompt's row: the prompt and its first record's other columns (for rewards)
     for record in records:
-        distinct.setdefault(json.dumps(record.prompt, sort_keys=True, ensure_ascii=False), record.prompt)
+        distinct.setdefault(json.dumps(record.prompt, sort_keys=True, ensure_ascii=False),
+                            {**record.fields, "prompt": record.prompt})
 
     def rank(key: str) -> str:
         return hashlib.sha256(f"{config.seed}/{key}".encode()).hexdigest()
@@ -128,9 +129,9 @@ def prompt_files(config, folder: Path, log) -> tuple[Path, Path | None]:
     return train_path, eval_path
 
 
-def write_prompts(path: Path, prompts: list) -> Path:
+def write_prompts(path: Path, rows: list[dict]) -> Path:
     # every process writes the same bytes (atomically), so none reads a file another is still writing
-    text = "".join(json.dumps({"prompt": p}, ensure_ascii=False) + "\n" for p in prompts)
+    text = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
     return write_text_atomically(path, text, "the route's prompts")
 
 
