@@ -123,6 +123,12 @@ def test_a_reward_model_is_reused_and_the_route_refuses_what_it_cannot_do(tmp_pa
     thumbs = _thumbs(tmp_path)
     first = tmp_path / "first"
     assert main(_route_args(thumbs, tiny_llama, first, "--max-steps", "1")) == 0
+    # a fresh route into a folder that holds one is refused, naming the stage's folder; --overwrite trains again
+    assert main(_route_args(thumbs, tiny_llama, first, "--max-steps", "1")) == 2
+    assert f"{first / 'reward'} already holds a run" in capsys.readouterr().err
+    before = (first / "reward" / "model" / "model.safetensors").stat().st_mtime_ns
+    assert main(_route_args(thumbs, tiny_llama, first, "--max-steps", "1", "--overwrite")) == 0
+    assert (first / "reward" / "model" / "model.safetensors").stat().st_mtime_ns != before
     reused = tmp_path / "reused"
     assert main(_route_args(thumbs, tiny_llama, reused, "--max-steps", "1", "--reward",
                             f"rm:{first / 'reward' / 'model'}")) == 0
@@ -174,3 +180,20 @@ def test_the_watch_is_quiet_when_reward_and_agreement_rise_together_and_its_stat
         later = {"reward_mean": 0.9, **w.measure([], [(True, True), (True, True)], 12.0)}
         w.warn(later)
         assert "reward_warning" not in later and later["length_drift"] == pytest.approx(0.5)
+
+
+def test_the_route_under_two_processes_launches_each_stage(tmp_path, tiny_llama):
+    """A launched process group serves one run: the reward model's stage and the policy's are launched in turn."""
+    thumbs = _thumbs(tmp_path)
+    out = tmp_path / "two"
+    args = _route_args(thumbs, tiny_llama, out, "--max-steps", "2", "--per-device-train-batch-size", "1",
+                       "--num-processes", "2")
+    proc = _start(args, tmp_path, tmp_path / "two.log")
+    assert proc.wait(timeout=300) == 0, (tmp_path / "two.log").read_text()[-3000:]
+    for stage in ("reward", "policy"):
+        assert json.loads((out / stage / "summary.json").read_text())["world_size"] == 2
+    assert (out / "summary.json").is_file() and (out / "policy" / "model" / "config.json").is_file()
+    proc = _start([*args, "--resume"], tmp_path, tmp_path / "again.log")  # finished: both stages are skipped
+    assert proc.wait(timeout=300) == 0, (tmp_path / "again.log").read_text()[-3000:]
+    log = (tmp_path / "again.log").read_text()
+    assert "trained by this route earlier; reused" in log and "The policy stage has finished already" in log

@@ -180,13 +180,18 @@ def run_training(args, argv: list[str], config_class, trainer: Callable[[], Call
     torch, which --help never needs."""
     config = build_config(args, config_class)
     check_machines(config)
+    if will_launch(config):
+        check_accelerate_config(config)
+        return launch_processes(argv, config)
+    trainer()(config)
+    return 0
+
+
+def will_launch(config) -> bool:
+    """This command starts the processes of a launched run (rather than being one of them, or the only one)."""
     # one process with an accelerate config is launched too: DeepSpeed's offload or ZeRO-3 on a single GPU is a
     # reason to ask for one, and only a launched process runs under it
     launched = config.num_processes > 1 or config.num_machines > 1 or config.accelerate_config
     # a process this launch started never launches again (a config file may still name the accelerate config, and
     # accelerate's single-process launcher sets no WORLD_SIZE)
-    if launched and "WORLD_SIZE" not in os.environ and LAUNCHED not in os.environ:
-        check_accelerate_config(config)
-        return launch_processes(argv, config)
-    trainer()(config)
-    return 0
+    return bool(launched) and "WORLD_SIZE" not in os.environ and LAUNCHED not in os.environ

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import os
 
-from ..trainers.config import OnlineConfig
-from .launch import run_training
-from .options import add_arguments
+from ..trainers.config import ROUTE_STAGE, OnlineConfig
+from .launch import run_training, will_launch
+from .options import add_arguments, build_config
 
 EPILOG = """\
 examples:
@@ -48,4 +49,16 @@ def run(args, argv: list[str]) -> int:
 
         return lambda config: (train_from_feedback if config.feedback else train_online)(config)
 
+    config = build_config(args, OnlineConfig)
+    if config.feedback and not config.reward and will_launch(config):
+        # a launched process group serves one run: the reward model's stage and the policy's are launched in turn
+        for stage in ("reward", "policy"):
+            os.environ[ROUTE_STAGE] = stage
+            try:
+                code = run_training(args, argv, OnlineConfig, trainer)
+            finally:
+                del os.environ[ROUTE_STAGE]
+            if code:
+                return code
+        return 0
     return run_training(args, argv, OnlineConfig, trainer)

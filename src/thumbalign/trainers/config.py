@@ -387,6 +387,12 @@ class OnlineConfig(PolicyConfig):
         super().validate()
 
 
+# with several processes `online --feedback` launches them once per stage (a process group serves one run): this
+# environment variable tells the launched processes which stage they are ("reward": stop after the reward model;
+# "policy": the reward model was trained by the previous launch)
+ROUTE_STAGE = "THUMBALIGN_ROUTE_STAGE"
+
+
 def check_feedback_route(config: OnlineConfig) -> None:
     """--feedback: the prompts come from the file and the reward is the model trained on it (or one given)."""
     if config.prompts:

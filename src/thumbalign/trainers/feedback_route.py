@@ -19,13 +19,14 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 from pathlib import Path
 
 from ..data.records import OTHER_FIELDS, load_records
 from ..engine.rundir import is_first_process
 from ..errors import ConfigError
 from ..files import write_text_atomically
-from .config import RewardConfig
+from .config import ROUTE_STAGE, RewardConfig
 from .online import train_online
 from .reward import train_reward_model
 
@@ -41,8 +42,10 @@ def train_from_feedback(config, log=print) -> dict:
     log = log if is_first_process() else (lambda *_: None)  # the stages' own lines come from their engines
     reward_model = reward_stage(config, out, log)
     train_prompts, eval_prompts = prompt_files(config, out / "prompts", log)
+    if os.environ.get(ROUTE_STAGE) == "reward":  # launched processes: the policy's stage is the next launch
+        return {}
     policy = policy_stage_config(config, out / "policy", reward_model, train_prompts, eval_prompts, log)
-    summary = finished_summary(out / "policy")
+    summary = finished_summary(out / "policy") if config.resume else None
     if summary is not None:
         log(f"The policy stage has finished already: {out / 'policy' / 'model'}")
     else:
@@ -65,7 +68,10 @@ def reward_stage(config, out: Path, log) -> Path:
         log(f"Reward model: {given} (given with --reward; not trained again)")
         return given
     folder = out / "reward"
-    if finished_summary(folder) is not None:
+    # reused when continuing the route, or in the policy's launch (the previous launch trained it); a fresh route
+    # into a folder that holds one is refused, or with --overwrite trains it again, as any run folder
+    reuse = config.resume or os.environ.get(ROUTE_STAGE) == "policy"
+    if reuse and finished_summary(folder) is not None:
         log(f"Reward model: {folder / 'model'} (trained by this route earlier; reused)")
         return folder / "model"
     settings = {name: getattr(config, name) for name in SHARED}
@@ -140,7 +146,8 @@ def write_prompts(path: Path, rows: list[dict]) -> Path:
 def policy_stage_config(config, folder: Path, reward_model: Path, train_prompts: Path, eval_prompts: Path | None,
                         log):
     """The online run's settings: the route's, with the prompts and the reward the route made."""
-    start = stage_start(config, folder, "policy", log) if finished_summary(folder) is None else {}
+    finished = config.resume and finished_summary(folder) is not None
+    start = {} if finished else stage_start(config, folder, "policy", log)
     policy = dataclasses.replace(config, feedback=None, prompts=str(train_prompts), reward=[f"rm:{reward_model}"],
                                  reward_weights=None, output_dir=str(folder),
                                  eval_prompts=config.eval_prompts or (str(eval_prompts) if eval_prompts else None),
