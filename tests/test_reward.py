@@ -83,6 +83,17 @@ def test_temperature_scaling_reduces_ece_of_an_overconfident_model():
     assert after < before / 2
 
 
+def test_temperature_stays_bounded_when_held_out_scores_rank_worse_than_chance():
+    """Unbounded, anti-ranked held-out logits push T to ~1e5 and every P(👍) to 0.5 ± 1e-6; bounded, the scores
+    keep a spread an online reward can use, and the ranking (hence the AUC) is unchanged."""
+    torch.manual_seed(0)
+    logits = torch.randn(200) * 2
+    labels = logits < 0  # the model ranks them backwards
+    temperature = fit_temperature(logits, labels)
+    assert temperature == 20.0
+    assert torch.sigmoid(logits / temperature).std() > 0.01
+
+
 def test_reward_score_command(trained_rm, tmp_path, capsys):
     run, _ = trained_rm
     data = write_jsonl(tmp_path / "s.jsonl", [{"prompt": "Tell me about item 500.", "completion": "Item 500 is great"},

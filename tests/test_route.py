@@ -139,6 +139,13 @@ def test_a_reward_model_is_reused_and_the_route_refuses_what_it_cannot_do(tmp_pa
                            (("--feedback-eval-share", "1.5"), "feedback_eval_share must be in [0, 1)")]:
         assert main(_route_args(thumbs, tiny_llama, tmp_path / "x", *extra)) == 2
         assert message in capsys.readouterr().err
+    # thumbs the answers cannot explain (each prompt and answer got both labels): the reward model ranks nothing
+    # and the route says so before the policy's stage (the first route's, which learned, said nothing)
+    assert "ranks its held-out thumbs little better than chance" not in capsys.readouterr().out
+    flat = write_jsonl(tmp_path / "flat.jsonl", [{"prompt": f"question {i % 10}?", "completion": "ok.",
+                                                  "label": (i // 10) % 2 == 0} for i in range(60)])
+    assert main(_route_args(flat, tiny_llama, tmp_path / "flat", "--max-steps", "1")) == 0
+    assert "ranks its held-out thumbs little better than chance (ROC AUC" in capsys.readouterr().out
     # all prompts held out: nothing to train on, said before any model is trained
     one_prompt = write_jsonl(tmp_path / "one.jsonl", [{"prompt": "p", "completion": c, "label": c == "a"}
                                                        for c in "ab"])

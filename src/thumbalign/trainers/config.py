@@ -357,7 +357,7 @@ class OnlineConfig(PolicyConfig):
                                     "(into OUTPUT_DIR/policy). Replaces --prompts.")
     feedback_eval_share: float = _f(0.1, "With --feedback: share of the distinct prompts (seeded) kept apart from "
                                          "training, answered before and after training (--eval-prompts).")
-    reward_model_epochs: float = _f(2.0, "With --feedback: passes of the reward model over the thumbs.")
+    reward_model_epochs: float = _f(4.0, "With --feedback: passes of the reward model over the thumbs.")
     reward_model_learning_rate: float = _f(5e-5, "With --feedback: the reward model's peak learning rate (full "
                                                  "fine-tune, 10% held out for its calibration and AUC).")
 

@@ -41,6 +41,7 @@ def train_from_feedback(config, log=print) -> dict:
     out = Path(config.output_dir)
     log = log if is_first_process() else (lambda *_: None)  # the stages' own lines come from their engines
     reward_model = reward_stage(config, out, log)
+    warn_if_weak(reward_model, log)
     train_prompts, eval_prompts = prompt_files(config, out / "prompts", log)
     if os.environ.get(ROUTE_STAGE) == "reward":  # launched processes: the policy's stage is the next launch
         return {}
@@ -83,6 +84,25 @@ def reward_stage(config, out: Path, log) -> Path:
         f"{config.reward_model_learning_rate:g}) into {folder}")
     train_reward_model(rm_config, log)
     return folder / "model"
+
+
+WEAK_AUC = 0.6  # below this held-out AUC the reward model barely tells 👍 answers from 👎 ones
+
+
+def warn_if_weak(reward_model: Path, log) -> None:
+    """A reward model that does not rank held-out thumbs is a noisy reward: online learning against it learns
+    little, or the noise. Said before the policy's stage spends its time (read from the folder's config.json,
+    where its training stored the held-out numbers)."""
+    try:
+        held_out = json.loads((reward_model / "config.json").read_text(encoding="utf-8")).get("thumbalign_held_out")
+    except (OSError, ValueError):
+        return
+    auc = (held_out or {}).get("auc")
+    if auc is not None and auc < WEAK_AUC:
+        log(f"warning: the reward model ranks its held-out thumbs little better than chance (ROC AUC {auc:.3f}): the "
+            "policy would learn from noise. More thumbs, more epochs (--reward-model-epochs) or another learning "
+            "rate (--reward-model-learning-rate) give it more to learn; its report is in "
+            f"{reward_model.parent / 'report.html'}")
 
 
 def stage_start(config, folder: Path, name: str, log) -> dict:
