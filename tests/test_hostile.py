@@ -137,6 +137,43 @@ def test_an_import_refuses_to_write_over_its_own_input(tmp_path, capsys):
     assert data.read_bytes() == before
 
 
+# ------------------------------------------------------------------------------------- hostile text in data files
+
+def _feedback_commands(data, tiny_llama, tmp_path):
+    return [_train(data, tiny_llama, tmp_path / "run"), ["inspect", str(data), "--model", str(tiny_llama)],
+            ["import", str(data), "--from", "generic", "-o", str(tmp_path / "out.jsonl")]]
+
+
+def test_a_number_too_long_for_python_to_read_is_one_line_naming_file_and_line(tmp_path, tiny_llama, capsys):
+    data = tmp_path / "f.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in toy_feedback(8))
+                    + '{"prompt": "p", "completion": "c", "label": 1' + "0" * 4_999 + "}\n")
+    for args in _feedback_commands(data, tiny_llama, tmp_path):
+        assert main(args) == 2
+        assert f"{data}, line 9: invalid JSON: a number longer than 4300 digits" in _one_line(capsys)
+    assert not (tmp_path / "run" / "model").exists() and not (tmp_path / "out.jsonl").exists()
+
+
+@pytest.mark.parametrize("suffix, row, field", [
+    (".jsonl", '{"prompt": "\\ud800 hi", "completion": "c", "label": true}', "prompt"),
+    (".jsonl", '{"prompt": [{"role": "user", "content": "\\ud83d\\ude00 fine"}, {"role": "assistant", '
+               '"content": "half \\uDC00"}], "completion": "c", "label": true}', "prompt[1].content"),
+    (".csv", '"[{""role"": ""user"", ""content"": ""\\ud800 hi""}]",c,1', "prompt[0].content"),
+])
+def test_a_lone_surrogate_escape_is_one_line_naming_file_line_and_field(tmp_path, tiny_llama, capsys, suffix, row,
+                                                                         field):
+    data = tmp_path / f"f{suffix}"
+    head = "".join(json.dumps(r) + "\n" for r in toy_feedback(8)) if suffix == ".jsonl" else \
+        "prompt,completion,label\n" + "".join(f"{r['prompt']},{r['completion']},{int(r['label'])}\n"
+                                               for r in toy_feedback(8))
+    data.write_text(head + row + "\n")
+    line_number = 9 if suffix == ".jsonl" else 10  # the CSV header is line 1
+    for args in _feedback_commands(data, tiny_llama, tmp_path):
+        assert main(args) == 2
+        line = _one_line(capsys)
+        assert f"{data}, line {line_number}: field '{field}': holds half of a UTF-16 surrogate pair" in line, line
+
+
 # ------------------------------------------------------------------------------------- numbers
 
 @pytest.mark.parametrize("command, flag, value", [
@@ -190,6 +227,27 @@ def test_deeply_nested_json_is_refused_in_bounded_memory(tmp_path, tiny_llama):
     inside.write_text('[{"prompt": "p", "completion": "c", "label": true}, ' + "[" * 50_000 + "]" * 50_000 + "]")
     line = _bounded(["import", inside, "--from", "generic", "-o", tmp_path / "out.jsonl"], tmp_path)
     assert "item 1" in line and "nested deeper" in line
+
+
+@pytest.mark.parametrize("source", ["generic", "langsmith"])
+@pytest.mark.parametrize("suffix", [".jsonl", ".json"])
+@pytest.mark.parametrize("depth", [300, 3_000])  # below and above what Python's json module parses at all
+def test_a_deeply_nested_list_in_an_export_is_refused_in_bounded_memory(tmp_path, source, suffix, depth):
+    nested = "[" * depth + "]" * depth
+    rows = {"generic": [{"prompt": "p", "completion": "c", "label": True}, {"prompt": "p", "completion": "X"}],
+            "langsmith": [{"id": "r1", "inputs": {"q": "hi"}, "outputs": {"o": "yo"}},
+                          {"id": "r2", "inputs": {"q": "hi"}, "outputs": "X"}]}[source]
+    lines = [json.dumps(row).replace('"X"', nested) for row in rows]
+    export = tmp_path / f"export{suffix}"
+    export.write_text("\n".join(lines) + "\n" if suffix == ".jsonl" else "[" + ", ".join(lines) + "]")
+    args = ["import", export, "--from", source, "-o", tmp_path / "out.jsonl"]
+    if source == "langsmith":
+        args[2:2] = [write_jsonl(tmp_path / "feedback.jsonl", [{"run_id": f"r{i}", "key": "k", "score": 1}
+                                                               for i in (1, 2)])]
+    line = _bounded(args, tmp_path)
+    where = "line 2" if suffix == ".jsonl" else "item 1"
+    assert f"export{suffix}, {where}: nested deeper than 256 levels" in line
+    assert not (tmp_path / "out.jsonl").exists()
 
 
 @pytest.mark.parametrize("name, text, expected", [
