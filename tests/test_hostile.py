@@ -1,6 +1,7 @@
 """Hostile input and faults: nothing the user had is deleted or replaced by a run that then fails, and the error is
 one line. Each test runs the real command line on real files."""
 
+import argparse
 import json
 import os
 import shutil
@@ -13,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import toy_feedback, write_jsonl
-from thumbalign.cli import main
+from thumbalign.cli import build_parser, main
 from thumbalign.engine.checkpoint import damage
 from thumbalign.trainers.config import TrainConfig
 from thumbalign.trainers.policy import train
@@ -431,6 +432,24 @@ def test_a_reward_or_judge_that_cannot_be_loaded_is_one_line_before_anything_run
         assert main(args) == 2
         assert expected in _one_line(capsys)
     assert not (tmp_path / "run" / "model").exists()
+
+
+def _option_helps(parser, command=()):
+    """(command words, option, help) of every option of every command, subcommands included."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield from _option_helps(sub, command + (name,))
+        elif action.option_strings:
+            yield " ".join(command), action.option_strings[0], action.help or ""
+
+
+def test_every_flag_that_runs_a_module_function_says_so_in_its_help():
+    runs_code = {(command, flag): help_ for command, flag, help_ in _option_helps(build_parser())
+                 if "module:function" in help_}
+    assert {("train", "--judge"), ("online", "--reward"), ("eval", "--judge")} <= set(runs_code), sorted(runs_code)
+    for (command, flag), help_ in runs_code.items():
+        assert "imports MODULE and runs FUNCTION: only name code you trust" in help_, (command, flag, help_)
 
 
 def test_scoring_with_a_plain_language_model_is_refused(tmp_path, tiny_llama, capsys):
