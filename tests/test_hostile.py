@@ -458,6 +458,36 @@ def test_scoring_with_a_plain_language_model_is_refused(tmp_path, tiny_llama, ca
     assert "is not a trained reward model" in _one_line(capsys) and not (tmp_path / "s.jsonl").exists()
 
 
+# ------------------------------------------------------------------------------------- pickled weights
+
+def _pickled(tiny_llama, folder):
+    """The tiny model with its weights as a pickle (pytorch_model.bin), as older transformers saved them."""
+    shutil.copytree(tiny_llama, folder)
+    torch.save(load_file(str(folder / "model.safetensors")), folder / "pytorch_model.bin")
+    (folder / "model.safetensors").unlink()
+    return folder
+
+
+def test_a_model_folder_whose_weights_are_a_pickle_is_refused_unless_allowed(tmp_path, tiny_llama, capsys,
+                                                                             monkeypatch):
+    pickled = _pickled(tiny_llama, tmp_path / "pickled")
+    data = write_jsonl(tmp_path / "f.jsonl", toy_feedback(16))
+    prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "hi"}] * 2)
+    judged = ["eval", "--prompts", str(prompts), "--model", str(tiny_llama), "--baseline", str(tiny_llama), "--judge",
+              f"rm:{pickled}", "--output-dir", str(tmp_path / "eval")]
+    against = ["eval", "--model", str(tiny_llama), "--ref", str(pickled), "--data", str(data), "--output-dir",
+               str(tmp_path / "eval")]
+    for args in (_train(data, pickled, tmp_path / "run"), against, judged):
+        assert main(args) == 2
+        line = _one_line(capsys)
+        assert f"{pickled}: its weights are a pickle (pytorch_model.bin)" in line and "safe_serialization=True" in line
+        assert "THUMBALIGN_ALLOW_PICKLE=1" in line
+    assert not (tmp_path / "run" / "model").exists()
+    monkeypatch.setenv("THUMBALIGN_ALLOW_PICKLE", "1")
+    assert main(_train(data, pickled, tmp_path / "run")) == 0
+    assert (tmp_path / "run" / "model" / "model.safetensors").exists()
+
+
 # ------------------------------------------------------------------------------------- two processes
 
 def _two_processes(args, tmp_path, **popen):

@@ -32,6 +32,34 @@ def file_operation(what: str, path) -> Iterator[None]:
         raise FileSystemError(f"cannot {what} {path}: {reason(err)}") from None
 
 
+# Model weights are read from safetensors only: a pickle (pytorch_model.bin, *.pt) is a program that torch.load runs
+# in a restricted interpreter, and a flaw there is a way in. Whoever trusts a folder's pickles may opt in.
+ALLOW_PICKLE = "THUMBALIGN_ALLOW_PICKLE"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
+
+
+def pickles_allowed() -> bool:
+    return os.environ.get(ALLOW_PICKLE) == "1"
+
+
+def safetensors_only() -> dict:
+    """The from_pretrained arguments that keep a loader to safetensors (none when pickles are allowed)."""
+    return {} if pickles_allowed() else {"use_safetensors": True}
+
+
+def refuse_pickled_weights(folder: Path) -> None:
+    """A model folder whose weights are pickles only is one line saying how to convert it (or how to opt in)."""
+    folder = Path(folder)
+    if pickles_allowed() or not folder.is_dir() or any(folder.glob("*.safetensors")):
+        return
+    pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES and p.is_file())
+    if pickles:
+        raise ConfigError(f"{folder}: its weights are a pickle ({pickles[0]}), which thumbalign does not load "
+                          "(unpickling can run code); convert the folder once in Python: from_pretrained(FOLDER)"
+                          ".save_pretrained(FOLDER, safe_serialization=True), with the model's transformers class; "
+                          f"or, if you trust the file, set {ALLOW_PICKLE}=1")
+
+
 def write_atomically(path: Path, write: Callable[[Path], None], what: str) -> Path:
     """`write(tmp)` fills a file beside `path`; it is renamed into place only once complete, and removed if the
     writing fails. The parent folder is created when missing."""
