@@ -488,6 +488,24 @@ def test_a_model_folder_whose_weights_are_a_pickle_is_refused_unless_allowed(tmp
     assert (tmp_path / "run" / "model" / "model.safetensors").exists()
 
 
+# ------------------------------------------------------------------------------------- file modes
+
+def test_every_file_a_run_writes_has_the_mode_open_gives_under_the_umask(tmp_path, tiny_llama):
+    data = write_jsonl(tmp_path / "f.jsonl", toy_feedback(16))
+    env = {**os.environ, "THUMBALIGN_CACHE": str(tmp_path / "cache")}
+    args = _train(data, tiny_llama, tmp_path / "run", "--max-steps", "2", "--save-steps", "1")
+    done = subprocess.run([sys.executable, "-m", "thumbalign", *args], capture_output=True, text=True, env=env,
+                          umask=0o007, timeout=300)  # not the usual 022: its modes must come from the umask
+    assert done.returncode == 0, done.stderr[-2000:]
+    written = [p for folder in (tmp_path / "run", tmp_path / "cache") for p in folder.rglob("*")]
+    modes = {str(p.relative_to(tmp_path)): oct(p.stat().st_mode & 0o777) for p in written if p.is_file()}
+    assert {"run/model/model.safetensors", "run/checkpoints/step-000002/weights.safetensors",
+            "run/checkpoints/step-000002/trainer_state.json", "run/summary.json"} <= set(modes)
+    assert any(name.startswith("cache/reflogps/") for name in modes), sorted(modes)
+    assert set(modes.values()) == {oct(0o660)}, modes
+    assert {oct(p.stat().st_mode & 0o777) for p in written if p.is_dir()} == {oct(0o770)}
+
+
 # ------------------------------------------------------------------------------------- two processes
 
 def _two_processes(args, tmp_path, **popen):

