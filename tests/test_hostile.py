@@ -488,6 +488,50 @@ def test_a_model_folder_whose_weights_are_a_pickle_is_refused_unless_allowed(tmp
     assert (tmp_path / "run" / "model" / "model.safetensors").exists()
 
 
+# ------------------------------------------------------------------------------------- a real full disk
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 6 MB file system (tmpfs): room for one checkpoint of a 1.6 MB model (weights and two Adam moments), not for
+    a second one or the final model beside it. Mounting needs root, as in CI."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs to fill needs root")
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=6m", "tmpfs", str(disk)], capture_output=True,
+                             text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+    try:
+        yield disk
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)
+
+
+@pytest.mark.parametrize("steps, expected", [
+    (4, "could not write the checkpoint of step 4 (No space left on device); the earlier checkpoints in {out}/"
+        "checkpoints are intact"),
+    (2, "cannot write the model folder {out}/model: No space left on device (ENOSPC)"),
+])
+def test_a_full_disk_is_one_line_and_the_checkpoint_before_it_resumes(tmp_path, small_disk, capsys, steps,
+                                                                      expected):
+    from conftest import save_tiny_model
+
+    model = save_tiny_model(tmp_path / "model", hidden=144)
+    data = write_jsonl(tmp_path / "f.jsonl", toy_feedback(16))
+    out = small_disk / "run"
+    args = _train(data, model, out, "--max-steps", steps, "--save-steps", 2)
+    assert main(args) == 2
+    assert expected.format(out=out) in _one_line(capsys)
+    checkpoints = out / "checkpoints"
+    assert [p.name for p in checkpoints.iterdir()] == ["step-000002"] and damage(checkpoints / "step-000002") is None
+    assert not (out / "model").exists() and not (out / "model.staging").exists()
+    # with room again, the run goes on from that checkpoint
+    subprocess.run(["mount", "-o", "remount,size=64m", str(small_disk)], check=True)
+    assert main(args + ["--resume", "latest"]) == 0
+    assert "Resumed from" in capsys.readouterr().out and (out / "model" / "model.safetensors").exists()
+
+
 # ------------------------------------------------------------------------------------- file modes
 
 def test_every_file_a_run_writes_has_the_mode_open_gives_under_the_umask(tmp_path, tiny_llama):

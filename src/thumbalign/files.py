@@ -7,6 +7,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+import re
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
@@ -23,13 +24,43 @@ def reason(err: OSError) -> str:
     return f"{err.strerror or err}" + (f" ({name})" if name else "")
 
 
+# safetensors' Rust writer reports a failed write (a full disk) as SafetensorError("... (os error 28)")
+SAFETENSORS_OS_ERROR = re.compile(r"\(os error (\d+)\)")
+
+
+def as_os_error(err: BaseException, path=None) -> OSError | None:
+    """The OSError that `err` is or stands for (safetensors' report of one), else None."""
+    if isinstance(err, OSError):
+        return err
+    found = SAFETENSORS_OS_ERROR.search(str(err)) if type(err).__name__ == "SafetensorError" else None
+    if found is None:
+        return None
+    code = int(found.group(1))
+    return OSError(code, os.strerror(code), None if path is None else str(path))
+
+
 @contextmanager
-def file_operation(what: str, path) -> Iterator[None]:
-    """Any OSError inside becomes one line: "cannot <what> <path>: <reason>"."""
+def os_errors_of_safetensors(path) -> Iterator[None]:
+    """A safetensors write that fails for the file system raises the OSError it stands for (about `path`)."""
     try:
         yield
-    except OSError as err:
-        raise FileSystemError(f"cannot {what} {path}: {reason(err)}") from None
+    except Exception as err:
+        found = as_os_error(err, path)
+        if found is None or found is err:
+            raise
+        raise found from None
+
+
+@contextmanager
+def file_operation(what: str, path) -> Iterator[None]:
+    """Any OSError inside (safetensors' reports of one too) becomes one line: "cannot <what> <path>: <reason>"."""
+    try:
+        yield
+    except Exception as err:
+        found = as_os_error(err)
+        if found is None:
+            raise
+        raise FileSystemError(f"cannot {what} {path}: {reason(found)}") from None
 
 
 # Model weights are read from safetensors only: a pickle (pytorch_model.bin, *.pt) is a program that torch.load runs

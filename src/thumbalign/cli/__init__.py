@@ -13,7 +13,7 @@ import sys
 
 from .. import __version__
 from ..errors import ThumbalignError
-from ..files import reason
+from ..files import as_os_error, reason
 from . import best_of_n, env, evaluate, importer, inspect_file, methods, online, report, reward, starter, train
 
 COMMANDS = (train, online, methods, evaluate, report, reward, best_of_n, importer, inspect_file, starter, env)
@@ -51,6 +51,9 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as err:  # not foreseen here (a library's failure, a bug): still one line; the trace on request
         if os.environ.get("THUMBALIGN_DEBUG"):
             raise
+        if as_os_error(err) is not None:  # a library's report of a file-system failure (safetensors' full disk)
+            print(f"thumbalign: error: {reason(as_os_error(err))}", file=sys.stderr)
+            return 2
         detail = " ".join(str(err).split())[:500] or "no message"
         print(f"thumbalign: error: {type(err).__name__}: {detail} (unexpected: THUMBALIGN_DEBUG=1 shows where it "
               "happened; please report it)", file=sys.stderr)
