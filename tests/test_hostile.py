@@ -576,3 +576,21 @@ def test_a_bad_row_under_two_processes_is_one_line_with_the_processes_exit_code(
     assert proc.returncode == 2
     assert "line 17: field 'label'" in _only_one_line(err, "thumbalign: error: ")
 
+
+def test_ctrl_c_under_two_processes_is_one_line_exit_code_130_and_the_run_resumes(tmp_path, tiny_llama):
+    data = write_jsonl(tmp_path / "f.jsonl", toy_feedback(16))
+    args = _train(data, tiny_llama, tmp_path / "run", "--max-steps", 40, "--save-steps", 2, "--logging-steps", 1)
+    # a session of its own: the signal goes to its process group, as a terminal's Ctrl-C does
+    proc = _two_processes(args, tmp_path, start_new_session=True)
+    for line in proc.stdout:
+        if line.startswith("step 3:"):  # said by the run itself: the processes are training
+            os.killpg(proc.pid, signal.SIGINT)
+            break
+    _, err = proc.communicate(timeout=240)
+    assert proc.returncode == 130, err[-3000:]
+    line = _only_one_line(err, "thumbalign: interrupted")
+    assert line == "thumbalign: interrupted; continue with --resume (from the last checkpoint)"
+    again = _two_processes(args + ["--resume", "latest"], tmp_path)
+    out, err = again.communicate(timeout=240)
+    assert again.returncode == 0, err[-3000:]
+    assert "Resumed from" in out and (tmp_path / "run" / "model" / "model.safetensors").exists()
