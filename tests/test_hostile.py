@@ -1,6 +1,7 @@
 """Hostile input and faults: nothing the user had is deleted or replaced by a run that then fails, and the error is
 one line. Each test runs the real command line on real files."""
 
+import argparse
 import json
 import os
 import shutil
@@ -13,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import toy_feedback, write_jsonl
-from thumbalign.cli import main
+from thumbalign.cli import build_parser, main
 from thumbalign.engine.checkpoint import damage
 from thumbalign.trainers.config import TrainConfig
 from thumbalign.trainers.policy import train
@@ -137,6 +138,43 @@ def test_an_import_refuses_to_write_over_its_own_input(tmp_path, capsys):
     assert data.read_bytes() == before
 
 
+# ------------------------------------------------------------------------------------- hostile text in data files
+
+def _feedback_commands(data, tiny_llama, tmp_path):
+    return [_train(data, tiny_llama, tmp_path / "run"), ["inspect", str(data), "--model", str(tiny_llama)],
+            ["import", str(data), "--from", "generic", "-o", str(tmp_path / "out.jsonl")]]
+
+
+def test_a_number_too_long_for_python_to_read_is_one_line_naming_file_and_line(tmp_path, tiny_llama, capsys):
+    data = tmp_path / "f.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in toy_feedback(8))
+                    + '{"prompt": "p", "completion": "c", "label": 1' + "0" * 4_999 + "}\n")
+    for args in _feedback_commands(data, tiny_llama, tmp_path):
+        assert main(args) == 2
+        assert f"{data}, line 9: invalid JSON: a number longer than 4300 digits" in _one_line(capsys)
+    assert not (tmp_path / "run" / "model").exists() and not (tmp_path / "out.jsonl").exists()
+
+
+@pytest.mark.parametrize("suffix, row, field", [
+    (".jsonl", '{"prompt": "\\ud800 hi", "completion": "c", "label": true}', "prompt"),
+    (".jsonl", '{"prompt": [{"role": "user", "content": "\\ud83d\\ude00 fine"}, {"role": "assistant", '
+               '"content": "half \\uDC00"}], "completion": "c", "label": true}', "prompt[1].content"),
+    (".csv", '"[{""role"": ""user"", ""content"": ""\\ud800 hi""}]",c,1', "prompt[0].content"),
+])
+def test_a_lone_surrogate_escape_is_one_line_naming_file_line_and_field(tmp_path, tiny_llama, capsys, suffix, row,
+                                                                         field):
+    data = tmp_path / f"f{suffix}"
+    head = "".join(json.dumps(r) + "\n" for r in toy_feedback(8)) if suffix == ".jsonl" else \
+        "prompt,completion,label\n" + "".join(f"{r['prompt']},{r['completion']},{int(r['label'])}\n"
+                                               for r in toy_feedback(8))
+    data.write_text(head + row + "\n")
+    line_number = 9 if suffix == ".jsonl" else 10  # the CSV header is line 1
+    for args in _feedback_commands(data, tiny_llama, tmp_path):
+        assert main(args) == 2
+        line = _one_line(capsys)
+        assert f"{data}, line {line_number}: field '{field}': holds half of a UTF-16 surrogate pair" in line, line
+
+
 # ------------------------------------------------------------------------------------- numbers
 
 @pytest.mark.parametrize("command, flag, value", [
@@ -190,6 +228,27 @@ def test_deeply_nested_json_is_refused_in_bounded_memory(tmp_path, tiny_llama):
     inside.write_text('[{"prompt": "p", "completion": "c", "label": true}, ' + "[" * 50_000 + "]" * 50_000 + "]")
     line = _bounded(["import", inside, "--from", "generic", "-o", tmp_path / "out.jsonl"], tmp_path)
     assert "item 1" in line and "nested deeper" in line
+
+
+@pytest.mark.parametrize("source", ["generic", "langsmith"])
+@pytest.mark.parametrize("suffix", [".jsonl", ".json"])
+@pytest.mark.parametrize("depth", [300, 3_000])  # below and above what Python's json module parses at all
+def test_a_deeply_nested_list_in_an_export_is_refused_in_bounded_memory(tmp_path, source, suffix, depth):
+    nested = "[" * depth + "]" * depth
+    rows = {"generic": [{"prompt": "p", "completion": "c", "label": True}, {"prompt": "p", "completion": "X"}],
+            "langsmith": [{"id": "r1", "inputs": {"q": "hi"}, "outputs": {"o": "yo"}},
+                          {"id": "r2", "inputs": {"q": "hi"}, "outputs": "X"}]}[source]
+    lines = [json.dumps(row).replace('"X"', nested) for row in rows]
+    export = tmp_path / f"export{suffix}"
+    export.write_text("\n".join(lines) + "\n" if suffix == ".jsonl" else "[" + ", ".join(lines) + "]")
+    args = ["import", export, "--from", source, "-o", tmp_path / "out.jsonl"]
+    if source == "langsmith":
+        args[2:2] = [write_jsonl(tmp_path / "feedback.jsonl", [{"run_id": f"r{i}", "key": "k", "score": 1}
+                                                               for i in (1, 2)])]
+    line = _bounded(args, tmp_path)
+    where = "line 2" if suffix == ".jsonl" else "item 1"
+    assert f"export{suffix}, {where}: nested deeper than 256 levels" in line
+    assert not (tmp_path / "out.jsonl").exists()
 
 
 @pytest.mark.parametrize("name, text, expected", [
@@ -375,10 +434,120 @@ def test_a_reward_or_judge_that_cannot_be_loaded_is_one_line_before_anything_run
     assert not (tmp_path / "run" / "model").exists()
 
 
+def _option_helps(parser, command=()):
+    """(command words, option, help) of every option of every command, subcommands included."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield from _option_helps(sub, command + (name,))
+        elif action.option_strings:
+            yield " ".join(command), action.option_strings[0], action.help or ""
+
+
+def test_every_flag_that_runs_a_module_function_says_so_in_its_help():
+    runs_code = {(command, flag): help_ for command, flag, help_ in _option_helps(build_parser())
+                 if "module:function" in help_}
+    assert {("train", "--judge"), ("online", "--reward"), ("eval", "--judge")} <= set(runs_code), sorted(runs_code)
+    for (command, flag), help_ in runs_code.items():
+        assert "imports MODULE and runs FUNCTION: only name code you trust" in help_, (command, flag, help_)
+
+
 def test_scoring_with_a_plain_language_model_is_refused(tmp_path, tiny_llama, capsys):
     data = write_jsonl(tmp_path / "f.jsonl", toy_feedback(4))
     assert main(["reward", "score", "--model", str(tiny_llama), "--data", str(data), "-o", str(tmp_path / "s.jsonl")]) == 2
     assert "is not a trained reward model" in _one_line(capsys) and not (tmp_path / "s.jsonl").exists()
+
+
+# ------------------------------------------------------------------------------------- pickled weights
+
+def _pickled(tiny_llama, folder):
+    """The tiny model with its weights as a pickle (pytorch_model.bin), as older transformers saved them."""
+    shutil.copytree(tiny_llama, folder)
+    torch.save(load_file(str(folder / "model.safetensors")), folder / "pytorch_model.bin")
+    (folder / "model.safetensors").unlink()
+    return folder
+
+
+def test_a_model_folder_whose_weights_are_a_pickle_is_refused_unless_allowed(tmp_path, tiny_llama, capsys,
+                                                                             monkeypatch):
+    pickled = _pickled(tiny_llama, tmp_path / "pickled")
+    data = write_jsonl(tmp_path / "f.jsonl", toy_feedback(16))
+    prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "hi"}] * 2)
+    judged = ["eval", "--prompts", str(prompts), "--model", str(tiny_llama), "--baseline", str(tiny_llama), "--judge",
+              f"rm:{pickled}", "--output-dir", str(tmp_path / "eval")]
+    against = ["eval", "--model", str(tiny_llama), "--ref", str(pickled), "--data", str(data), "--output-dir",
+               str(tmp_path / "eval")]
+    for args in (_train(data, pickled, tmp_path / "run"), against, judged):
+        assert main(args) == 2
+        line = _one_line(capsys)
+        assert f"{pickled}: its weights are a pickle (pytorch_model.bin)" in line and "safe_serialization=True" in line
+        assert "THUMBALIGN_ALLOW_PICKLE=1" in line
+    assert not (tmp_path / "run" / "model").exists()
+    monkeypatch.setenv("THUMBALIGN_ALLOW_PICKLE", "1")
+    assert main(_train(data, pickled, tmp_path / "run")) == 0
+    assert (tmp_path / "run" / "model" / "model.safetensors").exists()
+
+
+# ------------------------------------------------------------------------------------- a real full disk
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 6 MB file system (tmpfs): room for one checkpoint of a 1.6 MB model (weights and two Adam moments), not for
+    a second one or the final model beside it. Mounting needs root, as in CI."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs to fill needs root")
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=6m", "tmpfs", str(disk)], capture_output=True,
+                             text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+    try:
+        yield disk
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)
+
+
+@pytest.mark.parametrize("steps, expected", [
+    (4, "could not write the checkpoint of step 4 (No space left on device); the earlier checkpoints in {out}/"
+        "checkpoints are intact"),
+    (2, "cannot write the model folder {out}/model: No space left on device (ENOSPC)"),
+])
+def test_a_full_disk_is_one_line_and_the_checkpoint_before_it_resumes(tmp_path, small_disk, capsys, steps,
+                                                                      expected):
+    from conftest import save_tiny_model
+
+    model = save_tiny_model(tmp_path / "model", hidden=144)
+    data = write_jsonl(tmp_path / "f.jsonl", toy_feedback(16))
+    out = small_disk / "run"
+    args = _train(data, model, out, "--max-steps", steps, "--save-steps", 2)
+    assert main(args) == 2
+    assert expected.format(out=out) in _one_line(capsys)
+    checkpoints = out / "checkpoints"
+    assert [p.name for p in checkpoints.iterdir()] == ["step-000002"] and damage(checkpoints / "step-000002") is None
+    assert not (out / "model").exists() and not (out / "model.staging").exists()
+    # with room again, the run goes on from that checkpoint
+    subprocess.run(["mount", "-o", "remount,size=64m", str(small_disk)], check=True)
+    assert main(args + ["--resume", "latest"]) == 0
+    assert "Resumed from" in capsys.readouterr().out and (out / "model" / "model.safetensors").exists()
+
+
+# ------------------------------------------------------------------------------------- file modes
+
+def test_every_file_a_run_writes_has_the_mode_open_gives_under_the_umask(tmp_path, tiny_llama):
+    data = write_jsonl(tmp_path / "f.jsonl", toy_feedback(16))
+    env = {**os.environ, "THUMBALIGN_CACHE": str(tmp_path / "cache")}
+    args = _train(data, tiny_llama, tmp_path / "run", "--max-steps", "2", "--save-steps", "1")
+    done = subprocess.run([sys.executable, "-m", "thumbalign", *args], capture_output=True, text=True, env=env,
+                          umask=0o007, timeout=300)  # not the usual 022: its modes must come from the umask
+    assert done.returncode == 0, done.stderr[-2000:]
+    written = [p for folder in (tmp_path / "run", tmp_path / "cache") for p in folder.rglob("*")]
+    modes = {str(p.relative_to(tmp_path)): oct(p.stat().st_mode & 0o777) for p in written if p.is_file()}
+    assert {"run/model/model.safetensors", "run/checkpoints/step-000002/weights.safetensors",
+            "run/checkpoints/step-000002/trainer_state.json", "run/summary.json"} <= set(modes)
+    assert any(name.startswith("cache/reflogps/") for name in modes), sorted(modes)
+    assert set(modes.values()) == {oct(0o660)}, modes
+    assert {oct(p.stat().st_mode & 0o777) for p in written if p.is_dir()} == {oct(0o770)}
 
 
 # ------------------------------------------------------------------------------------- two processes
@@ -407,3 +576,21 @@ def test_a_bad_row_under_two_processes_is_one_line_with_the_processes_exit_code(
     assert proc.returncode == 2
     assert "line 17: field 'label'" in _only_one_line(err, "thumbalign: error: ")
 
+
+def test_ctrl_c_under_two_processes_is_one_line_exit_code_130_and_the_run_resumes(tmp_path, tiny_llama):
+    data = write_jsonl(tmp_path / "f.jsonl", toy_feedback(16))
+    args = _train(data, tiny_llama, tmp_path / "run", "--max-steps", 40, "--save-steps", 2, "--logging-steps", 1)
+    # a session of its own: the signal goes to its process group, as a terminal's Ctrl-C does
+    proc = _two_processes(args, tmp_path, start_new_session=True)
+    for line in proc.stdout:
+        if line.startswith("step 3:"):  # said by the run itself: the processes are training
+            os.killpg(proc.pid, signal.SIGINT)
+            break
+    _, err = proc.communicate(timeout=240)
+    assert proc.returncode == 130, err[-3000:]
+    line = _only_one_line(err, "thumbalign: interrupted")
+    assert line == "thumbalign: interrupted; continue with --resume (from the last checkpoint)"
+    again = _two_processes(args + ["--resume", "latest"], tmp_path)
+    out, err = again.communicate(timeout=240)
+    assert again.returncode == 0, err[-3000:]
+    assert "Resumed from" in out and (tmp_path / "run" / "model" / "model.safetensors").exists()

@@ -7,6 +7,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+import re
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
@@ -23,13 +24,101 @@ def reason(err: OSError) -> str:
     return f"{err.strerror or err}" + (f" ({name})" if name else "")
 
 
+# safetensors' Rust writer reports a failed write (a full disk) as SafetensorError("... (os error 28)")
+SAFETENSORS_OS_ERROR = re.compile(r"\(os error (\d+)\)")
+
+
+def as_os_error(err: BaseException, path=None) -> OSError | None:
+    """The OSError that `err` is or stands for (safetensors' report of one), else None."""
+    if isinstance(err, OSError):
+        return err
+    found = SAFETENSORS_OS_ERROR.search(str(err)) if type(err).__name__ == "SafetensorError" else None
+    if found is None:
+        return None
+    code = int(found.group(1))
+    return OSError(code, os.strerror(code), None if path is None else str(path))
+
+
 @contextmanager
-def file_operation(what: str, path) -> Iterator[None]:
-    """Any OSError inside becomes one line: "cannot <what> <path>: <reason>"."""
+def os_errors_of_safetensors(path) -> Iterator[None]:
+    """A safetensors write that fails for the file system raises the OSError it stands for (about `path`)."""
     try:
         yield
-    except OSError as err:
-        raise FileSystemError(f"cannot {what} {path}: {reason(err)}") from None
+    except Exception as err:
+        found = as_os_error(err, path)
+        if found is None or found is err:
+            raise
+        raise found from None
+
+
+@contextmanager
+def file_operation(what: str, path) -> Iterator[None]:
+    """Any OSError inside (safetensors' reports of one too) becomes one line: "cannot <what> <path>: <reason>"."""
+    try:
+        yield
+    except Exception as err:
+        found = as_os_error(err)
+        if found is None:
+            raise
+        raise FileSystemError(f"cannot {what} {path}: {reason(found)}") from None
+
+
+# Model weights are read from safetensors only: a pickle (pytorch_model.bin, *.pt) is a program that torch.load runs
+# in a restricted interpreter, and a flaw there is a way in. Whoever trusts a folder's pickles may opt in.
+ALLOW_PICKLE = "THUMBALIGN_ALLOW_PICKLE"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
+
+
+def pickles_allowed() -> bool:
+    return os.environ.get(ALLOW_PICKLE) == "1"
+
+
+def safetensors_only() -> dict:
+    """The from_pretrained arguments that keep a loader to safetensors (none when pickles are allowed)."""
+    return {} if pickles_allowed() else {"use_safetensors": True}
+
+
+def refuse_pickled_weights(folder: Path) -> None:
+    """A model folder whose weights are pickles only is one line saying how to convert it (or how to opt in)."""
+    folder = Path(folder)
+    if pickles_allowed() or not folder.is_dir() or any(folder.glob("*.safetensors")):
+        return
+    pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES and p.is_file())
+    if pickles:
+        raise ConfigError(f"{folder}: its weights are a pickle ({pickles[0]}), which thumbalign does not load "
+                          "(unpickling can run code); convert the folder once in Python: from_pretrained(FOLDER)"
+                          ".save_pretrained(FOLDER, safe_serialization=True), with the model's transformers class; "
+                          f"or, if you trust the file, set {ALLOW_PICKLE}=1")
+
+
+def umask() -> int:
+    """The process's umask, read without changing it where Linux shows it (os.umask can only read by setting)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def give_usual_modes(path: Path) -> None:
+    """The file, or every file and folder under `path`, gets the mode open() and mkdir() would have given it
+    (0o666 / 0o777 less the umask): safetensors writes through a private temporary file (0600) and mkdtemp makes
+    0700 folders, so that a run's weights would otherwise be the only files others in the group cannot read."""
+    path = Path(path)
+    mask = umask()
+    if path.is_file():
+        os.chmod(path, 0o666 & ~mask)
+        return
+    os.chmod(path, 0o777 & ~mask)
+    for root, folders, files in os.walk(path):
+        for name in folders:
+            os.chmod(os.path.join(root, name), 0o777 & ~mask)
+        for name in files:
+            os.chmod(os.path.join(root, name), 0o666 & ~mask)
 
 
 def write_atomically(path: Path, write: Callable[[Path], None], what: str) -> Path:
@@ -41,6 +130,7 @@ def write_atomically(path: Path, write: Callable[[Path], None], what: str) -> Pa
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             write(tmp)
+            give_usual_modes(tmp)
             os.replace(tmp, path)
         finally:
             if tmp.exists():

@@ -13,7 +13,7 @@ import sys
 
 from .. import __version__
 from ..errors import ThumbalignError
-from ..files import reason
+from ..files import as_os_error, reason
 from . import best_of_n, env, evaluate, importer, inspect_file, methods, online, report, reward, starter, train
 
 COMMANDS = (train, online, methods, evaluate, report, reward, best_of_n, importer, inspect_file, starter, env)
@@ -40,21 +40,31 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.run(args, argv)
     except ThumbalignError as err:
-        print(f"thumbalign: error: {err}", file=sys.stderr)
+        say(f"thumbalign: error: {err}")
         return 2
     except OSError as err:  # a file-system failure not caught closer to where it happened: still one line
-        print(f"thumbalign: error: {err.filename or 'a file'}: {reason(err)}", file=sys.stderr)
+        say(f"thumbalign: error: {err.filename or 'a file'}: {reason(err)}")
         return 2
     except KeyboardInterrupt:
-        print("thumbalign: interrupted; continue with --resume (from the last checkpoint)", file=sys.stderr)
+        say("thumbalign: interrupted; continue with --resume (from the last checkpoint)")
         return 130
     except Exception as err:  # not foreseen here (a library's failure, a bug): still one line; the trace on request
         if os.environ.get("THUMBALIGN_DEBUG"):
             raise
+        if as_os_error(err) is not None:  # a library's report of a file-system failure (safetensors' full disk)
+            say(f"thumbalign: error: {reason(as_os_error(err))}")
+            return 2
         detail = " ".join(str(err).split())[:500] or "no message"
-        print(f"thumbalign: error: {type(err).__name__}: {detail} (unexpected: THUMBALIGN_DEBUG=1 shows where it "
-              "happened; please report it)", file=sys.stderr)
+        say(f"thumbalign: error: {type(err).__name__}: {detail} (unexpected: THUMBALIGN_DEBUG=1 shows where it "
+            "happened; please report it)")
         return 1
+
+
+def say(line: str) -> None:
+    """The line in one write: under --num-processes N, N processes and their launcher share one pipe, and a line
+    written in two parts (print writes its end apart) could be split by another process's output."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
 
 
 if __name__ == "__main__":

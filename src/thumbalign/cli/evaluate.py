@@ -28,7 +28,8 @@ def add_parser(commands) -> None:
     ev.add_argument("--baseline", help="model to compare against by generation")
     ev.add_argument("--prompts", help="prompts file for the generation comparison")
     ev.add_argument("--judge", default="vader", help="vader, exact, numeric, rm:PATH or module:function "
-                                                     "(default: vader)")
+                                                     "(imports MODULE and runs FUNCTION: only name code you trust; "
+                                                     "default: vader)")
     ev.add_argument("--reference-field", default="answer", help="reference field for exact/numeric judges")
     ev.add_argument("--judge-threshold", type=finite_float, default=0.5, help="a numeric judge score ≥ this is 👍")
     ev.add_argument("--max-new-tokens", type=int, default=64)

@@ -92,13 +92,17 @@ def launch_processes(argv: list[str], config) -> int:
     where = f" on machine {config.machine_rank} of {machines}" if machines > 1 else ""
     print(f"Launching {n} process{'es' if n > 1 else ''}{where}: {' '.join(command)}", flush=True)
     env = {**os.environ, LAUNCHED: "1"}  # for the processes started below
-    code, tail, output, interrupted = _call_watching_stderr(command, env)
+    code, tail, output, stopped_by = _call_watching_stderr(command, env)
+    if stopped_by == signal.SIGINT:  # interrupted, whatever the launcher's exit code: one line, exit code 130
+        if not any(line.startswith("thumbalign: interrupted") for line in output.said):
+            raise KeyboardInterrupt  # said by no process (stopped before they could): said here
+        return 130
+    if stopped_by:
+        return 128 + stopped_by
     failure = rendezvous_failure(tail, config) if code and machines > 1 else None
     if failure:
         raise ConfigError(failure)
     if code and not output.said:  # the processes were stopped before they could say why
-        if interrupted:
-            raise KeyboardInterrupt
         raise LaunchError(f"a process of the {n} ended with exit code {output.child_exit_code or code} (its output "
                           "is above)")
     return output.child_exit_code if code and output.child_exit_code and output.child_exit_code > 0 else code
@@ -108,23 +112,38 @@ class LaunchError(ThumbalignError):
     pass
 
 
-def _call_watching_stderr(command: list[str], env: dict) -> tuple[int, str, LauncherOutput, bool]:
+def _call_watching_stderr(command: list[str], env: dict) -> tuple[int, str, LauncherOutput, int | None]:
     """Run `command` with its stderr passed through as it comes (progress bars included), less the launcher's own
-    report on a failed process (THUMBALIGN_DEBUG=1 keeps it), and its last 64 KiB kept. Ctrl-C is passed on to
-    the launcher, which stops its processes; returns the exit code, the tail, the filter, and whether Ctrl-C came."""
-    proc = subprocess.Popen(command, stderr=subprocess.PIPE, env=env)
-    output, tail, interrupted, ends_line = LauncherOutput(), b"", False, True
+    report on a failed process (THUMBALIGN_DEBUG=1 keeps it), and its last 64 KiB kept. Ctrl-C (and SIGTERM, SIGHUP)
+    is passed on to the launcher, which stops its processes; returns the exit code, the tail, the filter, and the
+    signal that came (None if none did)."""
+    # The launcher runs in a process group of its own, so that a Ctrl-C at the terminal reaches it once, from here.
+    # Reached twice (the terminal's, then ours), torchrun raises again in the middle of stopping its processes and
+    # exits at once: it no longer waits for them, and its exit code depends on which signal came first.
+    proc = subprocess.Popen(command, stderr=subprocess.PIPE, env=env, process_group=0)
+    received: list[int] = []
+
+    def pass_on(signum, frame) -> None:
+        if signum not in received:  # once each: a second Ctrl-C would cut the launcher's shutdown short
+            proc.send_signal(signum)
+            received.append(signum)
+
+    previous = {sig: signal.signal(sig, pass_on) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    try:
+        output = LauncherOutput()
+        tail = _pass_through(proc, output)
+        return proc.wait(), tail, output, (received or [None])[0]
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _pass_through(proc: subprocess.Popen, output: LauncherOutput) -> str:
+    """The launcher's stderr, filtered by `output`, onto ours until it closes; returns its last 64 KiB."""
+    tail, ends_line = b"", True
     raw = bool(os.environ.get("THUMBALIGN_DEBUG"))
     decoder = codecs.getincrementaldecoder("utf-8")("replace")  # a 👍 may be split between two reads
-    while True:
-        try:
-            chunk = os.read(proc.stderr.fileno(), 65536)
-        except KeyboardInterrupt:
-            proc.send_signal(signal.SIGINT)  # a terminal's Ctrl-C reaches it too; a second one changes nothing
-            interrupted = True
-            continue
-        if not chunk:
-            break
+    while chunk := os.read(proc.stderr.fileno(), 65536):  # a signal's handler runs, then the read goes on
         tail = (tail + chunk)[-65536:]
         text = decoder.decode(chunk)
         shown = text if raw else output.feed(text)
@@ -133,12 +152,7 @@ def _call_watching_stderr(command: list[str], env: dict) -> tuple[int, str, Laun
         ends_line = shown.endswith("\n") if shown else ends_line
     rest = output.close()
     sys.stderr.write(rest + ("" if (rest.endswith("\n") if rest else ends_line) else "\n"))  # after a bar
-    while True:
-        try:
-            return proc.wait(), tail.decode("utf-8", "replace"), output, interrupted
-        except KeyboardInterrupt:
-            proc.send_signal(signal.SIGINT)
-            interrupted = True
+    return tail.decode("utf-8", "replace")
 
 
 def rendezvous_failure(stderr_tail: str, config) -> str | None:

@@ -31,14 +31,21 @@ class LauncherOutput:
         self.dropped = False  # the last traceback was the launcher's: a chained one's link line goes with it
         self.child_exit_code: int | None = None
         self.said: set[str] = set()
+        self.mid_line = False  # what was shown last is a progress bar, with no line end after it
 
     def feed(self, text: str) -> str:
         lines = (self.partial + text).split("\n")
         self.partial = lines.pop()
-        shown = "".join(kept + "\n" for line in lines for kept in self._line(line))
+        shown = "".join(self._shown(kept) + "\n" for line in lines for kept in self._line(line))
         if "\r" in self.partial and self.traceback is None and not self.in_table:  # a progress bar: show it now
-            shown, self.partial = shown + self.partial, ""
+            shown, self.partial, self.mid_line = shown + self.partial, "", True
         return shown
+
+    def _shown(self, line: str) -> str:
+        """A process's own line starts a line of its own, also when it comes right after another's progress bar."""
+        start = "\n" if self.mid_line and line.startswith("thumbalign: ") else ""
+        self.mid_line = False
+        return start + line
 
     def close(self) -> str:
         rest = self.feed("\n") if self.partial else ""
@@ -61,12 +68,18 @@ class LauncherOutput:
         if LAUNCHER_LOG.match(line) or line.startswith(BANNER):
             return []
         if line.startswith("thumbalign: "):
-            if line in self.said:  # the same error from every process: once
-                return []
-            self.said.add(line)
+            return self._own_line(line)
+        return [line]
+
+    def _own_line(self, line: str) -> list[str]:
+        if line in self.said:  # the same error from every process: once
+            return []
+        self.said.add(line)
         return [line]
 
     def _traceback_line(self, line: str) -> list[str]:
+        if line.startswith("thumbalign: "):  # a process's line amid the launcher's traceback (Ctrl-C ends both)
+            return self._own_line(line)
         self.traceback.append(line)
         if line.startswith((" ", "\t")) or not line.strip():
             return []

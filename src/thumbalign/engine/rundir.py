@@ -24,7 +24,7 @@ from pathlib import Path
 import yaml
 
 from ..errors import ConfigError
-from ..files import file_operation, write_text_atomically
+from ..files import file_operation, give_usual_modes, write_text_atomically
 from . import checkpoint as ckpt
 
 RUN_FILES = ("checkpoints", "metrics.jsonl", "summary.json", "model", "run_config.yaml", "udm_classifier.json",
@@ -149,6 +149,7 @@ class RunDir:
             except BaseException:
                 shutil.rmtree(staging, ignore_errors=True)
                 raise
+            give_usual_modes(staging)
             if target.exists():
                 shutil.rmtree(target)
             staging.rename(target)

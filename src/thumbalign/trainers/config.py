@@ -250,7 +250,8 @@ class TrainConfig(PolicyConfig, FeedbackData):
     dry_run: bool = _f(False, "Read and tokenise the data, say what training would do (examples, steps, truncation), "
                               "and stop: no weights are loaded, nothing is written.")
     judge: str = _f("vader", "Judge for --eval-prompts: vader (positive sentiment), exact or numeric (against "
-                             "--reference-field), or module:function.", resumable=True)
+                             "--reference-field), or module:function (imports MODULE and runs FUNCTION: only name "
+                             "code you trust).", resumable=True)
     eval_max_new_tokens: int = _f(64, "Tokens generated per answer for --eval-prompts.", resumable=True)
     eval_temperature: float = _f(0.0, "Sampling temperature for --eval-prompts (0: greedy).", resumable=True)
 
@@ -318,7 +319,8 @@ class OnlineConfig(PolicyConfig):
                                    "other columns go to the rewards), required.")
     reward: list[str] | None = _f(None, "A reward: vader, exact, numeric (against --reference-field), rm:PATH (a "
                                         "thumbalign reward model's P(👍)), or module:function (a judge, or TRL's "
-                                        "f(prompts, completions, **columns)).")
+                                        "f(prompts, completions, **columns); imports MODULE and runs FUNCTION: only "
+                                        "name code you trust).")
     reward_weights: list[float] | None = _f(None, "Weight of each --reward in the total (default: 1 each).")
     pass_threshold: float = _f(0.5, "A total reward at or above this is a 👍 (the binary outcome: pass rates, "
                                     "filtering, NFT/RFT labels).")
