@@ -346,7 +346,8 @@ class OnlineConfig(PolicyConfig):
     sar_weight: float = _f(0.0, "Self-aligned reward: add w × clip((ppl(a) − ppl(a|q)) / ppl(a), −1, 1), favouring "
                                 "concise, prompt-specific answers; never used for the binary outcome.")
     check_judge: str | None = _f(None, "A judge you trust more than the reward (vader, exact, numeric or "
-                                       "module:function, which imports MODULE and runs it: name only code you trust), "
+                                       "module:function, which imports MODULE and runs FUNCTION: only name code you "
+                                       "trust), "
                                        "never trained on: its pass rate on the sampled answers and its agreement "
                                        "with the reward's verdicts are logged, and a warning is given when the "
                                        "reward rises while that agreement falls (the reward is being gamed).",
