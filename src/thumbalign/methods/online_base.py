@@ -79,6 +79,13 @@ def k3_kl(logps: torch.Tensor, ref_logps: torch.Tensor) -> torch.Tensor:
     return torch.exp(d) - d - 1
 
 
+def kl_penalty(logps: torch.Tensor, ref_logps: torch.Tensor, mask: torch.Tensor, beta: float):
+    """The KL term of the online loss: (β·k3 per answer token, 0 off the mask; each answer's mean k3, detached, for
+    the log)."""
+    kl = k3_kl(logps, ref_logps) * mask
+    return beta * kl, (kl.sum(1) / mask.sum(1).clamp(min=1)).detach()
+
+
 def reduce_token_losses(token_losses: torch.Tensor, mask: torch.Tensor, weights: torch.Tensor, how: str, *,
                         sequences: float, tokens: float, constant: float) -> torch.Tensor:
     """This micro-batch's share of the step's loss, so that the shares of every micro-batch of every process sum to

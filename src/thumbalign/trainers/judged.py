@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..analysis.judged import format_comparison, judge_answers, judged_generations
-from ..engine.inference import sample_answers
+from ..engine.generation import sample_in_step
 from ..engine.loop import Engine
 from ..engine.models import empty_model, load_causal_lm, load_tokenizer
 from ..engine.rundir import RunDir
@@ -70,22 +70,3 @@ def answers_on_shards(config, engine: Engine, model, tokenizer, base_dir: Path, 
         return None
     return {name: [next(part[name][i] for part in gathered if i in part[name]) for i in range(len(prompts))]
             for name in answers}
-
-
-def sample_in_step(engine: Engine, model, prompt_ids: list[list[int]], seeds: list[int], batch_size: int,
-                   max_new_tokens: int, temperature: float, pad_token_id: int, eos_token_id: int | None,
-                   stand_in_token: int) -> list[list[int]]:
-    """Answers (token ids) to `prompt_ids` in batches, under the run's autocast. With sharded weights every process
-    must call this as often as the others, and each runs as many batches as the busiest one, with a one-token
-    stand-in prompt where it has none of its own (its answer is dropped). `eos_token_id` None: the model's own."""
-    synced = engine.sharded
-    windows = [slice(start, start + batch_size) for start in range(0, len(prompt_ids), batch_size)]
-    out: list[list[int]] = []
-    with engine.autocast():
-        for window, own in engine.in_lockstep(windows):
-            prompts, prompt_seeds = (prompt_ids[window], seeds[window]) if own else ([[stand_in_token]], [0])
-            answers = sample_answers(model, prompts, prompt_seeds, max_new_tokens, temperature, pad_token_id,
-                                     eos_token_id, synced)
-            out += answers if own else []
-    return out
-

@@ -2,10 +2,14 @@
 
 One optimizer step:
   the step's prompts (a pure function of the step, as in `train`) -> G answers to each, every one sampled with a
-  seed of its own (engine/inference.py) -> rewards (analysis/rewards.py) -> the binary outcome, each group's pass
-  rate; groups whose answers are all 👍 or all 👎 carry no signal and are dropped -> per-token log-probs
-  (engine/logprobs.py) -> the objective's token losses (methods/grpo.py, nft.py, rft.py) -> AdamW step on the shared
-  engine (engine/loop.py), with its checkpoints, exact resume, non-finite handling and several processes.
+  seed of its own (the generation backend, engine/generation.py; seeds in rollouts.py) -> rewards
+  (analysis/rewards.py) and their shaping (reward_shaping.py: retry turns, SAR) -> the binary outcome, each group's
+  pass rate; groups without signal are dropped -> per-token log-probs (engine/logprobs.py) -> the objective's token
+  losses and the KL term (methods/grpo.py, nft.py, rft.py, online_base.py) -> AdamW step on the shared engine
+  (engine/loop.py), with its checkpoints, exact resume, non-finite handling and several processes.
+
+Before training, --filter-prompts keeps the prompts inside a pass-rate band (prompt_filter.py); while training, a
+reward model's score is watched for over-optimisation (reward_watch.py).
 
 Each prompt's group stays on one process. Answers are trained on strictly on-policy (π_old is the policy being
 trained, one optimizer step per batch of answers), so R_t = 1 in value and the clip of GRPO is inactive.
@@ -16,29 +20,30 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from ..analysis.report import write_report
-from ..analysis.rewards import Answer, RewardFailure, RewardSet
+from ..analysis.rewards import RewardFailure, RewardSet
 from ..data.batching import collate_masked, micro_batches
 from ..data.prompts import PromptRow, load_prompts
-from ..data.tokens import encode_prompt
+from ..engine.generation import Sampler
 from ..engine.logprobs import CompletionLogps, completion_token_logps
 from ..engine.loop import Engine, MicroStep
-from ..engine.models import cache_root, empty_model, load_causal_lm
-from ..engine.reference import model_fingerprint
-from ..errors import ConfigError
-from ..files import content_digest, write_text_atomically
-from ..methods.online_base import GroupBatch, OnlineObjective, group_statistics, k3_kl, reduce_token_losses
+from ..engine.models import empty_model, load_causal_lm
+from ..files import content_digest
+from ..methods.online_base import GroupBatch, OnlineObjective, group_statistics, kl_penalty, reduce_token_losses
 from ..methods.registry import get_online_objective
-from .config import filter_band
 from .final_model import complete_model_folder, save_policy
-from .judged import answers_on_shards, compare_with_base, sample_in_step
+from .judged import answers_on_shards, compare_with_base
 from .model_setup import check_use_liger, load_policy, make_trainable
+from .prompt_filter import keep_learnable_prompts
+from .reward_shaping import (continue_after_failure, conversation_tokens, repetition_penalty, retry_reward,
+                             self_aligned_reward)
 from .reward_watch import RewardWatch
+from .rollouts import Rollout, answer_seed, score_group
 from .skeleton import Trainer, count_steps
 
 
@@ -104,15 +109,7 @@ class OnlineTrainer(Trainer):
             engine.say(f"Report: {write_report(run.path)}")
 
 
-# ------------------------------------------------------------------------------------------------- sampling
-
-def answer_seed(seed: int, step: int, prompt_index: int, k: int, turn: int = 0) -> int:
-    """The seed of one answer: a function of the run's seed, the step, the prompt and the answer's number only."""
-    digest = hashlib.sha256(f"{seed}/{step}/{prompt_index}/{k}/{turn}".encode()).digest()
-    return int.from_bytes(digest[:7], "little")
-
-
-def trainable(model, config, engine: Engine, sampler: "Sampler", prompts: list[PromptRow]):
+def trainable(model, config, engine: Engine, sampler: Sampler, prompts: list[PromptRow]):
     """LoRA and gradient checkpointing as asked, and --use-liger checked on the first prompts (their second halves
     stand for completions)."""
     model = make_trainable(model, config)
@@ -120,59 +117,6 @@ def trainable(model, config, engine: Engine, sampler: "Sampler", prompts: list[P
                                             for ids in (sampler.prompt_ids(row) for row in prompts[:4])],
                     sampler.tokenizer.pad_token_id)
     return model
-
-
-class Sampler:
-    """The policy answering prompts: token ids in, answers out, in batches, in eval mode, under the run's autocast."""
-
-    def __init__(self, model, tokenizer, config, engine: Engine):
-        self.model, self.tokenizer, self.config, self.engine = model, tokenizer, config, engine
-        self.eos = tokenizer.eos_token_id
-
-    def set_model(self, model) -> None:
-        self.model = model
-
-    def prompt_ids(self, row: PromptRow, conversation: list | None = None) -> list[int]:
-        return encode_prompt(self.tokenizer, conversation if conversation is not None else row.prompt, row.source)
-
-    def answers(self, prompt_ids: list[list[int]], seeds: list[int], temperature: float) -> list[list[int]]:
-        """Sharded weights: every process calls this as often as the others (see :func:`sample_in_step`)."""
-        was_training = self.model.training
-        self.model.eval()
-        out = sample_in_step(self.engine, self.model, prompt_ids, seeds, self.config.generation_batch_size,
-                             self.config.max_new_tokens, temperature, self.tokenizer.pad_token_id, self.eos, self.eos)
-        self.model.train(was_training)
-        return out
-
-    def text(self, answer_ids: list[int]) -> str:
-        return self.tokenizer.decode(answer_ids, skip_special_tokens=True).strip()
-
-
-@dataclass
-class Rollout:
-    """One conversation with the model for one prompt: its tokens, which of them are the model's, its reward."""
-
-    prompt_index: int
-    group: int                    # the prompt's position in this process's step: answers of a group compare
-    sample: int                   # which of the group's answers (seeds the sampling)
-    tokens: list[int]
-    mask: list[bool]              # the model's answer tokens (trained on)
-    answers: list[str]            # the answer of each turn
-    truncated: bool               # the last answer hit max_new_tokens without ending
-    reward: float | None = None   # shaped total; None: a reward left it out
-    outcome: float = 0.0          # binary outcome, 1.0 = 👍
-    stats: dict = field(default_factory=dict)
-
-    @property
-    def answer_tokens(self) -> int:
-        return sum(self.mask)
-
-
-def score_group(rewards: RewardSet, row: PromptRow, rollouts: list[Rollout], answer_ids: list[list[int]]):
-    """Rewards of one prompt's answers (the last answer of each conversation): (totals, the reward model's own
-    values, None each without one)."""
-    answers = [Answer(row.prompt, r.answers[-1], row.row, ids, row.source) for r, ids in zip(rollouts, answer_ids)]
-    return rewards.score_parts(answers)
 
 
 # ------------------------------------------------------------------------------------------------- the task
@@ -255,7 +199,8 @@ class OnlineTask:
             if turn + 1 < c.retry_turns:
                 open_ = [r for r in open_ if r.reward is not None and not r.outcome]
                 for r in open_:
-                    conversations[id(r)] = self._continue(conversations[id(r)], self.prompts[r.prompt_index], r)
+                    conversations[id(r)] = continue_after_failure(conversations[id(r)], self.prompts[r.prompt_index],
+                                                                  r.answers[-1], c.retry_message)
                 # sharded weights: a process with nothing left still samples along until no process has any
                 if not self.engine.rounds(len(open_)):
                     break
@@ -288,18 +233,10 @@ class OnlineTask:
                 passed = self.rewards.passed(total)
                 r.outcome = float(passed)
                 r.stats["turn"] = turn
-                # success at turn k earns gamma^k; a conversation that never succeeds ends at 0
-                r.reward = self.config.retry_gamma ** turn * total if passed or turn == 0 else 0.0
+                r.reward = retry_reward(total, passed, turn, self.config.retry_gamma)
         for r in open_:
             if r.reward is not None and self.config.retry_turns > 1:
-                unique = len({a.strip() for a in r.answers})
-                r.reward -= self.config.retry_repetition_penalty * (1 - unique / len(r.answers))
-
-    def _continue(self, conversation, row: PromptRow, rollout: Rollout) -> list:
-        if conversation is None:
-            conversation = row.prompt if isinstance(row.prompt, list) else [{"role": "user", "content": row.prompt}]
-        return conversation + [{"role": "assistant", "content": rollout.answers[-1]},
-                               {"role": "user", "content": self.config.retry_message}]
+                r.reward -= repetition_penalty(r.answers, self.config.retry_repetition_penalty)
 
     def _retokenize_conversations(self, rollouts: list[Rollout], conversations: dict) -> None:
         """A conversation of several turns is trained on as the chat template renders it, every answer's tokens
@@ -322,8 +259,7 @@ class OnlineTask:
         start = [bos if bos is not None else self.sampler.eos]
         conditioned = [(r.tokens, r.mask) for r in scored]
         alone = [(start + r.stats["answer_ids"], [False] + [True] * len(r.stats["answer_ids"])) for r in scored]
-        ppl_q, ppl_alone = self._perplexities(conditioned), self._perplexities(alone)
-        sar = ((ppl_alone - ppl_q) / ppl_alone).clamp(-1, 1)
+        sar = self_aligned_reward(self._perplexities(conditioned), self._perplexities(alone))
         for r, value in zip(scored, sar.tolist()):
             r.stats["sar"] = value
             r.reward += self.config.sar_weight * value
@@ -426,9 +362,8 @@ class OnlineTask:
         weights = torch.tensor(batch.weights, device=device)
         stats = {"weight": weights}
         if self.config.beta > 0:
-            kl = k3_kl(logps, self.reference_logps(t)) * mask
-            token_losses = token_losses + self.config.beta * kl
-            stats["kl"] = (kl.sum(1) / mask.sum(1).clamp(min=1)).detach()
+            penalty, stats["kl"] = kl_penalty(logps, self.reference_logps(t), mask, self.config.beta)
+            token_losses = token_losses + penalty
         loss = reduce_token_losses(token_losses, mask, weights, self.normalization, **batch.totals)
         stats["neg_logp"] = (-(logps.detach() * mask).sum(1) / mask.sum(1).clamp(min=1))
         stats["loss_share"] = loss.detach().reshape(1)
@@ -527,67 +462,3 @@ def _std(values) -> float | None:
     return math.sqrt(sum((v - m) ** 2 for v in values) / len(values))
 
 
-def conversation_tokens(tokenizer, conversation: list[dict], source: str) -> tuple[list[int], list[bool]]:
-    """Token ids of a conversation as the chat template renders it, with every assistant turn's tokens marked."""
-    def ids(messages, generation_prompt):
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
-        return tokenizer(text, add_special_tokens=False)["input_ids"]
-
-    tokens = ids(conversation, False)
-    mask = [False] * len(tokens)
-    for k, message in enumerate(conversation):
-        if message["role"] != "assistant":
-            continue
-        start, end = len(ids(conversation[:k], True)), len(ids(conversation[:k + 1], False))
-        if tokens[:end] != ids(conversation[:k + 1], False):
-            raise ConfigError(f"{source}: the chat template does not render a conversation's turns as prefixes of "
-                              "it, so --retry-turns cannot mark the answers")
-        mask[start:end] = [True] * (end - start)
-    return tokens, mask
-
-
-def keep_learnable_prompts(prompts: list[PromptRow], sampler: Sampler, rewards: RewardSet, config, engine: Engine,
-                           model_dir: Path) -> list[PromptRow]:
-    """--filter-prompts LOW,HIGH: each prompt's pass rate over G sampled answers of the starting model (cached on
-    disk like the reference log-probs); the prompts inside the band stay. Decided on the binary outcome only."""
-    low, high = filter_band(config.filter_prompts)
-    rates = prompt_pass_rates(prompts, sampler, rewards, config, engine, model_dir)
-    kept = [row for row, rate in zip(prompts, rates) if low <= rate <= high]
-    engine.say(f"--filter-prompts {low},{high}: {len(kept)} of {len(prompts)} prompts kept "
-               f"({sum(r < low for r in rates)} below, {sum(r > high for r in rates)} above the band)")
-    if not kept:
-        raise ConfigError(f"--filter-prompts {config.filter_prompts}: no prompt's pass rate is inside the band")
-    return kept
-
-
-def prompt_pass_rates(prompts: list[PromptRow], sampler: Sampler, rewards: RewardSet, config, engine: Engine,
-                      model_dir: Path) -> list[float]:
-    key = hashlib.sha256(json.dumps([model_fingerprint(model_dir), config.reward, config.reward_weights,
-                                     config.pass_threshold, config.num_generations, config.temperature,
-                                     config.max_new_tokens, config.seed, engine.precision,
-                                     [row.prompt for row in prompts]], default=str).encode()).hexdigest()[:32]
-    path = cache_root(config.cache_dir) / "passrates" / f"{key}.json"
-    if engine.main_value(path.exists()):
-        engine.say(f"Pass rates of {len(prompts)} prompts loaded from cache ({path.stem})")
-        return json.loads(path.read_text())
-    engine.say(f"Estimating the pass rate of {len(prompts)} prompts with the starting model "
-               f"({config.num_generations} answers each; cached for later runs)")
-    rates = {}
-    for i, own in engine.in_lockstep(range(engine.rank, len(prompts), engine.world)):
-        if not own:  # the sampler's own stand-in keeps this process in step with the busiest
-            sampler.answers([], [], config.temperature)
-            continue
-        row, g = prompts[i], config.num_generations
-        answers = sampler.answers([sampler.prompt_ids(row)] * g, [answer_seed(config.seed, -1, i, k) for k in range(g)],
-                                  config.temperature)
-        members = [Rollout(i, 0, 0, [], [], [sampler.text(a)], False) for a in answers]
-        totals, _ = score_group(rewards, row, members, answers)
-        scored = [t for t in totals if t is not None]
-        rates[i] = sum(rewards.passed(t) for t in scored) / len(scored) if scored else 0.0
-    for part in engine.gather_objects(rates):
-        rates.update(part)
-    ordered = [rates[i] for i in range(len(prompts))]
-    if engine.is_main:
-        write_text_atomically(path, json.dumps(ordered), "the pass-rate cache (--cache-dir chooses another place)")
-    engine.wait()
-    return ordered
