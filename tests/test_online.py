@@ -18,7 +18,7 @@ from thumbalign.cli import main
 from thumbalign.errors import ThumbalignError
 from thumbalign.methods.grpo import dr_grpo_token_losses, grpo_token_losses
 from thumbalign.methods.nft import nft_token_losses
-from thumbalign.methods.online_base import GroupBatch, k3_kl, reduce_token_losses
+from thumbalign.methods.online_base import GroupBatch, k3_kl, kl_penalty, reduce_token_losses
 from thumbalign.methods.rft import rft_token_losses
 from thumbalign.trainers.config import OnlineConfig
 from thumbalign.trainers.online import conversation_tokens, train_online
@@ -157,6 +157,16 @@ def test_normalizations_and_kl_by_hand():
     assert reduce_token_losses(losses, mask, torch.tensor([0.0, 1.0]), "token", **totals).item() == pytest.approx(0.5)
     kl = k3_kl(torch.tensor([-1.0]), torch.tensor([-1.5]))
     assert kl.item() == pytest.approx(math.exp(-0.5) + 0.5 - 1)
+    # the loss's KL term: β·k3 on answer tokens only, and each answer's mean k3 for the log
+    logps = torch.tensor([[-1.0, -2.0], [-0.5, -3.0]], requires_grad=True)
+    ref = torch.tensor([[-1.5, -2.0], [-0.5, -1.0]])
+    answer_mask = torch.tensor([[1.0, 1.0], [1.0, 0.0]])
+    terms, per_answer = kl_penalty(logps, ref, answer_mask, 0.5)
+    k = math.exp(-0.5) + 0.5 - 1  # k3 of the one token whose log-prob differs, on the mask
+    assert terms.flatten().tolist() == pytest.approx([0.5 * k, 0.0, 0.0, 0.0])
+    assert per_answer.tolist() == pytest.approx([k / 2, 0.0]) and not per_answer.requires_grad
+    terms.sum().backward()  # d k3 / d logp = 1 − exp(ref − logp) > 0 when ref < logp: the term pulls logp down
+    assert logps.grad[0, 0].item() == pytest.approx(0.5 * (1 - math.exp(-0.5))) and logps.grad[1, 1].item() == 0.0
 
 
 # --------------------------------------------------------------------------- NFT ≡ GRPO on-policy
