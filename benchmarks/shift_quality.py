@@ -23,7 +23,9 @@ good": the largest drop on a kind where the base passes ≥ 0.8.
 "bco --sft-weight 0" is the paper's BCO, the yardstick; "bco" alone is the default thumbalign run (BCO with the SFT
 anchor on 👍 answers). "route" is `thumbalign online --feedback` on the same file: a reward model trained on the
 thumbs (2 epochs, full fine-tune), then GRPO against its calibrated P(👍) on the file's prompts (--route-steps × 4
-prompts × 8 answers, LoRA r16); words after "route" are passed to it (e.g. "route --beta 0.05").
+prompts × 8 answers, LoRA r16); words after "route" are passed to it (e.g. "route --beta 0.05"). "online" is
+`thumbalign online` with the gold judge itself as the reward on the training prompts, with the same budget (what
+learning from the judge directly does to each kind).
 
 The sampled feedback and each trained model are kept under --work; a rerun reuses them (delete --work to redo).
 """
@@ -170,10 +172,27 @@ def route_command(args, data: Path, out: Path, extra: list[str]) -> list[str]:
             "--logging-steps", "5", "--no-report", *extra]
 
 
+ONLINE = "online"  # `thumbalign online` with the gold judge itself as the reward, on the training prompts
+
+
+def online_command(args, setting: str, out: Path, extra: list[str]) -> list[str]:
+    """Online learning from the gold judge (the rule checker, VADER) on the training prompts, with the route's budget:
+    what learning from the judge directly does to each kind, the kinds the base already passes included."""
+    train_prompts, _ = setting_prompts(setting)
+    prompts = write_jsonl(args.work / setting / "train_prompts.jsonl", train_prompts)
+    reward = "vader" if setting == "topic" else "shift_quality:constraint_judge"
+    return [str(args.thumbalign), "online", "--prompts", str(prompts), "--reward", reward, "--output-dir", str(out),
+            "--overwrite", "--use-lora", "--learning-rate", str(args.route_learning_rate), "--max-steps",
+            str(args.route_steps), "--per-device-train-batch-size", "4", "--num-generations", "8", "--max-new-tokens",
+            str(args.max_new_tokens), "--seed", str(args.seed), "--save-steps", "1000", "--logging-steps", "5",
+            "--no-report", *extra]
+
+
 def train(args, setting: str, run: str, data: Path) -> tuple[Path, float]:
     out = args.work / setting / run.replace(" ", "_").replace("--", "")
     timing = out.with_suffix(".seconds")
-    is_route = shlex.split(run)[0] == ROUTE
+    kind = shlex.split(run)[0]
+    is_route = kind == ROUTE
     model = out / "policy" / "model" if is_route else out / "model"
     if (model / "config.json").exists():
         return model, float(timing.read_text()) if timing.exists() else 0.0
@@ -188,6 +207,9 @@ def train(args, setting: str, run: str, data: Path) -> tuple[Path, float]:
         # policy's answers agree with it as training goes (check_agreement in metrics.jsonl)
         check = "vader" if setting == "topic" else "shift_quality:constraint_judge"
         command = route_command(args, data, out, ["--check-judge", check, *shlex.split(run)[1:]])
+    if kind == ONLINE:
+        command = online_command(args, setting, out, shlex.split(run)[1:])
+    if is_route or kind == ONLINE:
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "benchmarks"), os.environ.get("PYTHONPATH", "")])}
     start = time.perf_counter()
     with open(out.with_suffix(".log"), "w") as log:
