@@ -44,6 +44,10 @@ def graded(prompts, completions, **kwargs):
     texts = [c if isinstance(c, str) else c[0]["content"] for c in completions]
     return [0.1 + 0.3 * float(bool(t) and ord(t[0]) < 128) for t in texts]
 
+def flat(prompts, completions, **kwargs):
+    """The same graded reward for every answer: no signal, though float32 gives its group a std of ~6e-8."""
+    return [0.9] * len(completions)
+
 def always(text):
     return True
 
@@ -247,6 +251,12 @@ def test_a_graded_reward_is_a_signal_for_grpo_even_when_every_outcome_is_thumbs_
     moved = not all(torch.equal(before[k], after[k]) for k in before)
     assert moved == learns
     assert all((m["frac_zero_std"] < 1.0) == learns for m in metrics)
+
+
+def test_equal_graded_rewards_are_a_group_without_signal_for_grpo(tmp_path, tiny_llama, reward_module):
+    module, _ = reward_module
+    train_online(_config(tmp_path, tiny_llama, f"{module}:flat", num_generations=8), log=lambda *a: None)
+    assert all(m["frac_zero_std"] == 1.0 and m["loss"] is None for m in _metrics(tmp_path / "run"))
 
 
 def test_the_policy_learns_a_reward_it_can_reach(tmp_path, tiny_llama, reward_module):

@@ -29,7 +29,8 @@ def _route_args(thumbs, model, out, *extra):
     return ["online", "--feedback", str(thumbs), "--model", str(model), "--output-dir", str(out), "--bf16", "false",
             "--reward-model-learning-rate", "1e-3", "--reward-model-epochs", "2", "--learning-rate", "1e-3",
             "--max-steps", "6", "--num-generations", "4", "--max-new-tokens", "5", "--per-device-train-batch-size",
-            "2", "--save-steps", "2", "--save-total-limit", "10", "--feedback-eval-share", "0.2", "--no-report",
+            "2", "--save-steps", "2", "--logging-steps", "2", "--save-total-limit", "10", "--feedback-eval-share",
+            "0.2", "--no-report",
             *map(str, extra)]
 
 
@@ -79,7 +80,7 @@ def test_one_command_trains_both_stages_and_resumes_each_exactly(tmp_path, tiny_
     assert sorted(train + held) == sorted({f"question {i}?" for i in range(10)})
     rm_eval = json.loads((straight / "reward" / "summary.json").read_text())["eval"]
     metrics = _metrics(straight / "policy")
-    assert [m["step"] for m in metrics] == list(range(1, 7))
+    assert [m["step"] for m in metrics] == [2, 4, 6]
     # the reward model's scale (its held-out 👍 / 👎 answers) is logged next to its score of the policy's answers
     assert all(m["rm_held_out_up"] == rm_eval["p_up_of_up"] and m["rm_held_out_down"] == rm_eval["p_up_of_down"]
                for m in metrics)
@@ -136,7 +137,8 @@ def test_a_reward_model_is_reused_and_the_route_refuses_what_it_cannot_do(tmp_pa
     assert json.loads((reused / "summary.json").read_text())["reward_model"] == str(first / "reward" / "model")
     for extra, message in [(("--prompts", thumbs), "drop --prompts"),
                            (("--reward", "vader"), "--reward can only be one rm:PATH"),
-                           (("--feedback-eval-share", "1.5"), "feedback_eval_share must be in [0, 1)")]:
+                           (("--feedback-eval-share", "1.5"), "feedback_eval_share must be in [0, 1)"),
+                           (("--reward-weights", "2"), "drop --reward-weights")]:
         assert main(_route_args(thumbs, tiny_llama, tmp_path / "x", *extra)) == 2
         assert message in capsys.readouterr().err
     # thumbs the answers cannot explain (each prompt and answer got both labels): the reward model ranks nothing
@@ -150,7 +152,22 @@ def test_a_reward_model_is_reused_and_the_route_refuses_what_it_cannot_do(tmp_pa
     one_prompt = write_jsonl(tmp_path / "one.jsonl", [{"prompt": "p", "completion": c, "label": c == "a"}
                                                        for c in "ab"])
     assert main(_route_args(one_prompt, tiny_llama, tmp_path / "y", "--feedback-eval-share", "0.9")) == 2
-    assert "none would be left to train on" in capsys.readouterr().err
+    assert "none would be left to train on" in capsys.readouterr().err and not (tmp_path / "y" / "reward").exists()
+    # a folder holding a plain online run is not the route's (both default to runs/online)
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    (plain / "metrics.jsonl").write_text("{}\n")
+    assert main(_route_args(thumbs, tiny_llama, plain, "--overwrite")) == 2
+    assert "not an `online --feedback` route" in capsys.readouterr().err and not (plain / "reward").exists()
+    # the reward model trained again (its calibration differs): the finished policy is stale, and its checkpoint is
+    # not continued against the new reward model
+    config = first / "reward" / "model" / "config.json"
+    settings = json.loads(config.read_text())
+    settings["thumbalign_temperature"] *= 2
+    config.write_text(json.dumps(settings))
+    assert main(_route_args(thumbs, tiny_llama, first, "--max-steps", "1", "--resume")) == 2
+    out, err = capsys.readouterr()
+    assert "finished already" not in out and "changed: reward models" in err
 
 
 def _watch(check="vader"):
@@ -203,4 +220,4 @@ def test_the_route_under_two_processes_launches_each_stage(tmp_path, tiny_llama)
     proc = _start([*args, "--resume"], tmp_path, tmp_path / "again.log")  # finished: both stages are skipped
     assert proc.wait(timeout=300) == 0, (tmp_path / "again.log").read_text()[-3000:]
     log = (tmp_path / "again.log").read_text()
-    assert "trained by this route earlier; reused" in log and "The policy stage has finished already" in log
+    assert log.count("trained by this route earlier; reused") == 1 and "The policy stage has finished already" in log

@@ -137,7 +137,7 @@ def route_hint(auc: float, prompts: int, path) -> str | None:
 
 
 ROUTE_MEASURED = ("which compares answers to the same prompt, so what the label owes to the prompt cancels "
-                  "(README, 'Learning the answer, not the prompt')")
+                  "(README, 'From logged thumbs to on-policy learning')")
 
 
 def recommend(auc: float) -> str:

@@ -20,7 +20,7 @@ CURVES = [  # (title, [(metrics key, label)])
     ("Implicit-classifier accuracy (training batches)", [("accuracy", "accuracy")]),
     ("Reward of sampled answers (online)", [("reward_mean", "mean reward")]),
     ("Pass rate of sampled answers (online)", [("pass_rate", "share of thumbs-up")]),
-    ("Groups without signal (online)", [("frac_zero_std", "all thumbs-up or all thumbs-down")]),
+    ("Groups without signal (online)", [("frac_zero_std", "share of groups dropped")]),
     ("Answer length (online)", [("answer_length", "tokens")]),
     ("Reward model: the policy's answers against held-out thumbs (online)",
      [("rm_score", "P(up) of the policy's answers"), ("rm_held_out_up", "P(up) of held-out thumbs-up answers"),

@@ -401,6 +401,8 @@ def check_feedback_route(config: OnlineConfig) -> None:
     if config.prompts:
         raise ConfigError("--feedback takes its prompts from the feedback file: drop --prompts (or drop --feedback "
                           "and pass --reward)")
+    if config.reward_weights is not None:
+        raise ConfigError("with --feedback there is one reward, the reward model's P(👍): drop --reward-weights")
     if config.reward and (len(config.reward) != 1 or not config.reward[0].startswith("rm:")):
         raise ConfigError("with --feedback, --reward can only be one rm:PATH (a reward model to reuse instead of "
                           "training one on the thumbs)")

@@ -25,8 +25,8 @@ from pathlib import Path
 from ..data.records import OTHER_FIELDS, load_records
 from ..engine.rundir import is_first_process
 from ..errors import ConfigError
-from ..files import write_text_atomically
-from .config import ROUTE_STAGE, RewardConfig
+from ..files import content_digest, write_text_atomically
+from .config import ROUTE_STAGE, OnlineConfig, RewardConfig
 from .online import train_online
 from .reward import train_reward_model
 
@@ -35,18 +35,25 @@ SHARED = ("model", "revision", "trust_remote_code", "seed", "bf16", "cache_dir",
           "num_processes", "accelerate_config", "num_machines", "machine_rank", "main_process_ip",
           "main_process_port", "rendezvous_timeout", "save_total_limit", "eval_batch_size", "report_to",
           "save_dtype", "save_max_shard_size", "gradient_checkpointing", "logging_steps", "save_steps")
+OWN_DEFAULTS = ("logging_steps", "save_steps")
+ONLINE_DEFAULTS = {f.name: f.default for f in dataclasses.fields(OnlineConfig)}
+REWARD_DEFAULTS = {f.name: f.default for f in dataclasses.fields(RewardConfig)}
 
 
 def train_from_feedback(config, log=print) -> dict:
     out = Path(config.output_dir)
-    log = log if is_first_process() else (lambda *_: None)  # the stages' own lines come from their engines
-    reward_model = reward_stage(config, out, log)
-    warn_if_weak(reward_model, log)
-    train_prompts, eval_prompts = prompt_files(config, out / "prompts", log)
+    # the stages' own lines come from their engines; the route's from the first process, and those of the prompts
+    # and the reward model once per command (with several processes the policy's stage is a second launch)
+    log = log if is_first_process() else (lambda *_: None)
+    once = log if os.environ.get(ROUTE_STAGE) != "policy" else (lambda *_: None)
+    check_route_folder(out)
+    train_prompts, eval_prompts = prompt_files(config, out / "prompts", once)  # before any model: cheap to refuse
+    reward_model = reward_stage(config, out, once)
+    warn_if_weak(reward_model, once)
     if os.environ.get(ROUTE_STAGE) == "reward":  # launched processes: the policy's stage is the next launch
         return {}
     policy = policy_stage_config(config, out / "policy", reward_model, train_prompts, eval_prompts, log)
-    summary = finished_summary(out / "policy") if config.resume else None
+    summary = finished_policy(out, reward_model) if config.resume else None
     if summary is not None:
         log(f"The policy stage has finished already: {out / 'policy' / 'model'}")
     else:
@@ -57,6 +64,41 @@ def train_from_feedback(config, log=print) -> dict:
                                      "the route summary")
         log(f"Route summary: {path}")
     return route
+
+
+def check_route_folder(out: Path) -> None:
+    """The route writes summary.json and its stages' folders into OUTPUT_DIR: refuse a folder that holds another
+    kind of run (`online` and the route share the default --output-dir), even with --overwrite, which replaces a
+    stage's folder only."""
+    from ..engine.rundir import RUN_FILES
+
+    summary = out / "summary.json"
+    other = [name for name in RUN_FILES if name != "summary.json" and (out / name).exists()]
+    try:
+        kind = json.loads(summary.read_text(encoding="utf-8")).get("kind") if summary.is_file() else None
+    except (OSError, ValueError, AttributeError):
+        kind = "unreadable"
+    if other or kind not in (None, "feedback_route"):
+        raise ConfigError(f"{out} holds another run ({', '.join(other or ['summary.json'])}), not an `online "
+                          "--feedback` route: give the route a folder of its own with --output-dir")
+
+
+def finished_policy(out: Path, reward_model: Path) -> dict | None:
+    """The policy stage's summary if it finished against this very reward model (the route's summary, written last,
+    names the reward model's digest): a reward model trained again makes the old policy stale."""
+    try:
+        route = json.loads((out / "summary.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if route.get("reward_model_digest") != reward_model_digest(reward_model):
+        return None
+    return finished_summary(out / "policy")
+
+
+def reward_model_digest(reward_model: Path) -> str | None:
+    """Its config.json's digest: it holds the calibration fitted after training, different for every training."""
+    path = reward_model / "config.json"
+    return content_digest(str(path)) if path.is_file() else None
 
 
 # ------------------------------------------------------------------------------------------------- stage 1
@@ -71,11 +113,17 @@ def reward_stage(config, out: Path, log) -> Path:
     folder = out / "reward"
     # reused when continuing the route, or in the policy's launch (the previous launch trained it); a fresh route
     # into a folder that holds one is refused, or with --overwrite trains it again, as any run folder
-    reuse = config.resume or os.environ.get(ROUTE_STAGE) == "policy"
-    if reuse and finished_summary(folder) is not None:
+    second_launch = os.environ.get(ROUTE_STAGE) == "policy"
+    if (config.resume or second_launch) and finished_summary(folder) is not None:
         log(f"Reward model: {folder / 'model'} (trained by this route earlier; reused)")
         return folder / "model"
+    if second_launch:  # the previous launch trained it, in a folder this machine does not see
+        raise ConfigError(f"{folder / 'model'} is missing on this machine after the reward model's stage: a "
+                          "route over several machines needs an --output-dir every machine sees")
     settings = {name: getattr(config, name) for name in SHARED}
+    for name in OWN_DEFAULTS:  # left at online's defaults: the reward model's own (a checkpoint is a whole model)
+        if getattr(config, name) == ONLINE_DEFAULTS[name]:
+            settings[name] = REWARD_DEFAULTS[name]
     rm_config = RewardConfig(data=config.feedback, output_dir=str(folder), num_train_epochs=config.reward_model_epochs,
                              learning_rate=config.reward_model_learning_rate, **settings,
                              **stage_start(config, folder, "reward-model", log))
@@ -143,7 +191,8 @@ def prompt_files(config, folder: Path, log) -> tuple[Path, Path | None]:
         return hashlib.sha256(f"{config.seed}/{key}".encode()).hexdigest()
 
     ordered = sorted(distinct, key=rank)
-    n_held = int(round(config.feedback_eval_share * len(ordered)))
+    share = 0.0 if config.eval_prompts else config.feedback_eval_share  # --eval-prompts evaluates instead
+    n_held = int(round(share * len(ordered)))
     if len(ordered) - n_held < 1:
         raise ConfigError(f"{config.feedback}: {len(ordered)} distinct prompt(s); none would be left to train on "
                           f"after keeping {config.feedback_eval_share:g} of them apart (--feedback-eval-share)")
@@ -157,7 +206,8 @@ def prompt_files(config, folder: Path, log) -> tuple[Path, Path | None]:
 
 def write_prompts(path: Path, rows: list[dict]) -> Path:
     # every process writes the same bytes (atomically), so none reads a file another is still writing
-    text = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+    # a column read from Parquet or a dataset may hold a date or a number type JSON lacks: written as text
+    text = "".join(json.dumps(row, ensure_ascii=False, default=str) + "\n" for row in rows)
     return write_text_atomically(path, text, "the route's prompts")
 
 
@@ -183,6 +233,7 @@ def route_summary(config, out: Path, reward_model: Path, policy: dict) -> dict:
     judged = policy.get("judged") or {}
     held_out = {k: v for k, v in (reward.get("eval") or {}).items() if k in ("accuracy", "auc", "ece", "n")}
     return {"kind": "feedback_route", "feedback": config.feedback, "reward_model": str(reward_model),
+            "reward_model_digest": reward_model_digest(reward_model),
             "reward_model_eval": held_out or None, "policy_model": str(out / "policy" / "model"),
             "policy_final_metrics": policy.get("final_metrics"), "judged": judged or None,
             "settings": config.to_dict()}

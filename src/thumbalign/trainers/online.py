@@ -79,8 +79,12 @@ class OnlineTrainer(Trainer):
         return self.task
 
     def fingerprint(self) -> dict:
+        # a reward model is part of the run's input: one trained again since (same path) must not be resumed against
+        models = {spec: content_digest(str(Path(spec[3:]) / "config.json")) for spec in self.config.reward
+                  if spec.startswith("rm:")}
         return {"prompts file": content_digest(self.config.prompts),
-                "prompts": hashlib.sha256(json.dumps([p.prompt for p in self.prompts]).encode()).hexdigest()}
+                "prompts": hashlib.sha256(json.dumps([p.prompt for p in self.prompts]).encode()).hexdigest(),
+                **({"reward models": models} if models else {})}
 
     def before_training(self, resumed: bool) -> None:
         self.task.announce()
@@ -107,6 +111,10 @@ class OnlineTrainer(Trainer):
         complete_model_folder(run, summary, config, self.model_dir)
         if config.report:
             engine.say(f"Report: {write_report(run.path)}")
+
+
+# a group's rewards are all equal below this std: float32 gives ~6e-8 for eight equal rewards of 0.9
+EQUAL_REWARDS = 1e-6
 
 
 def trainable(model, config, engine: Engine, sampler: Sampler, prompts: list[PromptRow]):
@@ -295,7 +303,7 @@ class OnlineTask:
                 r.stats.update(group_mean=m, group_std=s, pass_rate=p)
         by_reward = self.objective.learns_from == "reward"
         for r in rollouts:
-            r.stats["kept"] = r.reward is not None and (r.stats["group_std"] > 0 if by_reward
+            r.stats["kept"] = r.reward is not None and (r.stats["group_std"] > EQUAL_REWARDS if by_reward
                                                         else 0.0 < r.stats["pass_rate"] < 1.0)
         self._record(rollouts)
 
