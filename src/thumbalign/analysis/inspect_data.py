@@ -137,7 +137,8 @@ def route_hint(auc: float, prompts: int, path) -> str | None:
 
 
 ROUTE_MEASURED = ("which compares answers to the same prompt, so what the label owes to the prompt cancels "
-                  "(README, 'From logged thumbs to on-policy learning')")
+                  "(measured on two shifted sets: +0.058 and +0.071 judged 👍 rate over the default bco; "
+                  "benchmarks/shift_quality.py)")
 
 
 def recommend(auc: float) -> str:
