@@ -23,7 +23,7 @@ import os
 from pathlib import Path
 
 from ..data.records import OTHER_FIELDS, load_records
-from ..engine.rundir import is_first_process
+from ..engine.rundir import RUN_FILES, is_first_process
 from ..errors import ConfigError
 from ..files import content_digest, write_text_atomically
 from .config import ROUTE_STAGE, OnlineConfig, RewardConfig
@@ -70,8 +70,6 @@ def check_route_folder(out: Path) -> None:
     """The route writes summary.json and its stages' folders into OUTPUT_DIR: refuse a folder that holds another
     kind of run (`online` and the route share the default --output-dir), even with --overwrite, which replaces a
     stage's folder only."""
-    from ..engine.rundir import RUN_FILES
-
     summary = out / "summary.json"
     other = [name for name in RUN_FILES if name != "summary.json" and (out / name).exists()]
     try:
