@@ -3,6 +3,7 @@ write, uneven data over several processes, and fuzzed input at the command line.
 
 import errno
 import json
+import shutil
 import os
 import subprocess
 import sys
@@ -74,6 +75,24 @@ def test_a_second_run_on_a_live_folder_is_refused_naming_the_first(tmp_path, tin
     out, err = first.communicate(timeout=300)
     assert first.returncode == 0, err  # nothing of the first run was touched
     assert (tmp_path / "run" / "model").exists() and [m["step"] for m in _metrics(tmp_path / "run")] == [1, 2, 3, 4, 5, 6]
+
+
+def test_a_run_resumed_between_two_log_lines_logs_what_the_uninterrupted_run_logged(tmp_path, tiny_llama):
+    """--save-steps 2, --logging-steps 3: the run is interrupted after the checkpoint of step 4, between two log
+    lines; resumed, every metrics line (losses, rewards, δ) equals the uninterrupted run's."""
+    straight = tmp_path / "straight"
+    train(_config(tmp_path, tiny_llama, output_dir=str(straight), max_steps=6, logging_steps=3, save_steps=2,
+                  per_device_train_batch_size=2), log=lambda *a: None)
+    # what a kill right after step 4's checkpoint leaves: checkpoints up to step 4, no model, no summary
+    run = tmp_path / "run"
+    shutil.copytree(straight, run, ignore=shutil.ignore_patterns("step-000006", "model", "summary.json"))
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-000004"]
+    train(_config(tmp_path, tiny_llama, output_dir=str(run), max_steps=6, logging_steps=3, save_steps=2,
+                  per_device_train_batch_size=2, resume="latest"), log=lambda *a: None)
+    strip = ("samples_per_s", "tokens_per_s")
+    a = [{k: v for k, v in m.items() if k not in strip} for m in _metrics(straight)]
+    b = [{k: v for k, v in m.items() if k not in strip} for m in _metrics(run)]
+    assert [m["step"] for m in a] == [2, 3, 4, 6] and a == b
 
 
 def test_resume_with_changed_data_is_refused(tmp_path, tiny_llama, capsys):

@@ -312,9 +312,12 @@ class Engine:
                 self.scheduler.step()
                 bar.update(1)
                 done = step + 1
-                if done % config.logging_steps == 0 or done == self.total_steps:
+                saving = done % config.save_steps == 0 or done == self.total_steps
+                # a checkpoint closes the window of the log line too: a run resumed from it logs the same lines
+                # as the uninterrupted one (the window's statistics are not part of the checkpoint)
+                if done % config.logging_steps == 0 or saving:
                     last_line = self._log(task, run, window, done, grad_norm, steps_per_epoch, bar)
-                if done % config.save_steps == 0 or done == self.total_steps:
+                if saving:
                     self._save(task, run, done, units_per_step)
         finally:
             bar.close()
