@@ -185,7 +185,7 @@ class CommonConfig(Settings):
     rendezvous_timeout: int = _f(600, "Seconds the machines of a multi-machine run wait for each other; then one line "
                                       "says which could not be reached or did not join.", resumable=True)
     # --- logging and checkpoints
-    logging_steps: int = _f(10, "Print and log metrics every N optimizer steps.", resumable=True)
+    logging_steps: int = _f(10, "Print and log metrics every N optimizer steps (and at every checkpoint).", resumable=True)
     save_steps: int = _f(100, "Write a checkpoint every N optimizer steps (and at the end).", resumable=True)
     save_total_limit: int = _f(2, "Checkpoints to keep (oldest are deleted).", resumable=True)
     resume: str | None = _f(None, "Continue an interrupted run: bare --resume takes the latest checkpoint in "
