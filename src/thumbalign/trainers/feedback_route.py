@@ -52,8 +52,9 @@ def train_from_feedback(config, log=print) -> dict:
     warn_if_weak(reward_model, once)
     if os.environ.get(ROUTE_STAGE) == "reward":  # launched processes: the policy's stage is the next launch
         return {}
-    policy = policy_stage_config(config, out / "policy", reward_model, train_prompts, eval_prompts, log)
     summary = finished_policy(out, reward_model) if config.resume else None
+    policy = policy_stage_config(config, out / "policy", reward_model, train_prompts, eval_prompts, summary is not None,
+                                 log)
     if summary is not None:
         log(f"The policy stage has finished already: {out / 'policy' / 'model'}")
     else:
@@ -212,9 +213,8 @@ def write_prompts(path: Path, rows: list[dict]) -> Path:
 # ------------------------------------------------------------------------------------------------- stage 2
 
 def policy_stage_config(config, folder: Path, reward_model: Path, train_prompts: Path, eval_prompts: Path | None,
-                        log):
+                        finished: bool, log):
     """The online run's settings: the route's, with the prompts and the reward the route made."""
-    finished = config.resume and finished_summary(folder) is not None
     start = {} if finished else stage_start(config, folder, "policy", log)
     policy = dataclasses.replace(config, feedback=None, prompts=str(train_prompts), reward=[f"rm:{reward_model}"],
                                  reward_weights=None, output_dir=str(folder),
