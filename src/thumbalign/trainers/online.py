@@ -29,12 +29,13 @@ from ..analysis.report import write_report
 from ..analysis.rewards import RewardFailure, RewardSet
 from ..data.batching import collate_masked, micro_batches
 from ..data.prompts import PromptRow, load_prompts
-from ..engine.generation import Sampler
+from ..engine.generation import Sampler, make_sampler
 from ..engine.logprobs import CompletionLogps, completion_token_logps
 from ..engine.loop import Engine, MicroStep
 from ..engine.models import empty_model, load_causal_lm
 from ..files import content_digest
-from ..methods.online_base import GroupBatch, OnlineObjective, group_statistics, kl_penalty, reduce_token_losses
+from ..methods.online_base import (GroupBatch, OnlineObjective, group_statistics, kl_penalty, reduce_token_losses,
+                                   truncated_importance_weights)
 from ..methods.registry import get_online_objective
 from .final_model import complete_model_folder, save_policy
 from .judged import answers_on_shards, compare_with_base
@@ -63,7 +64,7 @@ class OnlineTrainer(Trainer):
         self.rewards = rewards = RewardSet(config.reward, config.reward_weights, config.reference_field,
                                            config.pass_threshold)
         model = load_policy(self.model_dir, config, engine)
-        sampler = Sampler(model, self.tokenizer, config, engine)
+        sampler = make_sampler(model, self.tokenizer, config, engine, self.model_dir, prompts)
         self.model = model = trainable(model, config, engine, sampler, prompts)
         sampler.set_model(model)
         # prepared (sharded, wrapped) before --filter-prompts samples from it: the run's length is known only after
@@ -91,6 +92,7 @@ class OnlineTrainer(Trainer):
 
     def results(self, last_line: dict | None) -> dict:
         config, engine = self.config, self.engine
+        self.task.sampler.close()
         summary = {"kind": "online", "method": self.objective.name, "model": config.model,
                    "model_dir": str(self.model_dir), "steps": self.task.total_steps, "world_size": engine.world,
                    "prompts": len(self.prompts), "final_metrics": last_line, "settings": config.to_dict()}
@@ -194,10 +196,14 @@ class OnlineTask:
                     for k in range(c.num_generations)]
         conversations = {id(r): None for r in rollouts}
         open_ = list(rollouts)
+        self.sampler.sync(step)  # the weights of the last optimizer step answer
         for turn in range(c.retry_turns):
             ids = [self.sampler.prompt_ids(self.prompts[r.prompt_index], conversations[id(r)]) for r in open_]
             seeds = [answer_seed(c.seed, step, r.prompt_index, r.sample, turn) for r in open_]
-            answers = self.sampler.answers(ids, seeds, c.temperature)
+            answers, sampler_logps = self.sampler.sample(ids, seeds, c.temperature)
+            for k, r in enumerate(open_):
+                if sampler_logps is not None:
+                    r.stats["sampler_logps"] = sampler_logps[k]
             for r, prompt_ids, answer in zip(open_, ids, answers):
                 r.answers.append(self.sampler.text(answer))
                 r.tokens, r.mask = prompt_ids + answer, [False] * len(prompt_ids) + [True] * len(answer)
@@ -212,6 +218,7 @@ class OnlineTask:
                 # sharded weights: a process with nothing left still samples along until no process has any
                 if not self.engine.rounds(len(open_)):
                     break
+        self.sampler.after_sampling()
         if c.retry_turns > 1:
             self._retokenize_conversations(rollouts, conversations)
         if c.sar_weight:
@@ -253,6 +260,7 @@ class OnlineTask:
             conversation = conversations[id(r)]
             if conversation is None:
                 continue  # answered at the first turn: its sampled tokens stand
+            r.stats.pop("sampler_logps", None)  # re-tokenised: the sampler's log-probs no longer line up
             row = self.prompts[r.prompt_index]
             full = conversation + [{"role": "assistant", "content": r.answers[-1]}]
             r.tokens, r.mask = conversation_tokens(self.sampler.tokenizer, full, row.source)
@@ -369,6 +377,8 @@ class OnlineTask:
         token_losses = self.objective.token_losses(x)
         weights = torch.tensor(batch.weights, device=device)
         stats = {"weight": weights}
+        if self.sampler.gives_logps:
+            token_losses = token_losses * self._importance_weights(rollouts, logps, mask, stats)
         if self.config.beta > 0:
             penalty, stats["kl"] = kl_penalty(logps, self.reference_logps(t), mask, self.config.beta)
             token_losses = token_losses + penalty
@@ -376,6 +386,25 @@ class OnlineTask:
         stats["neg_logp"] = (-(logps.detach() * mask).sum(1) / mask.sum(1).clamp(min=1))
         stats["loss_share"] = loss.detach().reshape(1)
         return MicroStep(loss, stats, tokens=int(t["attention_mask"].sum()), samples=int(sum(batch.weights)))
+
+    def _importance_weights(self, rollouts: list[Rollout], logps: torch.Tensor, mask: torch.Tensor,
+                            stats: dict) -> torch.Tensor:
+        """Each answer token's truncated importance weight π_θ / π_vLLM (methods/online_base.py); the mean
+        |log π_θ − log π_vLLM| and mean weight of each answer go to the log."""
+        sampled = torch.zeros_like(logps, dtype=torch.float32)
+        known = torch.zeros_like(mask, dtype=torch.bool)
+        for row, r in enumerate(rollouts):
+            values = r.stats.get("sampler_logps")
+            if values:
+                positions = mask[row].nonzero().flatten()[:len(values)]
+                sampled[row, positions] = torch.tensor(values[:len(positions)], device=logps.device)
+                known[row, positions] = True
+        weights, difference = truncated_importance_weights(logps.float(), sampled, known,
+                                                           self.config.vllm_importance_sampling_cap)
+        counts = known.sum(1).clamp(min=1)
+        stats["sampler_logp_diff"] = difference.sum(1) / counts
+        stats["is_weight"] = (weights * known).sum(1) / counts
+        return weights
 
     def load_reference(self) -> None:
         """What the KL term compares with: nothing when beta is 0; with LoRA the model itself, its adapter disabled;
@@ -437,6 +466,9 @@ class OnlineTask:
             line["entropy"] = float(stats["neg_logp"][kept].mean()) if kept.any() else None
             if "kl" in stats:
                 line["kl"] = float(stats["kl"][kept].mean()) if kept.any() else None
+            for key in ("sampler_logp_diff", "is_weight"):
+                if key in stats:
+                    line[key] = float(stats[key][kept].mean()) if kept.any() else None
         if self.skipped_invalid:
             line["skipped_invalid_prompts"] = self.skipped_invalid
         self.watch.warn(line)
@@ -449,6 +481,7 @@ class OnlineTask:
         return (f"step {m['step']}: loss {f(m['loss'], '.4f')}  reward {f(m['reward_mean'])}  pass {f(m['pass_rate'])}"
                 f"  zero-std groups {f(m['frac_zero_std'], '.2f')}  length {f(m['answer_length'], '.1f')}  "
                 f"clipped {f(m['clipped_ratio'], '.2f')}  " + (f"kl {f(m.get('kl'), '.4f')}  " if "kl" in m else "")
+                + (f"vllm Δlogp {f(m.get('sampler_logp_diff'), '.1e')}  " if "sampler_logp_diff" in m else "")
                 + self.watch.format(m) + f"lr {m['lr']:.2e}  {m['samples_per_s']:.2f} answers/s" + self.watch.warning(m))
 
     def state_dict(self) -> dict:
