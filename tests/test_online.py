@@ -253,6 +253,24 @@ def test_a_graded_reward_is_a_signal_for_grpo_even_when_every_outcome_is_thumbs_
     assert all((m["frac_zero_std"] < 1.0) == learns for m in metrics)
 
 
+def test_answers_trained_on_in_chunks_give_the_gradient_of_one_pass(tmp_path, tiny_llama, reward_module):
+    """--answers-per-forward splits a micro-batch's answers into passes (memory: activations are kept per answer
+    token); the loss's totals are the step's, so the passes' gradients sum to the one pass's: the same weights and
+    losses, with 3 answers per pass (groups of 4 cut across passes) as with all 8 in one."""
+    module, _ = reward_module
+    for name, size in (("one", 100), ("chunks", 3)):
+        train_online(_config(tmp_path, tiny_llama, f"{module}:low_first", output_dir=str(tmp_path / name),
+                             answers_per_forward=size), log=lambda *a: None)
+    one, chunks = _metrics(tmp_path / "one"), _metrics(tmp_path / "chunks")
+    assert any(m["loss"] is not None for m in one)  # groups with signal were trained on
+    for a, b in zip(one, chunks, strict=True):
+        assert (a["loss"] is None) == (b["loss"] is None)
+        assert a["loss"] is None or b["loss"] == pytest.approx(a["loss"], rel=1e-4, abs=1e-7)
+    before, w1, w2 = _weights(tiny_llama), _weights(tmp_path / "one" / "model"), _weights(tmp_path / "chunks" / "model")
+    assert not all(torch.equal(before[k], w1[k]) for k in before)
+    _same(w1, w2, atol=1e-6)
+
+
 def test_equal_graded_rewards_are_a_group_without_signal_for_grpo(tmp_path, tiny_llama, reward_module):
     module, _ = reward_module
     train_online(_config(tmp_path, tiny_llama, f"{module}:flat", num_generations=8), log=lambda *a: None)

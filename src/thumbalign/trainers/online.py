@@ -179,14 +179,16 @@ class OnlineTask:
         by_position = {}
         for r in kept:
             by_position.setdefault(r.group, []).append(r)
-        out, position = [], 0
+        out, position, size = [], 0, self.config.answers_per_forward
         for batch in batches:
             mine = [r for p in range(position, position + len(batch)) for r in by_position.get(p, [])]
             position += len(batch)
-            if mine:
-                out.append(RolloutBatch(mine, [1.0] * len(mine), totals))
-            elif self.engine.world > 1:  # every process runs as many micro-batches as the others: train on nothing
-                out.append(RolloutBatch([rollouts[0]], [0.0], totals))
+            # in chunks: activations are kept per answer token, and the loss's totals are the whole step's, so the
+            # chunks' gradients sum to the micro-batch's
+            out += [RolloutBatch(mine[k:k + size], [1.0] * len(mine[k:k + size]), totals)
+                    for k in range(0, len(mine), size)]
+        if self.engine.world > 1:  # every process runs as many passes as the others: the spare ones train on nothing
+            out += [RolloutBatch([rollouts[0]], [0.0], totals)] * (max(self.engine.gather_objects(len(out))) - len(out))
         return out
 
     def rollouts(self, step: int, prompt_indices: list[int]) -> list[Rollout]:
