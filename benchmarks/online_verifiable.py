@@ -14,12 +14,21 @@ online runs generated answers, the judge labels each, and `thumbalign train --me
 
     .venv/bin/python benchmarks/online_verifiable.py                    # all of it (about an hour on 2 cores)
     .venv/bin/python benchmarks/online_verifiable.py --objectives nft --no-offline
+
+With --use-vllm each objective runs twice, same settings and seed: answers written by transformers `generate`, then
+by vLLM (`online --use-vllm`); the table adds how fast answers were written (answers / seconds spent sampling,
+weight pushes included), each run's peak RSS, and the paired difference of their held-out pass rates. Run it from
+the vLLM environment (its own transformers) so that both paths use the same libraries:
+
+    .venv/vllm/bin/python benchmarks/online_verifiable.py --use-vllm --objectives grpo --no-offline \
+        --max-new-tokens 40
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import subprocess
 import sys
@@ -50,28 +59,41 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
     return path
 
 
-def run(command: list[str], log: Path) -> float:
+def run(command: list[str], log: Path, peaks: dict | None = None) -> float:
+    """Seconds the command took; its peak resident memory (the process and those it waited for) into `peaks`."""
     start = time.perf_counter()
     with open(log, "w") as handle:
-        code = subprocess.call(command, stdout=handle, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = code = os.waitstatus_to_exitcode(status)
     if code:
         sys.exit(f"failed ({code}): {' '.join(command)}; see {log}")
+    if peaks is not None:
+        peaks[str(log)] = usage.ru_maxrss * 1024  # kilobytes on Linux
     return time.perf_counter() - start
 
 
-def online(args, objective: str, train: Path, held: Path) -> dict:
-    out = args.work / f"online-{objective}"
+def online(args, objective: str, train: Path, held: Path, use_vllm: bool = False) -> dict:
+    name = f"online-{objective}" + ("-vllm" if use_vllm else "")
+    out = args.work / name
     command = [str(args.thumbalign), "online", "--prompts", str(train), "--eval-prompts", str(held),
                "--reward", "numeric", "--objective", objective, "--output-dir", str(out), "--overwrite",
                "--max-steps", str(args.steps), "--per-device-train-batch-size", str(args.prompts_per_step),
                "--num-generations", str(args.generations), "--max-new-tokens", str(args.max_new_tokens),
                "--use-lora", "--learning-rate", str(args.learning_rate), "--seed", str(args.seed),
                "--logging-steps", "5", "--save-steps", "1000", "--generation-batch-size", "64",
-               "--eval-batch-size", "64"]
-    seconds = run(command, args.work / f"online-{objective}.log")
+               "--eval-batch-size", "64", "--bf16", args.bf16] + (["--use-vllm"] if use_vllm else [])
+    peaks: dict = {}
+    seconds = run(command, args.work / f"{name}.log", peaks)
     summary = json.loads((out / "summary.json").read_text())
     judged = summary["judged"]
-    return {"run": objective, "seconds": seconds, "answers": args.steps * args.prompts_per_step * args.generations,
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    sampled = [m for m in lines if m.get("sampling_s")]
+    answers = args.steps * args.prompts_per_step * args.generations
+    return {"run": objective + (" (vLLM)" if use_vllm else " (transformers)" if args.use_vllm else ""),
+            "seconds": seconds, "peak_rss": max(peaks.values()),
+            "sampling_answers_per_s": answers / sum(m["sampling_s"] for m in sampled) if sampled else None,
+            "answers": answers,
             "before": judged["models"]["base"], "after": judged["models"]["trained"], "difference": judged["difference"],
             "train_pass_rate_last": summary["final_metrics"].get("pass_rate")}
 
@@ -141,6 +163,10 @@ def main() -> None:
     parser.add_argument("--learning-rate", type=float, default=2e-4)
     parser.add_argument("--held-out", type=int, default=240)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--bf16", default="false", choices=("auto", "true", "false"),
+                        help="the runs' precision (default false: fp32, comparable across CPUs)")
+    parser.add_argument("--use-vllm", action="store_true",
+                        help="each objective also with vLLM writing the answers (same settings and seed)")
     parser.add_argument("--work", type=Path, default=root / "runs" / "online_verifiable")
     parser.add_argument("--thumbalign", type=Path, default=Path(sys.executable).parent / "thumbalign")
     args = parser.parse_args()
@@ -151,19 +177,42 @@ def main() -> None:
           f"{args.steps} steps × {args.prompts_per_step} prompts × {args.generations} answers per run", flush=True)
     results = []
     for objective in args.objectives:
-        results.append(online(args, objective, train, held))
-        print(json.dumps(results[-1]), flush=True)
+        for use_vllm in (False, True) if args.use_vllm else (False,):
+            results.append(online(args, objective, train, held, use_vllm))
+            print(json.dumps(results[-1]), flush=True)
     if not args.no_offline:
         results.append(offline_bco(args, train, held))
         print(json.dumps(results[-1]), flush=True)
-    print(f"\n| run | answers judged | wall time | held-out pass rate before (control) | after | "
-          f"difference [95% CI] | wins / ties / losses |")
+    print("\n| run | answers judged | wall time | held-out pass rate before (control) | after | "
+          "difference [95% CI] | wins / ties / losses |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for r in results:
         d = r["difference"]
         print(f"| {r['run']} | {r['answers']} | {r['seconds'] / 60:.1f} min | {fmt(r['before'])} | {fmt(r['after'])} | "
               f"{d['mean']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}] | {d['wins']} / {d['ties']} / "
               f"{d['losses']} |")
+    if args.use_vllm:
+        print_backends(args, results)
+
+
+def print_backends(args, results: list[dict]) -> None:
+    """transformers against vLLM, objective by objective: speed, memory, and the two held-out pass rates paired
+    prompt by prompt (both runs answered the same held-out prompts greedily)."""
+    print("\n| run | whole run | answers written per s (sampling) | peak RSS | held-out pass rate after |")
+    print("| --- | --- | --- | --- | --- |")
+    for r in results:
+        if "peak_rss" in r:
+            rate = r["sampling_answers_per_s"]
+            print(f"| {r['run']} | {r['seconds'] / 60:.1f} min | {rate:.2f} | {r['peak_rss'] / 2**30:.2f} GiB | "
+                  f"{fmt(r['after'])} |")
+    for objective in args.objectives:
+        plain, fast = (next(r for r in results if r["run"] == f"{objective} ({kind})") for kind in
+                       ("transformers", "vLLM"))
+        print(f"{objective}: vLLM writes answers {fast['sampling_answers_per_s'] / plain['sampling_answers_per_s']:.2f}× "
+              f"as fast, the whole run takes {fast['seconds'] / plain['seconds']:.2f}× the time; pass rate after "
+              f"{fast['after']['thumbs_up_rate']:.3f} against {plain['after']['thumbs_up_rate']:.3f} "
+              f"(intervals {fmt(fast['after'])} and {fmt(plain['after'])}); inside the transformers path's interval: "
+              f"{plain['after']['ci95'][0] <= fast['after']['thumbs_up_rate'] <= plain['after']['ci95'][1]}")
 
 
 if __name__ == "__main__":

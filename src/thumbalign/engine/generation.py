@@ -147,7 +147,10 @@ def make_sampler(model, tokenizer, config, engine: Engine, model_dir, prompts: l
     limit = getattr(model.config, "max_position_embeddings", None) or longest + turns
     settings = EngineSettings(model_dir=str(model_dir), dtype="bfloat16" if engine.bf16 else "float32",
                               seed=config.seed, max_model_len=min(limit, longest + turns),
-                              max_num_seqs=config.generation_batch_size,
+                              # a step's answers at once at most: the KV cache is sized to them
+                              max_num_seqs=min(config.generation_batch_size, config.num_generations
+                                               * config.per_device_train_batch_size
+                                               * config.gradient_accumulation_steps),
                               gpu_memory_utilization=config.vllm_gpu_memory_utilization,
                               enable_sleep_mode=config.vllm_enable_sleep_mode)
     engine.say(f"vLLM writes the answers, in this process ({settings.dtype}, sequences of up to "

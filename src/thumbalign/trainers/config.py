@@ -331,7 +331,7 @@ class OnlineConfig(PolicyConfig):
     temperature: float = _f(1.0, "Sampling temperature of the answers trained on (the whole distribution, no top-k / "
                                  "top-p).")
     generation_batch_size: int = _f(64, "Answers generated together in one batch.", resumable=True)
-    answers_per_forward: int = _f(8, "Answers in one forward and backward pass: a micro-batch's answers are trained on "
+    answers_per_forward: int = _f(4, "Answers in one forward and backward pass: a micro-batch's answers are trained on "
                                      "in chunks of this many (the same gradient, summed before the optimizer step). "
                                      "Memory grows with it: the activations of every layer are kept for each answer "
                                      "token (measured: 32 answers of 85 tokens, 6.6 GB for the default model).",

@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -157,6 +158,7 @@ class OnlineTask:
         self.reference_model = None
         self.pending: list[dict] = []   # rollout statistics of the steps since the last log line (all processes)
         self.skipped_invalid = 0
+        self.sampling_s = 0.0
         self.watch = RewardWatch(rewards.reward_model, config, engine.say)
 
     def announce(self) -> None:
@@ -198,11 +200,14 @@ class OnlineTask:
                     for k in range(c.num_generations)]
         conversations = {id(r): None for r in rollouts}
         open_ = list(rollouts)
+        started = time.perf_counter()
         self.sampler.sync(step)  # the weights of the last optimizer step answer
+        self.sampling_s = 0.0
         for turn in range(c.retry_turns):
             ids = [self.sampler.prompt_ids(self.prompts[r.prompt_index], conversations[id(r)]) for r in open_]
             seeds = [answer_seed(c.seed, step, r.prompt_index, r.sample, turn) for r in open_]
             answers, sampler_logps = self.sampler.sample(ids, seeds, c.temperature)
+            self.sampling_s = time.perf_counter() - started
             for k, r in enumerate(open_):
                 if sampler_logps is not None:
                     r.stats["sampler_logps"] = sampler_logps[k]
@@ -328,7 +333,8 @@ class OnlineTask:
                 "excluded": sum(r.reward is None for r in rollouts), "groups": len(groups),
                 "zero_std": sum(not any(m.stats["kept"] for m in g) for g in groups.values()),
                 "sar": [r.stats["sar"] for r in rollouts if "sar" in r.stats],
-                "rm": [r.stats["rm"] for r in rollouts if "rm" in r.stats], "check": self._check(rollouts)}
+                "rm": [r.stats["rm"] for r in rollouts if "rm" in r.stats], "check": self._check(rollouts),
+                "sampling_s": [self.sampling_s]}
         merged = {}
         for part in self.engine.gather_objects(mine):
             for key, value in part.items():
@@ -457,6 +463,10 @@ class OnlineTask:
                 "pass_rate": _mean(outcomes), "frac_zero_std": sum(s["zero_std"] for s in steps) / groups if groups
                 else None, "answer_length": _mean(lengths), "clipped_ratio": _mean(truncated),
                 "excluded_answers": sum(s["excluded"] for s in steps)}
+        # how fast answers are written (weights pushed to vLLM included), apart from the step's training
+        sampling = sum(max(s["sampling_s"]) for s in steps)  # the processes sample side by side
+        line["sampling_s"] = sampling
+        line["sampling_answers_per_s"] = (sum(len(s["lengths"]) for s in steps) / sampling) if sampling else None
         sar = [v for s in steps for v in s["sar"]]
         if sar:
             line["sar_mean"] = _mean(sar)
