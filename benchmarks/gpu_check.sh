@@ -8,7 +8,10 @@
 # 1. the tests marked `gpu` (bf16 training, QLoRA gradients, Liger, one process under FSDP2 and ZeRO-3);
 # 2. BCO on the bundled feedback with the default model (SmolLM2-135M) in bf16: full fine-tuning, LoRA, and 4-bit
 #    QLoRA, 60 steps each, then the held-out implicit-reward accuracy;
-# 3. benchmarks/vs_trl.py, when TRL 1.13 is importable (it is not installed from the network here).
+# 3. benchmarks/vs_trl.py, when TRL 1.13 is importable (it is not installed from the network here);
+# 4. when vLLM is importable (by $PYTHON, or by VLLM_PYTHON): online GRPO on the arithmetic task of
+#    benchmarks/online_verifiable.py with answers from transformers and from vLLM in the training process
+#    (--vllm-mode colocate), then from a `thumbalign vllm-serve` server on the same GPU (--vllm-mode server).
 # It ends with one table: run, s/step, samples/s, peak GPU memory, held-out accuracy before → after.
 set -u
 PYTHON=${1:-.venv/bin/python}
@@ -44,6 +47,29 @@ if "$PYTHON" -c "import trl" 2>/dev/null; then
   "$PYTHON" benchmarks/vs_trl.py --steps 23 --modes full,lora 2>&1 | tail -8
 else
   echo "vs_trl: not run (TRL is not installed in $PYTHON, and this script installs nothing)"
+fi
+
+echo "== vLLM"
+VLLM_PYTHON=${VLLM_PYTHON:-$PYTHON}
+VLLM_STEPS=${GPU_CHECK_VLLM_STEPS:-20}
+if "$VLLM_PYTHON" -c "import vllm" 2>/dev/null; then
+  # colocate, beside the transformers path: same settings and seed
+  "$VLLM_PYTHON" benchmarks/online_verifiable.py --use-vllm --objectives grpo --no-offline --steps "$VLLM_STEPS" \
+    --max-new-tokens 40 --bf16 true --work "$OUT/vllm" 2>&1 | tail -6
+  # server: its own process on the same GPU (a third of its memory), the trainer sends it the weights every step
+  "$VLLM_PYTHON" -m thumbalign vllm-serve --model default --port 8123 --dtype bfloat16 \
+    --gpu-memory-utilization 0.3 > "$OUT/vllm-server.log" 2>&1 &
+  SERVER=$!
+  for _ in $(seq 1 180); do grep -q " at http://" "$OUT/vllm-server.log" && break; sleep 1; done
+  "$VLLM_PYTHON" -m thumbalign online --prompts "$OUT/vllm/train.jsonl" --eval-prompts "$OUT/vllm/held_out.jsonl" \
+    --reward numeric --use-lora --learning-rate 2e-4 --max-steps "$VLLM_STEPS" --per-device-train-batch-size 4 \
+    --num-generations 8 --max-new-tokens 40 --bf16 true --logging-steps 5 --save-steps 1000 --no-report \
+    --use-vllm --vllm-mode server --vllm-server-base-url http://127.0.0.1:8123 --output-dir "$OUT/vllm-server" \
+    --overwrite > "$OUT/vllm-server-run.log" 2>&1
+  echo "server mode: exit $?"; grep "step $VLLM_STEPS:" "$OUT/vllm-server-run.log" | tail -1
+  kill "$SERVER"; wait "$SERVER" 2>/dev/null
+else
+  echo "vLLM: not run (not importable by $VLLM_PYTHON; pip install 'thumbalign[vllm]' or set VLLM_PYTHON)"
 fi
 
 "$PYTHON" - "$OUT" "$TESTS" <<'EOF'

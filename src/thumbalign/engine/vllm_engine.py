@@ -188,7 +188,7 @@ class RemoteEngine:
 def weights_to_bytes(weights: list[tuple[str, torch.Tensor]]) -> bytes:
     from safetensors.torch import save
 
-    return save({name: tensor.contiguous() for name, tensor in weights})
+    return save({name: tensor.detach().cpu().contiguous() for name, tensor in weights})
 
 
 def weights_from_bytes(body: bytes) -> list[tuple[str, torch.Tensor]]:
