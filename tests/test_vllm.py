@@ -87,13 +87,25 @@ def test_use_vllm_without_vllm_is_one_line(tmp_path, tiny_llama):
 
 # --------------------------------------------------------------------------- in the vLLM environment
 
-def vllm_model(path: Path) -> Path:
-    """A tiny Llama vLLM's CPU attention runs (head size 64: 256 wide, 4 heads)."""
-    return save_tiny_model(path, "llama", hidden=256)
+def vllm_model(path: Path, talkative: bool = False) -> Path:
+    """A tiny Llama vLLM's CPU attention runs (head size 64: 256 wide, 4 heads). `talkative`: the embeddings (tied
+    to the output layer) of the special and the blank tokens zeroed, so that a greedy answer is text (the random
+    model's favourite is a newline, which the answers' strip() would leave empty)."""
+    save_tiny_model(path, "llama", hidden=256)
+    if talkative:
+        from safetensors.torch import save_file
+
+        weights = load_file(path / "model.safetensors")
+        tokenizer = make_tokenizer()
+        for token in range(len(tokenizer)):
+            if token in tokenizer.all_special_ids or not tokenizer.decode([token]).strip():
+                weights["model.embed_tokens.weight"][token] = 0.0
+        save_file(weights, path / "model.safetensors", metadata={"format": "pt"})
+    return path
 
 
 def run_vllm_env(args: list[str], timeout: int = 600, **kw) -> subprocess.CompletedProcess:
-    env = {**os.environ, "VLLM_LOGGING_LEVEL": "WARNING", "PYTHONPATH": ""}
+    env = {**os.environ, "VLLM_LOGGING_LEVEL": "WARNING", "PYTHONPATH": str(ROOT / "src")}
     return subprocess.run([str(VLLM_PYTHON), *args], capture_output=True, text=True, timeout=timeout, env=env, **kw)
 
 
@@ -210,7 +222,7 @@ def test_a_resumed_vllm_run_samples_and_trains_what_the_uninterrupted_one_did(tm
 
     # killed once the run has reported step 3 (its step-2 checkpoint is written by then), then resumed
     cut = tmp_path / "cut"
-    env = {**os.environ, "VLLM_LOGGING_LEVEL": "WARNING", "PYTHONPATH": ""}
+    env = {**os.environ, "VLLM_LOGGING_LEVEL": "WARNING", "PYTHONPATH": str(ROOT / "src")}
     proc = subprocess.Popen([str(VLLM_PYTHON), *online_args(model, prompts, cut)], cwd=tmp_path, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
@@ -232,9 +244,13 @@ def test_a_resumed_vllm_run_samples_and_trains_what_the_uninterrupted_one_did(tm
 
 
 @needs_vllm
-def test_server_mode_serves_a_trainer_from_the_projects_own_environment(tmp_path, online_inputs):
+@pytest.mark.parametrize("processes", ["one", "fsdp"])
+def test_server_mode_serves_a_trainer_from_the_projects_own_environment(tmp_path, online_inputs, processes):
+    """The server runs in the vLLM environment, the trainer in this one (another transformers). One process with
+    LoRA; two FSDP processes fine-tuning every weight, whose shards are gathered once per step onto the main
+    process, which pushes them while the other waits. After every push the server's log-probs are the trainer's."""
     model, prompts = online_inputs
-    env = {**os.environ, "VLLM_LOGGING_LEVEL": "WARNING", "PYTHONPATH": ""}
+    env = {**os.environ, "VLLM_LOGGING_LEVEL": "WARNING", "PYTHONPATH": str(ROOT / "src")}
     server = subprocess.Popen([str(VLLM_PYTHON), "-m", "thumbalign", "vllm-serve", "--model", str(model),
                                "--port", "0", "--max-model-len", "128", "--max-num-seqs", "16"], env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, start_new_session=True)
@@ -246,15 +262,70 @@ def test_server_mode_serves_a_trainer_from_the_projects_own_environment(tmp_path
                 break
         assert url, "the server never said where it listens"
         run = tmp_path / "run"
-        # the trainer: this (the project's) environment, another transformers than the server's
+        how = (["--use-lora", "--learning-rate", "5e-2"] if processes == "one" else
+               ["--num-processes", "2", "--accelerate-config", "fsdp", "--per-device-train-batch-size", "1"])
         proc = subprocess.run([sys.executable, *online_args(model, prompts, run, "--vllm-mode", "server",
-                                                            "--vllm-server-base-url", url, "--use-lora",
-                                                            "--learning-rate", "5e-2")],
+                                                            "--vllm-server-base-url", url, *how)],
                               capture_output=True, text=True, timeout=600, cwd=tmp_path)
         assert proc.returncode == 0, proc.stderr[-3000:]
         lines = _training_lines(run)
-        # LoRA trains fast here (lr 5e-2): without the pushes the server's log-probs would be the start's
+        # the weights move every step (lr 5e-2 LoRA, 5e-3 full): without the pushes the server would answer with
+        # the starting weights and these differences would be large
         assert len(lines) == 4 and all(m["sampler_logp_diff"] < 1e-4 for m in lines), lines
+        assert json.loads((run / "summary.json").read_text())["world_size"] == (1 if processes == "one" else 2)
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=60)
+
+
+@needs_vllm
+def test_eval_answers_with_vllm_as_with_transformers(tmp_path):
+    """Greedy answers of a float32 model are its argmax tokens, whichever engine computes them: `eval --use-vllm`
+    judges the same answers as `eval`."""
+    model = vllm_model(tmp_path / "model", talkative=True)
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": [{"role": "user", "content": f"question {i}"}]}
+                                                       for i in range(6)])
+    (tmp_path / "judge_for_vllm.py").write_text("def low(text, row=None):\n    return bool(text) and ord(text[0]) < 128\n")
+    runs = {}
+    for name, extra in (("plain", []), ("vllm", ["--use-vllm"])):
+        proc = run_vllm_env(["-m", "thumbalign", "eval", "--model", str(model), "--baseline", str(model), "--prompts",
+                             str(prompts), "--judge", "judge_for_vllm:low", "--max-new-tokens", "12",
+                             "--output-dir", str(tmp_path / name), *extra], cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        runs[name] = sorted((r["model"], r["i"], r["answer"], r["verdict"]) for r in map(
+            json.loads, (tmp_path / name / "generations.jsonl").read_text().splitlines()))
+    assert len(runs["plain"]) == 12 and any(answer for _, _, answer, _ in runs["plain"])
+    assert runs["vllm"] == runs["plain"]
+
+
+@needs_vllm
+def test_best_of_n_with_vllm_writes_the_same_scored_rows_twice(tmp_path):
+    """`best-of-n --use-vllm`: every prompt gets its n answers from vLLM, seeded (the same file twice), and each
+    row kept carries the reward model's P(👍) of its answer."""
+    from thumbalign.engine.reward_model import RewardModel
+    from thumbalign.data.records import Record
+    from thumbalign.trainers.config import RewardConfig
+    from thumbalign.trainers.reward import train_reward_model
+
+    model = vllm_model(tmp_path / "model", talkative=True)
+    thumbs = write_jsonl(tmp_path / "thumbs.jsonl", [{"prompt": f"item {i}", "completion": "yes" if i % 2 else "no",
+                                                      "label": bool(i % 2)} for i in range(16)])
+    train_reward_model(RewardConfig(data=str(thumbs), model=str(model), output_dir=str(tmp_path / "rm"),
+                                    eval_split=0.25, max_steps=2, per_device_train_batch_size=4, bf16="false",
+                                    save_steps=100), log=lambda *a: None)
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": f"question {i}"} for i in range(3)])
+    outputs = []
+    for name in ("a", "b"):
+        out = tmp_path / f"{name}.jsonl"
+        proc = run_vllm_env(["-m", "thumbalign", "best-of-n", "--model", str(model), "--rm", str(tmp_path / "rm" / "model"),
+                             "--prompts", str(prompts), "-o", str(out), "--n", "4", "--max-new-tokens", "8",
+                             "--use-vllm"], cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        outputs.append(out.read_text())
+    assert outputs[0] == outputs[1]
+    rows = [json.loads(line) for line in outputs[0].splitlines()]
+    assert len(rows) == 3 and all(r["n"] >= 1 and r["completion"] for r in rows)
+    scorer = RewardModel(str(tmp_path / "rm" / "model"))
+    for row in rows:
+        p = scorer.probabilities([Record(row["prompt"], row["completion"], True)])[0]
+        assert p == pytest.approx(row["p_up"], abs=1e-4)

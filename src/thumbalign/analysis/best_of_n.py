@@ -17,23 +17,32 @@ from ..files import write_atomically
 
 
 def best_of_n(policy: str, rm_path: str, prompts_file: str, out: str, n: int = 4, max_new_tokens: int = 64,
-              temperature: float = 1.0, seed: int = 0, batch_size: int = 8) -> int:
+              temperature: float = 1.0, seed: int = 0, batch_size: int = 8, use_vllm: bool = False) -> int:
     """Returns the number of rows written (prompts whose every answer came out empty are skipped). `rm_path` may
-    end with @principle for a principle-following reward model: the answer that best satisfies it is kept."""
+    end with @principle for a principle-following reward model: the answer that best satisfies it is kept.
+    `use_vllm`: vLLM writes every answer first (answer k of prompt i with seed `seed` + i·n + k)."""
     rm_path, _, principle = rm_path.partition("@")
     rm = RewardModel(rm_path)
     rm.probabilities([], principle=principle or None)  # a missing or unwanted principle fails before generating
     model_dir = resolve_model(policy)
-    tokenizer, model = load_tokenizer(model_dir), load_causal_lm(model_dir).to(inference_device()).eval()
-    model.config.use_cache = True
-    written = 0
+    rows = load_prompts(prompts_file)
+    written, ready = 0, None
+    if use_vllm:
+        from ..engine.vllm_engine import text_answers
+
+        flat = text_answers(model_dir, [row.prompt for row in rows for _ in range(n)], max_new_tokens, temperature,
+                            [seed + i for i in range(len(rows) * n)], max(batch_size, n))
+        ready = [flat[i * n:(i + 1) * n] for i in range(len(rows))]
+    else:
+        tokenizer, model = load_tokenizer(model_dir), load_causal_lm(model_dir).to(inference_device()).eval()
+        model.config.use_cache = True
 
     def write(tmp):
         nonlocal written
         with open(tmp, "w", encoding="utf-8") as handle:
-            for row in tqdm(load_prompts(prompts_file), desc="best-of-n", unit="prompt"):
-                answers = []
-                for start in range(0, n, batch_size):  # the prompt once, its k answers from one forward each step
+            for index, row in enumerate(tqdm(rows, desc="best-of-n", unit="prompt")):
+                answers = list(ready[index]) if ready is not None else []
+                for start in range(0, n if ready is None else 0, batch_size):  # the prompt once, its k answers from one forward each step
                     k = min(batch_size, n - start)
                     answers += generate(model, tokenizer, [row.prompt], max_new_tokens, temperature,
                                         seed + written * n + start, num_return_sequences=k)

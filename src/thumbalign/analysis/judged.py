@@ -32,16 +32,24 @@ def _done(path: Path) -> dict[tuple[str, int], dict]:
 
 def judged_generations(models: dict[str, Path], prompts_file: str, judge, out_file: Path, *, max_new_tokens: int = 64,
                        temperature: float = 0.0, seed: int = 0, batch_size: int = 8, progress: bool = True,
-                       condition: str | None = None, device: str | None = None) -> dict:
+                       condition: str | None = None, device: str | None = None, use_vllm: bool = False) -> dict:
     """Generate with each model in `models` (name -> folder), judge, append to `out_file`; return the comparison.
     `condition` picks the reward token a reward-token model answers after (default: its template's, 👍). Models run
-    in float32 on `device`: by default the GPU where there is one, else the CPU."""
+    in float32 on `device`: by default the GPU where there is one, else the CPU. `use_vllm`: vLLM writes the
+    answers, each prompt's with seed `seed` + its index."""
     device = device or inference_device()
     prompts = load_prompts(prompts_file)
     done = _open(out_file)
     for name, folder in models.items():
         todo = [i for i in range(len(prompts)) if (name, i) not in done]
         if not todo:
+            continue
+        if use_vllm:
+            from ..engine.vllm_engine import text_answers
+
+            answers = text_answers(folder, [prompts[i].prompt for i in todo], max_new_tokens, temperature,
+                                   [seed + i for i in todo], batch_size, condition)
+            _judge_and_append(judge, name, dict(zip(todo, answers)), prompts, out_file, done)
             continue
         tokenizer, model = load_tokenizer(folder), load_causal_lm(folder).to(device).eval()
         model.config.use_cache = True

