@@ -88,16 +88,12 @@ class VLLMSampler(Sampler):
         super().__init__(model, tokenizer, config, engine)
         self.vllm = vllm_engine
         self.synced = None      # the version vLLM holds; None: the starting weights, as loaded
-        self.sync_seconds = 0.0
 
     def sync(self, version) -> None:
         if version == self.synced:
             return
-        import time
-
         from .vllm_engine import checkpoint_weights
 
-        start = time.perf_counter()
         local = self.config.vllm_mode == "colocate"  # one training process (make_sampler)
         whole = self.engine.whole_weights(self.model, everywhere=local)
         if whole is not None:
@@ -106,7 +102,6 @@ class VLLMSampler(Sampler):
         if not local:
             self.engine.wait()  # the server answers every process with the new weights
         self.synced = version
-        self.sync_seconds += time.perf_counter() - start
 
     def sample(self, prompt_ids, seeds, temperature):
         if not prompt_ids:

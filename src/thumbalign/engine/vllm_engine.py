@@ -74,6 +74,9 @@ class LocalEngine:
         from transformers import AutoConfig
 
         on_gpu = torch.cuda.is_available()
+        if settings.enable_sleep_mode and not on_gpu:
+            raise ConfigError("--vllm-enable-sleep-mode frees GPU memory while the trainer runs: vLLM has no sleep "
+                              "mode on a CPU; drop the flag")
         memory = ({"gpu_memory_utilization": settings.gpu_memory_utilization} if on_gpu else
                   {"kv_cache_memory_bytes": kv_cache_bytes(AutoConfig.from_pretrained(settings.model_dir), settings)})
         self.llm = vllm.LLM(model=settings.model_dir, dtype=settings.dtype, seed=settings.seed,
