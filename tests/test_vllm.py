@@ -169,6 +169,35 @@ def test_vllm_answers_with_the_weights_of_every_optimizer_step(tmp_path, kind):
         assert step["stale"] > 1e-2, steps
 
 
+MANY_PROMPTS = r'''
+import json, sys
+from thumbalign.engine.vllm_engine import EngineSettings, LocalEngine
+
+if __name__ == "__main__":
+    engine = LocalEngine(EngineSettings(model_dir=sys.argv[1], dtype="float32", seed=0, max_model_len=160,
+                                        max_num_seqs=64, gpu_memory_utilization=0.3))
+    prompts = [[(7 * i + k) % 250 for k in range(120)] for i in range(64)]  # 7680 prompt tokens at once
+    first, _ = engine.generate(prompts, list(range(64)), 1.0, 8, None)
+    again, _ = engine.generate(prompts[:3], [0, 1, 2], 1.0, 8, None)
+    engine.close()
+    print("RESULT " + json.dumps({"answers": len(first), "same": first[:3] == again}))
+'''
+
+
+@needs_vllm
+def test_many_long_seeded_prompts_at_once(tmp_path):
+    """More prompt tokens than one engine step takes: vLLM would cut a prompt across two steps and then rewind that
+    request's random generator, which a CPU generator cannot do (it crashed); prompts are prefilled whole. An answer
+    is still a function of its seed: the same with 63 other requests beside it as with 2."""
+    model = vllm_model(tmp_path / "model")
+    script = tmp_path / "many.py"
+    script.write_text(MANY_PROMPTS)
+    proc = run_vllm_env([str(script), str(model)])
+    result = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    assert proc.returncode == 0 and result, proc.stderr[-3000:]
+    assert json.loads(result[0][7:]) == {"answers": 64, "same": True}
+
+
 def online_args(model, prompts, out, *extra):
     return ["-m", "thumbalign", "online", "--model", str(model), "--prompts", str(prompts), "--reward",
             "rewards_for_vllm:first_low", "--output-dir", str(out), "--max-steps", "4", "--num-generations", "4",
@@ -296,6 +325,30 @@ def test_eval_answers_with_vllm_as_with_transformers(tmp_path):
             json.loads, (tmp_path / name / "generations.jsonl").read_text().splitlines()))
     assert len(runs["plain"]) == 12 and any(answer for _, _, answer, _ in runs["plain"])
     assert runs["vllm"] == runs["plain"]
+
+
+@needs_vllm
+def test_train_eval_prompts_answered_by_vllm_as_by_transformers(tmp_path):
+    """`train --eval-prompts --use-vllm`: the trained and the base model answer the held-out prompts through vLLM,
+    greedily, and the answers (and verdicts) are those transformers gives."""
+    model = vllm_model(tmp_path / "model", talkative=True)
+    data = write_jsonl(tmp_path / "thumbs.jsonl", [{"prompt": f"item {i}", "completion": "yes" if i % 2 else "no",
+                                                    "label": bool(i % 2)} for i in range(16)])
+    held = write_jsonl(tmp_path / "held.jsonl", [{"prompt": f"question {i}"} for i in range(4)])
+    (tmp_path / "judge_for_vllm.py").write_text("def low(text, row=None):\n    return bool(text) and ord(text[0]) < 128\n")
+    answers = {}
+    for name, extra in (("plain", []), ("vllm", ["--use-vllm"])):
+        run = tmp_path / name
+        proc = run_vllm_env(["-m", "thumbalign", "train", "--data", str(data), "--model", str(model), "--output-dir",
+                             str(run), "--max-steps", "2", "--per-device-train-batch-size", "4", "--bf16", "false",
+                             "--learning-rate", "1e-2", "--eval-prompts", str(held), "--judge", "judge_for_vllm:low",
+                             "--eval-max-new-tokens", "8", "--no-report", *extra], cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        answers[name] = sorted((r["model"], r["i"], r["answer"], r["verdict"]) for r in map(
+            json.loads, (run / "generations.jsonl").read_text().splitlines()))
+    assert len(answers["plain"]) == 8 and answers["vllm"] == answers["plain"]
+    trained = [a for m, _, a, _ in answers["plain"] if m == "trained"]
+    assert trained != [a for m, _, a, _ in answers["plain"] if m == "base"]  # training changed the answers
 
 
 @needs_vllm

@@ -42,7 +42,8 @@ def best_of_n(policy: str, rm_path: str, prompts_file: str, out: str, n: int = 4
         with open(tmp, "w", encoding="utf-8") as handle:
             for index, row in enumerate(tqdm(rows, desc="best-of-n", unit="prompt")):
                 answers = list(ready[index]) if ready is not None else []
-                for start in range(0, n if ready is None else 0, batch_size):  # the prompt once, its k answers from one forward each step
+                # the prompt once, its k answers from one forward each step
+                for start in range(0, n, batch_size) if ready is None else ():
                     k = min(batch_size, n - start)
                     answers += generate(model, tokenizer, [row.prompt], max_new_tokens, temperature,
                                         seed + written * n + start, num_return_sequences=k)

@@ -77,8 +77,13 @@ class LocalEngine:
         if settings.enable_sleep_mode and not on_gpu:
             raise ConfigError("--vllm-enable-sleep-mode frees GPU memory while the trainer runs: vLLM has no sleep "
                               "mode on a CPU; drop the flag")
+        # on a CPU: the KV cache sized to the run; and prompts prefilled whole — a prompt cut across two engine steps
+        # makes vLLM rewind its random generator, which CPU generators cannot do (RuntimeError "CPU Generator does
+        # not use offset", measured with 128 seeded answers of ≈ 30-token prompts)
         memory = ({"gpu_memory_utilization": settings.gpu_memory_utilization} if on_gpu else
-                  {"kv_cache_memory_bytes": kv_cache_bytes(AutoConfig.from_pretrained(settings.model_dir), settings)})
+                  {"kv_cache_memory_bytes": kv_cache_bytes(AutoConfig.from_pretrained(settings.model_dir), settings),
+                   "enable_chunked_prefill": False,
+                   "max_num_batched_tokens": max(settings.max_model_len, 4096)})
         self.llm = vllm.LLM(model=settings.model_dir, dtype=settings.dtype, seed=settings.seed,
                             max_model_len=settings.max_model_len, max_num_seqs=settings.max_num_seqs,
                             enable_sleep_mode=settings.enable_sleep_mode, generation_config="vllm",

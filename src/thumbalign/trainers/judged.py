@@ -29,10 +29,15 @@ def compare_with_base(config, run: RunDir, base_dir: Path, prompts_file: str, ju
                                     max_new_tokens=max_new_tokens,
                                     temperature=getattr(config, "eval_temperature", 0.0), seed=config.seed,
                                     batch_size=config.eval_batch_size,
-                                    # vLLM in this process: it writes the held-out answers too
-                                    use_vllm=getattr(config, "use_vllm", False) and config.vllm_mode == "colocate")
+                                    use_vllm=answers_with_vllm(config))
     say(f"Held-out prompts answered by both models, judged:\n{format_comparison(result)}")
     return result
+
+
+def answers_with_vllm(config) -> bool:
+    """--use-vllm with vLLM in this process (not a server's, which is another environment): it writes the held-out
+    answers too."""
+    return getattr(config, "use_vllm", False) and getattr(config, "vllm_mode", "colocate") == "colocate"
 
 
 def answers_on_shards(config, engine: Engine, model, tokenizer, base_dir: Path, max_new_tokens: int,
