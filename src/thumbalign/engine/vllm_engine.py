@@ -157,8 +157,7 @@ class RemoteEngine:
 
     def __init__(self, base_url: str, timeout: float = 600.0):
         self.base_url, self.timeout = base_url.rstrip("/"), timeout
-        info = self._call("/health", None)
-        self.model_dir = info.get("model")
+        self._call("/health", None)  # reachable now, or one line saying how to start it
 
     def _call(self, path: str, payload, body: bytes | None = None, content_type: str = "application/json"):
         data = body if body is not None else (json.dumps(payload).encode() if payload is not None else None)
